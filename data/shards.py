@@ -1,0 +1,137 @@
+"""The on-disk shard set: ``manifest.json`` plus webdataset ``.tar`` shards.
+
+Each sample is one window of ``seq_len + 1`` tokens stored as raw little-endian
+integers (``tokens.bin``) so that decoding is a ``numpy.frombuffer`` and not a
+pickle/npy parse; the dtype lives in the manifest. The manifest is written last
+and atomically: a directory without one is not a shard set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+
+from data.errors import UserError
+
+MANIFEST = "manifest.json"
+FORMAT = "gpt-shards/1"
+SAMPLE_FIELD = "tokens.bin"
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    path: Path
+    num_samples: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a reader needs to know about a shard set, validated on load."""
+
+    directory: Path
+    tokenizer: str
+    vocab_size: int
+    eot_id: int
+    seq_len: int
+    dtype: str
+    splits: dict[str, list[ShardInfo]]
+    raw: dict[str, Any]
+
+    def shards(self, split: str) -> list[ShardInfo]:
+        if split not in self.splits or not self.splits[split]:
+            raise UserError(f"{self.directory / MANIFEST}: split {split!r} has no shards")
+        return self.splits[split]
+
+    def num_samples(self, split: str) -> int:
+        return sum(s.num_samples for s in self.shards(split))
+
+
+def load_manifest(directory: str | Path) -> Manifest:
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not directory.is_dir():
+        raise UserError(f"data.dir={directory}: no such directory (run gpt-prepare first)")
+    if not path.is_file():
+        raise UserError(f"{path}: missing; {directory} is not a complete shard set (run gpt-prepare)")
+    try:
+        raw = json.loads(path.read_text())
+        if raw.get("format") != FORMAT:
+            raise UserError(f"{path}: format {raw.get('format')!r}, expected {FORMAT!r}")
+        splits = {
+            name: [
+                ShardInfo(directory / s["file"], int(s["num_samples"]), s["sha256"])
+                for s in split["shards"]
+            ]
+            for name, split in raw["splits"].items()
+        }
+        return Manifest(
+            directory=directory,
+            tokenizer=raw["tokenizer"],
+            vocab_size=int(raw["vocab_size"]),
+            eot_id=int(raw["eot_id"]),
+            seq_len=int(raw["seq_len"]),
+            dtype=raw["dtype"],
+            splits=splits,
+            raw=raw,
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise UserError(f"{path}: malformed manifest ({exc!r})") from exc
+
+
+def write_manifest(directory: Path, payload: dict[str, Any]) -> None:
+    """Write ``manifest.json`` atomically (temp file + rename)."""
+    payload = {"format": FORMAT, **payload}
+    tmp = directory / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, directory / MANIFEST)
+
+
+def write_shard(path: Path, windows: np.ndarray, first_index: int) -> ShardInfo:
+    """Write one tar shard of ``windows`` ([n, seq_len+1]) and return its manifest entry."""
+    with wds.TarWriter(str(path), mtime=0.0) as writer:  # fixed mtime: reproducible sha256
+        for offset, window in enumerate(windows):
+            writer.write({"__key__": f"{first_index + offset:010d}", SAMPLE_FIELD: window.tobytes()})
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return ShardInfo(path, len(windows), digest)
+
+
+def read_shard(shard: ShardInfo, dtype: str, seq_len: int) -> np.ndarray:
+    """Read and verify one shard: returns its windows as an array [num_samples, seq_len+1].
+
+    The sha256 and the sample count are checked against the manifest so that a
+    truncated or corrupted shard is reported by name instead of training on garbage.
+    """
+    try:
+        blob = shard.path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"shard {shard.path}: cannot read ({exc.strerror})") from exc
+    if hashlib.sha256(blob).hexdigest() != shard.sha256:
+        raise UserError(f"shard {shard.path}: sha256 mismatch with manifest (corrupt or truncated)")
+    width = seq_len + 1
+    itemsize = np.dtype(dtype).itemsize
+    out = np.empty((shard.num_samples, width), dtype=dtype)
+    count = 0
+    try:
+        for sample in wds.tariterators.tar_file_iterator(io.BytesIO(blob)):
+            if not sample["fname"].endswith(SAMPLE_FIELD):
+                continue
+            data = sample["data"]
+            if len(data) != width * itemsize or count >= shard.num_samples:
+                raise UserError(f"shard {shard.path}: sample {sample['fname']} has the wrong size")
+            out[count] = np.frombuffer(data, dtype=dtype)
+            count += 1
+    except (tarfile.TarError, OSError) as exc:
+        raise UserError(f"shard {shard.path}: unreadable tar ({exc})") from exc
+    if count != shard.num_samples:
+        raise UserError(f"shard {shard.path}: {count} samples, manifest says {shard.num_samples}")
+    return out

@@ -1,0 +1,197 @@
+"""Tokenizers behind one small interface: ``char``, ``byte``, ``bpe`` and ``tiktoken``.
+
+Every tokenizer reserves one end-of-text id that separates documents in the
+token stream, and is saved next to the shards (``tokenizer.json``) so that
+training, fine-tuning, evaluation and generation all decode the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+EOT = "<|endoftext|>"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class Tokenizer:
+    """Common interface: ``encode``, ``decode``, ``vocab_size``, ``eot_id``, ``save``."""
+
+    kind = "base"
+    eot_id: int
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+    def save(self, directory: Path) -> None:
+        raise NotImplementedError
+
+    def token_to_id(self, token: str) -> int | None:
+        """Id of a special token, or None (fine-tuning adds its own tokens after the vocab)."""
+        return self.eot_id if token == EOT else None
+
+
+class CharTokenizer(Tokenizer):
+    """One id per character seen in the training text (nanoGPT's shakespeare_char).
+
+    Characters never seen at training time map to an ``<unk>`` id instead of failing,
+    because fine-tuning and evaluation feed text the vocabulary was not built from.
+    """
+
+    kind = "char"
+
+    def __init__(self, chars: list[str]) -> None:
+        self.chars = chars
+        self.stoi = {c: i for i, c in enumerate(chars)}
+        self.eot_id = len(chars)
+        self.unk_id = len(chars) + 1
+        self.vocab_size = len(chars) + 2
+
+    @classmethod
+    def train(cls, texts: Iterable[str]) -> CharTokenizer:
+        seen: set[str] = set()
+        for text in texts:
+            seen.update(text)
+        return cls(sorted(seen))
+
+    def encode(self, text: str) -> list[int]:
+        stoi, unk = self.stoi, self.unk_id
+        return [stoi.get(c, unk) for c in text]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        out = []
+        for i in ids:
+            if i < len(self.chars):
+                out.append(self.chars[i])
+            elif i == self.eot_id:
+                out.append("\n")
+        return "".join(out)
+
+    def save(self, directory: Path) -> None:
+        payload = {"kind": self.kind, "chars": self.chars}
+        (directory / TOKENIZER_FILE).write_text(json.dumps(payload, ensure_ascii=False))
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes (256 ids) plus end-of-text: no training, any text."""
+
+    kind = "byte"
+
+    def __init__(self) -> None:
+        self.eot_id = 256
+        self.vocab_size = 257
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def save(self, directory: Path) -> None:
+        (directory / TOKENIZER_FILE).write_text(json.dumps({"kind": self.kind}))
+
+
+class BPETokenizer(Tokenizer):
+    """Byte-level BPE trained with Hugging Face ``tokenizers`` (GPT-2 style)."""
+
+    kind = "bpe"
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+        self.eot_id = backend.token_to_id(EOT)
+        self.vocab_size = backend.get_vocab_size()
+
+    @classmethod
+    def train(cls, texts: Iterator[str], vocab_size: int) -> BPETokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
+        backend = HFTokenizer(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[EOT],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        backend.train_from_iterator(texts, trainer=trainer)
+        return cls(backend)
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.backend.decode(list(ids))
+
+    def save(self, directory: Path) -> None:
+        self.backend.save(str(directory / TOKENIZER_FILE))
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+
+class TiktokenTokenizer(Tokenizer):
+    """A tiktoken encoding the user already has locally (no download at run time)."""
+
+    kind = "tiktoken"
+
+    def __init__(self, name: str) -> None:
+        try:
+            import tiktoken
+
+            self.enc = tiktoken.get_encoding(name)
+        except Exception as exc:  # noqa: BLE001 - any failure means "not available offline"
+            raise ValueError(
+                f"tokenizer=tiktoken:{name}: encoding not available locally ({exc}); "
+                "install tiktoken and cache its files, or use tokenizer=bpe"
+            ) from exc
+        self.name = name
+        self.eot_id = self.enc.eot_token
+        self.vocab_size = self.enc.n_vocab
+
+    def encode(self, text: str) -> list[int]:
+        return self.enc.encode_ordinary(text)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.enc.decode(list(ids))
+
+    def save(self, directory: Path) -> None:
+        (directory / TOKENIZER_FILE).write_text(json.dumps({"kind": self.kind, "name": self.name}))
+
+
+def train_tokenizer(kind: str, texts_factory: Any, vocab_size: int) -> Tokenizer:
+    """Build a tokenizer of ``kind``; ``texts_factory()`` yields the training documents."""
+    if kind == "char":
+        return CharTokenizer.train(texts_factory())
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "bpe":
+        return BPETokenizer.train(texts_factory(), vocab_size)
+    if kind.startswith("tiktoken:"):
+        return TiktokenTokenizer(kind.split(":", 1)[1])
+    raise ValueError(f"tokenizer={kind!r}: expected one of char, byte, bpe, tiktoken:<encoding>")
+
+
+def load_tokenizer(directory: str | Path) -> Tokenizer:
+    """Load the tokenizer saved beside a shard set (``DIR/tokenizer.json``)."""
+    path = Path(directory) / TOKENIZER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no tokenizer saved here (run gpt-prepare first)")
+    payload = json.loads(path.read_text())
+    kind = payload.get("kind") if isinstance(payload, dict) else None
+    if kind == "char":
+        return CharTokenizer(payload["chars"])
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "tiktoken":
+        return TiktokenTokenizer(payload["name"])
+    from tokenizers import Tokenizer as HFTokenizer
+
+    return BPETokenizer(HFTokenizer.from_file(str(path)))

@@ -1,0 +1,124 @@
+"""Run-dir checkpoint layout: ``checkpoints/step_<N>/`` committed atomically, ``latest`` last.
+
+A step is written into ``checkpoints/.step_<N>.tmp`` by every rank (megatron-core
+``dist_checkpointing`` shards plus one RNG file per rank), then rank 0 renames it
+to ``step_<N>`` and only then rewrites ``latest``. A crash at any point leaves
+``latest`` naming the previous complete checkpoint; stale ``.tmp`` directories are
+removed on the next save.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from data.errors import UserError
+
+LATEST = "latest"
+PREFIX = "step_"
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def rng_state() -> dict[str, Any]:
+    from megatron.core import tensor_parallel
+
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+class CheckpointDir:
+    """``run.dir/checkpoints``: find, save, load and prune step directories."""
+
+    def __init__(self, run_dir: str | Path, keep_last: int = 3):
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep_last = keep_last
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint, or None."""
+        marker = self.root / LATEST
+        if not marker.is_file():
+            return None
+        path = self.root / marker.read_text().strip()
+        if not path.is_dir():
+            raise UserError(f"{marker}: names {path.name}, which does not exist")
+        return path
+
+    def save(self, step: int, engine: Any, common: dict[str, Any]) -> Path:
+        final = self.root / f"{PREFIX}{step}"
+        tmp = self.root / f".{PREFIX}{step}.tmp"
+        if _rank() == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob(f".{PREFIX}*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        _barrier()
+        engine.save(tmp, common)
+        torch.save(rng_state(), tmp / f"rng_rank{_rank()}.pt")
+        _barrier()
+        if _rank() == 0:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+            marker_tmp = self.root / f".{LATEST}.tmp"
+            marker_tmp.write_text(final.name + "\n")
+            os.replace(marker_tmp, self.root / LATEST)
+            _fsync_dir(self.root)
+            self._prune()
+        _barrier()
+        return final
+
+    def load(self, path: Path, engine: Any, restore_rng: bool) -> dict[str, Any]:
+        common = engine.load(path)
+        rng_file = path / f"rng_rank{_rank()}.pt"
+        if restore_rng and rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        return common
+
+    def _prune(self) -> None:
+        steps = sorted(
+            (int(p.name[len(PREFIX) :]), p)
+            for p in self.root.glob(f"{PREFIX}*")
+            if p.is_dir() and p.name[len(PREFIX) :].isdigit()
+        )
+        for _, path in steps[: max(0, len(steps) - self.keep_last)]:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,187 @@
+"""The megatron-core engine: DDP (+ distributed optimizer), pipeline schedules, dist_checkpointing.
+
+Gradient accumulation is the schedule's job: ``get_forward_backward_func`` runs the
+micro-batches (1F1B / interleaved when pp > 1, a plain loop otherwise) and DDP
+reduces gradients once per step. Checkpoints are megatron-core sharded state dicts,
+so a checkpoint written at one (tp, pp, dp) loads at another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from omegaconf import DictConfig
+
+from parallel import cpu_compat
+from parallel.engine import StepResult
+from parallel.topology import Topology
+from pretrain.model import build_gpt, position_ids, transformer_config
+
+
+def _forward_step(autocast: Any, data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
+    """One micro-batch through this stage; the loss is the masked mean token loss."""
+    batch = next(data_iterator)
+    tokens = batch["tokens"]
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    with autocast():
+        output = model(inputs, position_ids(*inputs.shape), None, labels=labels)
+
+    def loss_func(per_token: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        mask = batch["mask"]
+        loss_sum = (per_token.float() * mask).sum()
+        count = mask.sum()
+        return loss_sum / count, {"loss_sum": loss_sum.detach(), "tokens": count}
+
+    return output, loss_func
+
+
+class MegatronEngine:
+    """Model chunks, optimizer and LR schedule for this rank, built from the config."""
+
+    def __init__(self, cfg: DictConfig, topo: Topology, vocab_size: int):
+        self.cfg, self.topo = cfg, topo
+        train = cfg.train
+        self.config = transformer_config(cfg.model, topo)
+        vpp = topo.vpp if topo.vpp > 1 else None
+        chunks = [
+            build_gpt(cfg.model, vocab_size, self.config, vp_stage=i if vpp else None)
+            for i in range(vpp or 1)
+        ]
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=bool(cfg.parallel.distributed_optimizer) and topo.dp > 1,
+        )
+        self.model = [
+            DistributedDataParallel(self.config, ddp_config, chunk, disable_bucketing=(i > 0))
+            for i, chunk in enumerate(chunks)
+        ]
+        opt_config = OptimizerConfig(
+            optimizer="adam",
+            lr=float(train.lr),
+            min_lr=float(train.lr) * float(train.min_lr_ratio),
+            weight_decay=float(train.weight_decay),
+            adam_beta1=float(train.beta1),
+            adam_beta2=float(train.beta2),
+            adam_eps=1e-8,
+            clip_grad=float(train.grad_clip),
+            use_distributed_optimizer=ddp_config.use_distributed_optimizer,
+        )
+        with cpu_compat.cuda_type_names():
+            self.optimizer = get_megatron_optimizer(opt_config, self.model)
+        decay_steps = int(train.lr_decay_steps or train.max_steps)
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0,
+            max_lr=float(train.lr),
+            min_lr=opt_config.min_lr,
+            # megatron needs warmup < decay; a run shorter than its warmup warms up for all of it
+            lr_warmup_steps=min(int(train.warmup_steps), max(decay_steps - 1, 0)),
+            lr_decay_steps=max(decay_steps, 1),
+            lr_decay_style=str(train.lr_schedule),
+            start_wd=float(train.weight_decay),
+            end_wd=float(train.weight_decay),
+            wd_incr_steps=int(train.max_steps),
+            wd_incr_style="constant",
+        )
+        self.forward_backward = get_forward_backward_func()
+        if bool(train.bf16):
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            autocast = functools.partial(torch.autocast, device, dtype=torch.bfloat16)
+        else:
+            autocast = contextlib.nullcontext
+        self._forward_step = functools.partial(_forward_step, autocast)
+
+    def _run(self, micro_batches: list[dict[str, torch.Tensor]], forward_only: bool) -> torch.Tensor:
+        """Run the schedule; returns [loss_sum, tokens] summed over dp (and pp) ranks."""
+        mb, width = micro_batches[0]["tokens"].shape
+        iterators: Any = iter(micro_batches)
+        if len(self.model) > 1:
+            # every virtual stage walks the same micro-batches
+            iterators = [iter(micro_batches) for _ in self.model]
+        outputs = self.forward_backward(
+            forward_step_func=self._forward_step,
+            data_iterator=iterators,
+            model=self.model if len(self.model) > 1 else self.model[0],
+            num_microbatches=len(micro_batches),
+            seq_length=width - 1,
+            micro_batch_size=mb,
+            forward_only=forward_only,
+        )
+        totals = torch.zeros(2, dtype=torch.float64)
+        for item in outputs or []:
+            totals[0] += item["loss_sum"].double()
+            totals[1] += item["tokens"].double()
+        if self.topo.world_size > 1:
+            # the last pipeline stage holds the loss; tp ranks hold the same copy
+            dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+            if self.topo.pp > 1:
+                dist.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
+        return totals
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult:
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        totals = self._run(micro_batches, forward_only=False)
+        for chunk in self.model:
+            chunk.finish_grad_sync()
+        ok, grad_norm, _ = self.optimizer.step()
+        lr = self.optimizer.param_groups[0]["lr"]
+        if ok:
+            self.scheduler.step(increment=1)
+        return StepResult(float(totals[0] / totals[1]), float(grad_norm or 0.0), lr, skipped=not ok)
+
+    @torch.no_grad()
+    def eval_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
+        for chunk in self.model:
+            chunk.eval()
+        try:
+            totals = self._run(micro_batches, forward_only=True)
+        finally:
+            for chunk in self.model:
+                chunk.train()
+        return float(totals[0]), float(totals[1])
+
+    def _sharded_state_dict(self, is_loading: bool) -> dict[str, Any]:
+        state: dict[str, Any] = {}
+        if len(self.model) == 1:
+            state["model"] = self.model[0].module.sharded_state_dict()
+        else:
+            for i, chunk in enumerate(self.model):
+                state[f"model{i}"] = chunk.module.sharded_state_dict()
+        state["optimizer"] = self.optimizer.sharded_state_dict(state, is_loading=is_loading)
+        return state
+
+    def save(self, directory: Path, common: dict[str, Any]) -> None:
+        state = self._sharded_state_dict(is_loading=False)
+        state["scheduler"] = self.scheduler.state_dict()
+        state["common"] = common
+        dist_checkpointing.save(state, str(directory))
+
+    def load(self, directory: Path) -> dict[str, Any]:
+        state = self._sharded_state_dict(is_loading=True)
+        state["scheduler"] = None
+        state["common"] = None
+        loaded = dist_checkpointing.load(state, str(directory))
+        if len(self.model) == 1:
+            self.model[0].module.load_state_dict(loaded["model"])
+        else:
+            for i, chunk in enumerate(self.model):
+                chunk.module.load_state_dict(loaded[f"model{i}"])
+        self.optimizer.load_state_dict(loaded["optimizer"])
+        self.scheduler.load_state_dict(loaded["scheduler"])
+        return loaded["common"]
+
+    def unwrapped_model(self) -> torch.nn.Module:
+        return self.model[0].module

@@ -1,0 +1,118 @@
+"""The parallel layout, derived once from the config and the world size (torchtitan's ParallelDims).
+
+Everything about tp / pp / vpp / dp is computed and validated here, before any
+process group exists, so that a bad layout is a one-line error instead of a hang
+or a shape mismatch deep inside megatron-core. ``init()`` then creates the process
+groups (gloo on CPU, nccl on GPU) and megatron-core's ``parallel_state``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig
+
+from data.errors import UserError
+
+
+@dataclass(frozen=True)
+class Topology:
+    world_size: int
+    rank: int
+    local_rank: int
+    tp: int
+    pp: int
+    vpp: int
+    dp: int
+    sequence_parallel: bool
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, world_size: int | None = None, rank: int | None = None) -> Topology:
+        """Validate the layout for ``world_size`` processes (default: torchrun's WORLD_SIZE)."""
+        world = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+        rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+        par, model, train = cfg.parallel, cfg.model, cfg.train
+        tp, pp, vpp = int(par.tp), int(par.pp), int(par.vpp or 1)
+        for key, value in (("parallel.tp", tp), ("parallel.pp", pp), ("parallel.vpp", vpp)):
+            if value < 1:
+                raise UserError(f"{key}={value}: must be >= 1")
+        if world % (tp * pp):
+            raise UserError(f"world size {world} is not divisible by parallel.tp*parallel.pp={tp}*{pp}")
+        dp = world // (tp * pp)
+        if model.num_heads % tp:
+            raise UserError(f"model.num_heads={model.num_heads} is not divisible by parallel.tp={tp}")
+        if model.ffn_hidden_size % tp:
+            raise UserError(f"model.ffn_hidden_size={model.ffn_hidden_size} is not divisible by parallel.tp={tp}")
+        if model.vocab_multiple % tp:
+            raise UserError(f"model.vocab_multiple={model.vocab_multiple} is not divisible by parallel.tp={tp}")
+        if model.num_layers % (pp * vpp):
+            raise UserError(
+                f"model.num_layers={model.num_layers} is not divisible by parallel.pp*parallel.vpp={pp}*{vpp}"
+            )
+        if vpp > 1 and pp == 1:
+            raise UserError(f"parallel.vpp={vpp} needs parallel.pp > 1")
+        if train.global_batch % (train.micro_batch * dp):
+            raise UserError(
+                f"train.global_batch={train.global_batch} is not divisible by "
+                f"train.micro_batch*dp={train.micro_batch}*{dp}"
+            )
+        if cfg.data.num_streams % dp:
+            raise UserError(f"data.num_streams={cfg.data.num_streams} is not divisible by dp={dp}")
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        return cls(world, rank, local_rank, tp, pp, vpp, dp, bool(par.sequence_parallel) and tp > 1)
+
+    @property
+    def dp_rank(self) -> int:
+        from megatron.core import parallel_state
+
+        if parallel_state.model_parallel_is_initialized():
+            return parallel_state.get_data_parallel_rank()
+        return 0
+
+    def init(self, seed: int, timeout_s: float = 600.0) -> None:
+        """Create process groups and megatron-core's parallel_state; seed every RNG."""
+        import torch.distributed as dist
+        from megatron.core import parallel_state, tensor_parallel
+
+        from parallel import cpu_compat
+
+        cpu_compat.apply()
+        if not dist.is_initialized():
+            if torch.cuda.is_available():
+                torch.cuda.set_device(self.local_rank)
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            dist.init_process_group(
+                "nccl" if torch.cuda.is_available() else "gloo",
+                rank=self.rank,
+                world_size=self.world_size,
+                timeout=datetime.timedelta(seconds=timeout_s),
+            )
+        if not parallel_state.model_parallel_is_initialized():
+            parallel_state.initialize_model_parallel(
+                tensor_model_parallel_size=self.tp,
+                pipeline_model_parallel_size=self.pp,
+                virtual_pipeline_model_parallel_size=self.vpp if self.vpp > 1 else None,
+            )
+        torch.manual_seed(seed)
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+    @staticmethod
+    def destroy() -> None:
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+
+        parallel_state.destroy_model_parallel()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

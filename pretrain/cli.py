@@ -1,0 +1,54 @@
+"""What every console script shares: one-line errors and early checks of Hydra choices."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from omegaconf.errors import MissingMandatoryValue
+
+from data.errors import UserError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+EXIT_USER_ERROR = 2
+
+
+def fail(message: str) -> None:
+    """Print one line to stderr and exit with the user-error status."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USER_ERROR)
+
+
+@contextlib.contextmanager
+def exit_on_user_error() -> Iterator[None]:
+    """Turn :class:`UserError` and missing required keys into a one-line error + exit 2."""
+    try:
+        yield
+    except UserError as exc:
+        fail(str(exc))
+    except MissingMandatoryValue as exc:
+        key = getattr(exc, "full_key", None) or str(exc)
+        fail(f"{key}=: required (pass {key}=...)")
+
+
+def quiet_third_party() -> None:
+    """Silence import-time warnings that are noise on CPU (no Apex / TE / flash-attn)."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", module=r"megatron\..*")
+    warnings.filterwarnings("ignore", message=r".*(Apex|apex|Transformer Engine|TransformerEngine).*")
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+
+
+def check_group_choices(argv: list[str], groups: tuple[str, ...] = ("model",)) -> None:
+    """Reject an unknown preset (``model=nope``) in one line before Hydra composes."""
+    for arg in argv:
+        name, sep, value = arg.partition("=")
+        name = name.lstrip("+~")
+        if sep and name in groups and value and "," not in value:
+            if not (CONF_DIR / name / f"{value}.yaml").is_file():
+                known = sorted(p.stem for p in (CONF_DIR / name).glob("*.yaml"))
+                fail(f"{name}={value}: unknown preset (known: {', '.join(known)})")

@@ -1,0 +1,123 @@
+"""Run-dir logging: ``metrics.jsonl``, console progress, wandb (offline by default), ``loss.png``.
+
+Only rank 0 writes. On resume, lines for steps after the checkpoint (logged by the
+run that was killed) are dropped so that the file reads as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+METRICS = "metrics.jsonl"
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+class Metrics:
+    def __init__(self, cfg: DictConfig, run_dir: Path, start_step: int, enabled: bool):
+        self.enabled = enabled
+        self.run_dir = run_dir
+        self.path = run_dir / METRICS
+        self.every = int(cfg.logging.console_every)
+        self.wandb: Any = None
+        self.bar: Any = None
+        if not enabled:
+            return
+        _truncate_after(self.path, start_step)
+        self.file = self.path.open("a", buffering=1)
+        mode = str(cfg.logging.wandb)
+        if mode != "disabled":
+            self.wandb = _init_wandb(cfg, run_dir, mode)
+        self.bar = tqdm(
+            total=int(cfg.train.max_steps), initial=start_step, desc="train", unit="step",
+            mininterval=1.0, dynamic_ncols=True, disable=not cfg.logging.progress_bar,
+        )
+
+    def log(self, record: dict[str, Any], console: bool = False) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        if "loss" in record:
+            self.bar.update(record["step"] - self.bar.n)
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+        if console or ("loss" in record and record["step"] % self.every == 0):
+            text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
+            tqdm.write(text)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.bar.close()
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        plot_losses(self.run_dir)
+
+
+def _init_wandb(cfg: DictConfig, run_dir: Path, mode: str) -> Any:
+    """A wandb run whose id lives in the run dir, so a resumed job continues it."""
+    os.environ.setdefault("WANDB_SILENT", "true")
+    import wandb
+
+    id_file = run_dir / "wandb_id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+    id_file.write_text(run_id)
+    return wandb.init(
+        project=str(cfg.logging.project),
+        name=run_dir.name,
+        id=run_id,
+        resume="allow",
+        dir=str(run_dir),
+        mode=mode,
+        config=OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
+        settings=wandb.Settings(init_timeout=30, silent=True),
+    )
+
+
+def plot_losses(run_dir: Path) -> Path | None:
+    """``loss.png``: training loss per step and validation loss per evaluation."""
+    records = read_metrics(run_dir)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    if not train:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*zip(*train, strict=True), lw=0.8, label="train loss")
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="val loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = run_dir / "loss.png"
+    fig.savefig(out, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return out

@@ -1,0 +1,100 @@
+"""The GPT decoder as a megatron-core ``GPTModel``: the only module that knows megatron's model API.
+
+Pre-LN decoder blocks with learned absolute positions and tied input/output
+embeddings (GPT-1/GPT-2). Parallelism reaches the model only through
+megatron-core's ``TransformerConfig`` (tp, pp, sequence parallel), filled in from
+the topology by :func:`transformer_config`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+from omegaconf import DictConfig
+
+from data.errors import UserError
+
+
+def padded_vocab_size(vocab_size: int, model_cfg: DictConfig) -> int:
+    """Pad the tokenizer's vocabulary; independent of tp so checkpoints reshard."""
+    multiple = int(model_cfg.vocab_multiple)
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def transformer_config(model_cfg: DictConfig, parallel: Any = None, bf16: bool = False) -> TransformerConfig:
+    """megatron-core config from the ``model`` group and the topology (tp/pp/vpp/sp)."""
+    if model_cfg.hidden_size % model_cfg.num_heads:
+        raise UserError(
+            f"model.hidden_size={model_cfg.hidden_size} is not divisible by model.num_heads={model_cfg.num_heads}"
+        )
+    tp = getattr(parallel, "tp", 1)
+    pp = getattr(parallel, "pp", 1)
+    vpp = getattr(parallel, "vpp", None)
+    sp = bool(getattr(parallel, "sequence_parallel", False)) and tp > 1
+    return TransformerConfig(
+        num_layers=int(model_cfg.num_layers),
+        hidden_size=int(model_cfg.hidden_size),
+        num_attention_heads=int(model_cfg.num_heads),
+        ffn_hidden_size=int(model_cfg.ffn_hidden_size),
+        hidden_dropout=float(model_cfg.dropout),
+        attention_dropout=float(model_cfg.dropout),
+        init_method_std=float(model_cfg.init_std),
+        layernorm_epsilon=float(model_cfg.layernorm_eps),
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp if vpp and vpp > 1 else None,
+        sequence_parallel=sp,
+        # same full-weight init at every tp: a tp=2 run starts where a tp=1 run does
+        use_cpu_initialization=True,
+        pipeline_dtype=torch.float32,
+        params_dtype=torch.float32,
+        bf16=bf16,
+        # fusions that need CUDA kernels or Apex
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=False,
+        persist_layer_norm=False,
+    )
+
+
+def build_gpt(
+    model_cfg: DictConfig, vocab_size: int, config: TransformerConfig, vp_stage: int | None = None
+) -> GPTModel:
+    """One GPT (or this rank's pipeline stage of it) with the local megatron spec."""
+    if parallel_state.model_parallel_is_initialized():
+        pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+        post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    else:
+        pre = post = True
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=get_gpt_layer_local_spec(),
+        vocab_size=padded_vocab_size(vocab_size, model_cfg),
+        max_sequence_length=int(model_cfg.seq_len),
+        pre_process=pre,
+        post_process=post,
+        share_embeddings_and_output_weights=bool(model_cfg.tie_embeddings),
+        position_embedding_type="learned_absolute",
+        vp_stage=vp_stage,
+    )
+
+
+def position_ids(batch: int, seq_len: int) -> torch.Tensor:
+    return torch.arange(seq_len).unsqueeze(0).expand(batch, -1)
+
+
+def flops_per_token(model_cfg: DictConfig, vocab_size: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6·N (N = non-embedding matmul params + output layer) plus
+    attention scores and values (6·layers·seq·d, PaLM appendix B convention)."""
+    d, layers = int(model_cfg.hidden_size), int(model_cfg.num_layers)
+    ffn = int(model_cfg.ffn_hidden_size)
+    matmul_params = layers * (4 * d * d + 2 * d * ffn) + d * padded_vocab_size(vocab_size, model_cfg)
+    return 6.0 * matmul_params + 6.0 * layers * seq_len * d

@@ -1,0 +1,172 @@
+"""``gpt-pretrain``: next-token (L1) pretraining, single process or under torchrun / srun.
+
+The loop only: build topology, data, engine; resume if ``run.dir`` has a checkpoint;
+step, evaluate, checkpoint, log. Everything parallel lives behind the engine.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from data.errors import UserError
+from data.shards import Manifest, load_manifest
+from data.stream import Layout, TrainLoader, eval_batches
+from data.tokenizer import load_tokenizer
+from parallel.checkpoint import CheckpointDir
+from parallel.topology import Topology
+from pretrain.cli import check_group_choices, exit_on_user_error, quiet_third_party
+from pretrain.metrics import Metrics
+
+
+def build_engine(cfg: DictConfig, topo: Topology, vocab_size: int):  # noqa: ANN201 - Engine protocol
+    if cfg.parallel.engine == "megatron":
+        from parallel.megatron_engine import MegatronEngine
+
+        return MegatronEngine(cfg, topo, vocab_size)
+    raise UserError(f"parallel.engine={cfg.parallel.engine}: not available (megatron)")
+
+
+def evaluate(cfg: DictConfig, engine, manifest: Manifest, topo: Topology) -> float | None:  # noqa: ANN001
+    """Mean token loss over the validation split (all of it unless train.eval_batches)."""
+    if "val" not in manifest.splits:
+        return None
+    batches = eval_batches(
+        manifest, "val", int(cfg.train.eval_micro_batch), topo.dp_rank, topo.dp,
+        limit=cfg.train.eval_batches,
+    )
+    loss_sum = tokens = 0.0
+    chunk: list = []
+    for batch in batches:
+        chunk.append(batch)
+        if len(chunk) == 16:
+            s, n = engine.eval_step(chunk)
+            loss_sum, tokens, chunk = loss_sum + s, tokens + n, []
+    if chunk:
+        s, n = engine.eval_step(chunk)
+        loss_sum, tokens = loss_sum + s, tokens + n
+    return loss_sum / tokens
+
+
+def check_resume(cfg: DictConfig, checkpoint: Path) -> None:
+    """Refuse to resume a checkpoint of another model shape into this run."""
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(str(checkpoint))["common"]
+    saved = common["config"]["model"]
+    keys = ("num_layers", "num_heads", "hidden_size", "ffn_hidden_size", "seq_len", "vocab_multiple", "tie_embeddings")
+    diff = [k for k in keys if saved.get(k) != cfg.model.get(k)]
+    if diff:
+        raise UserError(
+            f"run.dir={cfg.run.dir} holds a checkpoint of another model ({', '.join(f'{k}={saved.get(k)}' for k in diff)}); "
+            "use a new run.dir or the same model"
+        )
+
+
+def train(cfg: DictConfig) -> dict:
+    topo = Topology.from_config(cfg)
+    manifest = load_manifest(cfg.data.dir)
+    if manifest.seq_len > cfg.model.seq_len:
+        raise UserError(
+            f"data.dir={manifest.directory} has seq_len={manifest.seq_len} > model.seq_len={cfg.model.seq_len}"
+        )
+    run_dir = Path(cfg.run.dir)
+    ckpts = CheckpointDir(run_dir, int(cfg.train.keep_last))
+    latest = ckpts.latest()
+    if latest is not None:
+        check_resume(cfg, latest)
+    topo.init(int(cfg.train.seed), float(cfg.parallel.timeout_s))
+    rank0 = topo.rank == 0
+    engine = build_engine(cfg, topo, manifest.vocab_size)
+    layout = Layout(int(cfg.train.global_batch), int(cfg.train.micro_batch), topo.dp_rank, topo.dp)
+    loader = TrainLoader(
+        manifest, layout, int(cfg.train.seed), int(cfg.data.num_streams), int(cfg.data.num_workers)
+    )
+    step = 0
+    if latest is not None:
+        common = ckpts.load(latest, engine, restore_rng=True)
+        step = int(common["step"])
+        loader.load_state_dict(common["data"])
+        if rank0:
+            print(f"resumed from {latest} at step {step}", flush=True)
+    if rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    metrics = Metrics(cfg, run_dir, step, enabled=rank0)
+    max_steps, seq_len = int(cfg.train.max_steps), manifest.seq_len
+    tokens_per_step = layout.global_batch * seq_len
+    eval_every, save_every = int(cfg.train.eval_every), int(cfg.train.save_every)
+    val_loss = None
+    tick = time.perf_counter()
+    while step < max_steps:
+        micro_batches = [next(loader) for _ in range(layout.micro_batches_per_step)]
+        result = engine.train_step(micro_batches)
+        step += 1
+        now = time.perf_counter()
+        if not math.isfinite(result.loss):
+            raise RuntimeError(f"step {step}: loss is {result.loss}; lower train.lr or check the data")
+        metrics.log({
+            "step": step, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
+            "tokens": step * tokens_per_step, "tokens_per_s": tokens_per_step / (now - tick),
+            "step_time_s": now - tick,
+        })
+        last = step == max_steps
+        if (eval_every and step % eval_every == 0) or last:
+            val_loss = evaluate(cfg, engine, manifest, topo)
+            if val_loss is not None:
+                metrics.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}, console=True)
+        if (save_every and step % save_every == 0) or last:
+            common = {"step": step, "data": loader.state_dict(), "config": OmegaConf.to_container(cfg, resolve=True)}
+            path = ckpts.save(step, engine, common)
+            if rank0:
+                metrics.log({"step": step, "checkpoint": str(path)}, console=False)
+        tick = time.perf_counter()
+    metrics.close()
+    summary = {"step": step, "val_loss": val_loss}
+    if rank0 and val_loss is not None:
+        print(f"val_loss {val_loss:.4f} (whole validation split, step {step})", flush=True)
+    if rank0 and int(cfg.train.sample_tokens) > 0:
+        print_sample(cfg, engine, manifest, topo)
+    return summary
+
+
+def print_sample(cfg: DictConfig, engine, manifest: Manifest, topo: Topology) -> None:  # noqa: ANN001
+    if topo.world_size > 1:
+        print("(sample skipped in a multi-process run: use gpt-generate on the checkpoint)")
+        return
+    from pretrain.generate import sample
+
+    tokenizer = load_tokenizer(manifest.directory)
+    prompt = tokenizer.encode(str(cfg.train.sample_prompt)) or [tokenizer.eot_id]
+    ids = sample(
+        engine.unwrapped_model(), prompt, int(cfg.train.sample_tokens), int(cfg.model.seq_len),
+        tokenizer.vocab_size, temperature=0.8, top_k=200, seed=int(cfg.train.seed),
+    )
+    print("--- sample ---\n" + tokenizer.decode(prompt + ids).strip() + "\n--------------", flush=True)
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="config")
+def _hydra_main(cfg: DictConfig) -> None:
+    with exit_on_user_error():
+        train(cfg)
+
+
+def main() -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else "")
+    if not os.environ["OMP_NUM_THREADS"]:
+        del os.environ["OMP_NUM_THREADS"]
+    check_group_choices(sys.argv[1:])
+    quiet_third_party()
+    torch.set_num_threads(torch.get_num_threads())
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
