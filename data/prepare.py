@@ -17,7 +17,6 @@ from __future__ import annotations
 import glob
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import hydra
@@ -98,7 +97,7 @@ def write_split(out: Path, name: str, data: np.ndarray, shard_size: int) -> dict
     for number, start in enumerate(tqdm(starts, desc=f"write {name}", unit="shard")):
         path = out / f"{name}-{number:06d}.tar"
         info = write_shard(path, data[start : start + shard_size], start)
-        shards.append({"file": path.name, "num_samples": info.num_samples, "sha256": info.sha256})
+        shards.append({"file": path.name, "num_samples": info.num_samples, "sha256": info.sha256, "bytes": info.size})
     return {"num_samples": int(len(data)), "num_tokens": int(len(data) * (data.shape[1] - 1)), "shards": shards}
 
 
@@ -125,9 +124,7 @@ def prepare(cfg: DictConfig) -> Path:
         splits["val"] = windows(stream[len(stream) - n_val :], seq_len)
     for name, data in splits.items():
         if len(data) == 0:
-            raise UserError(
-                f"input={cfg.input}: the {name} split has fewer than seq_len+1={seq_len + 1} tokens"
-            )
+            raise UserError(f"input={cfg.input}: the {name} split has fewer than seq_len+1={seq_len + 1} tokens")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-prepare"

@@ -32,6 +32,7 @@ class ShardInfo:
     path: Path
     num_samples: int
     sha256: str
+    size: int = -1  # bytes; -1 when unknown
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ def load_manifest(directory: str | Path) -> Manifest:
             raise UserError(f"{path}: format {raw.get('format')!r}, expected {FORMAT!r}")
         splits = {
             name: [
-                ShardInfo(directory / s["file"], int(s["num_samples"]), s["sha256"])
+                ShardInfo(directory / s["file"], int(s["num_samples"]), s["sha256"], int(s.get("bytes", -1)))
                 for s in split["shards"]
             ]
             for name, split in raw["splits"].items()
@@ -88,6 +89,21 @@ def load_manifest(directory: str | Path) -> Manifest:
         raise UserError(f"{path}: malformed manifest ({exc!r})") from exc
 
 
+def check_files(manifest: Manifest) -> None:
+    """Cheap up-front check (a stat per shard): every shard exists with its recorded size.
+
+    Catches missing and truncated shards before training starts; bit-level
+    corruption is caught by the sha256 check when a shard is read.
+    """
+    for split in manifest.splits.values():
+        for shard in split:
+            if not shard.path.is_file():
+                raise UserError(f"shard {shard.path}: missing")
+            size = shard.path.stat().st_size
+            if shard.size >= 0 and size != shard.size:
+                raise UserError(f"shard {shard.path}: {size} bytes, manifest says {shard.size} (truncated?)")
+
+
 def write_manifest(directory: Path, payload: dict[str, Any]) -> None:
     """Write ``manifest.json`` atomically (temp file + rename)."""
     payload = {"format": FORMAT, **payload}
@@ -101,8 +117,8 @@ def write_shard(path: Path, windows: np.ndarray, first_index: int) -> ShardInfo:
     with wds.TarWriter(str(path), mtime=0.0) as writer:  # fixed mtime: reproducible sha256
         for offset, window in enumerate(windows):
             writer.write({"__key__": f"{first_index + offset:010d}", SAMPLE_FIELD: window.tobytes()})
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return ShardInfo(path, len(windows), digest)
+    blob = path.read_bytes()
+    return ShardInfo(path, len(windows), hashlib.sha256(blob).hexdigest(), len(blob))
 
 
 def read_shard(shard: ShardInfo, dtype: str, seq_len: int) -> np.ndarray:

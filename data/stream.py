@@ -54,8 +54,7 @@ class GlobalOrder:
         total = sum(s.num_samples for s in shards)
         if total < num_streams:
             raise UserError(
-                f"{manifest.directory}: split {split!r} has {total} samples, fewer than "
-                f"data.num_streams={num_streams}"
+                f"{manifest.directory}: split {split!r} has {total} samples, fewer than data.num_streams={num_streams}"
             )
         rng = np.random.default_rng([seed, epoch])
         self.shard_order = rng.permutation(len(shards))
@@ -196,13 +195,9 @@ class TrainLoader:
 
     def __next__(self) -> dict[str, torch.Tensor]:
         if self._iterator is None:
-            dataset = TrainStream(
-                self.manifest, self.layout, self.seed, self.num_streams, self.epoch, self.position
-            )
+            dataset = TrainStream(self.manifest, self.layout, self.seed, self.num_streams, self.epoch, self.position)
             if self.num_workers:
-                loader = DataLoader(
-                    dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False
-                )
+                loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False)
                 self._iterator = iter(loader)
             else:
                 self._iterator = iter(dataset)

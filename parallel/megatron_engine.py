@@ -53,10 +53,7 @@ class MegatronEngine:
         train = cfg.train
         self.config = transformer_config(cfg.model, topo)
         vpp = topo.vpp if topo.vpp > 1 else None
-        chunks = [
-            build_gpt(cfg.model, vocab_size, self.config, vp_stage=i if vpp else None)
-            for i in range(vpp or 1)
-        ]
+        chunks = [build_gpt(cfg.model, vocab_size, self.config, vp_stage=i if vpp else None) for i in range(vpp or 1)]
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=False,

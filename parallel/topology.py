@@ -83,10 +83,11 @@ class Topology:
         if not dist.is_initialized():
             if torch.cuda.is_available():
                 torch.cuda.set_device(self.local_rank)
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            # one process needs no rendezvous (and no port); torchrun/srun provide MASTER_*
+            store = dist.HashStore() if self.world_size == 1 else None
             dist.init_process_group(
                 "nccl" if torch.cuda.is_available() else "gloo",
+                store=store,
                 rank=self.rank,
                 world_size=self.world_size,
                 timeout=datetime.timedelta(seconds=timeout_s),
@@ -108,11 +109,3 @@ class Topology:
         parallel_state.destroy_model_parallel()
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

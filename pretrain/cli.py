@@ -48,7 +48,7 @@ def check_group_choices(argv: list[str], groups: tuple[str, ...] = ("model",)) -
     for arg in argv:
         name, sep, value = arg.partition("=")
         name = name.lstrip("+~")
-        if sep and name in groups and value and "," not in value:
-            if not (CONF_DIR / name / f"{value}.yaml").is_file():
-                known = sorted(p.stem for p in (CONF_DIR / name).glob("*.yaml"))
-                fail(f"{name}={value}: unknown preset (known: {', '.join(known)})")
+        known_choice = (CONF_DIR / name / f"{value}.yaml").is_file()
+        if sep and name in groups and value and "," not in value and not known_choice:
+            known = sorted(p.stem for p in (CONF_DIR / name).glob("*.yaml"))
+            fail(f"{name}={value}: unknown preset (known: {', '.join(known)})")

@@ -50,8 +50,13 @@ class Metrics:
         if mode != "disabled":
             self.wandb = _init_wandb(cfg, run_dir, mode)
         self.bar = tqdm(
-            total=int(cfg.train.max_steps), initial=start_step, desc="train", unit="step",
-            mininterval=1.0, dynamic_ncols=True, disable=not cfg.logging.progress_bar,
+            total=int(cfg.train.max_steps),
+            initial=start_step,
+            desc="train",
+            unit="step",
+            mininterval=1.0,
+            dynamic_ncols=True,
+            disable=not cfg.logging.progress_bar,
         )
 
     def log(self, record: dict[str, Any], console: bool = False) -> None:

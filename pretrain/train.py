@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from data.errors import UserError
-from data.shards import Manifest, load_manifest
+from data.shards import Manifest, check_files, load_manifest
 from data.stream import Layout, TrainLoader, eval_batches
 from data.tokenizer import load_tokenizer
 from parallel.checkpoint import CheckpointDir
@@ -39,7 +39,11 @@ def evaluate(cfg: DictConfig, engine, manifest: Manifest, topo: Topology) -> flo
     if "val" not in manifest.splits:
         return None
     batches = eval_batches(
-        manifest, "val", int(cfg.train.eval_micro_batch), topo.dp_rank, topo.dp,
+        manifest,
+        "val",
+        int(cfg.train.eval_micro_batch),
+        topo.dp_rank,
+        topo.dp,
         limit=cfg.train.eval_batches,
     )
     loss_sum = tokens = 0.0
@@ -64,8 +68,9 @@ def check_resume(cfg: DictConfig, checkpoint: Path) -> None:
     keys = ("num_layers", "num_heads", "hidden_size", "ffn_hidden_size", "seq_len", "vocab_multiple", "tie_embeddings")
     diff = [k for k in keys if saved.get(k) != cfg.model.get(k)]
     if diff:
+        saved_shape = ", ".join(f"{k}={saved.get(k)}" for k in diff)
         raise UserError(
-            f"run.dir={cfg.run.dir} holds a checkpoint of another model ({', '.join(f'{k}={saved.get(k)}' for k in diff)}); "
+            f"run.dir={cfg.run.dir} holds a checkpoint of another model ({saved_shape}); "
             "use a new run.dir or the same model"
         )
 
@@ -73,6 +78,7 @@ def check_resume(cfg: DictConfig, checkpoint: Path) -> None:
 def train(cfg: DictConfig) -> dict:
     topo = Topology.from_config(cfg)
     manifest = load_manifest(cfg.data.dir)
+    check_files(manifest)
     if manifest.seq_len > cfg.model.seq_len:
         raise UserError(
             f"data.dir={manifest.directory} has seq_len={manifest.seq_len} > model.seq_len={cfg.model.seq_len}"
@@ -86,9 +92,7 @@ def train(cfg: DictConfig) -> dict:
     rank0 = topo.rank == 0
     engine = build_engine(cfg, topo, manifest.vocab_size)
     layout = Layout(int(cfg.train.global_batch), int(cfg.train.micro_batch), topo.dp_rank, topo.dp)
-    loader = TrainLoader(
-        manifest, layout, int(cfg.train.seed), int(cfg.data.num_streams), int(cfg.data.num_workers)
-    )
+    loader = TrainLoader(manifest, layout, int(cfg.train.seed), int(cfg.data.num_streams), int(cfg.data.num_workers))
     step = 0
     if latest is not None:
         common = ckpts.load(latest, engine, restore_rng=True)
@@ -112,11 +116,17 @@ def train(cfg: DictConfig) -> dict:
         now = time.perf_counter()
         if not math.isfinite(result.loss):
             raise RuntimeError(f"step {step}: loss is {result.loss}; lower train.lr or check the data")
-        metrics.log({
-            "step": step, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
-            "tokens": step * tokens_per_step, "tokens_per_s": tokens_per_step / (now - tick),
-            "step_time_s": now - tick,
-        })
+        metrics.log(
+            {
+                "step": step,
+                "loss": result.loss,
+                "lr": result.lr,
+                "grad_norm": result.grad_norm,
+                "tokens": step * tokens_per_step,
+                "tokens_per_s": tokens_per_step / (now - tick),
+                "step_time_s": now - tick,
+            }
+        )
         last = step == max_steps
         if (eval_every and step % eval_every == 0) or last:
             val_loss = evaluate(cfg, engine, manifest, topo)
@@ -146,8 +156,14 @@ def print_sample(cfg: DictConfig, engine, manifest: Manifest, topo: Topology) ->
     tokenizer = load_tokenizer(manifest.directory)
     prompt = tokenizer.encode(str(cfg.train.sample_prompt)) or [tokenizer.eot_id]
     ids = sample(
-        engine.unwrapped_model(), prompt, int(cfg.train.sample_tokens), int(cfg.model.seq_len),
-        tokenizer.vocab_size, temperature=0.8, top_k=200, seed=int(cfg.train.seed),
+        engine.unwrapped_model(),
+        prompt,
+        int(cfg.train.sample_tokens),
+        int(cfg.model.seq_len),
+        tokenizer.vocab_size,
+        temperature=0.8,
+        top_k=200,
+        seed=int(cfg.train.seed),
     )
     print("--- sample ---\n" + tokenizer.decode(prompt + ids).strip() + "\n--------------", flush=True)
 

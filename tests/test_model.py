@@ -1,0 +1,61 @@
+"""The GPT as megatron-core builds it: presets, the L1 objective, tied embeddings, one step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from pretrain.model import build_gpt, flops_per_token, padded_vocab_size, position_ids, transformer_config
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+@pytest.fixture(scope="module")
+def single_process():  # noqa: ANN201
+    from parallel.topology import Topology
+
+    cfg = OmegaConf.load(CONF / "config.yaml")
+    cfg.model = OmegaConf.load(CONF / "model" / "tiny.yaml")
+    topo = Topology.from_config(cfg, world_size=1, rank=0)
+    topo.init(seed=1)
+    yield cfg
+    Topology.destroy()
+
+
+@pytest.mark.parametrize(
+    ("name", "millions"),
+    [("tiny", 0.81), ("gpt1", 116.5), ("gpt2-small", 124.4), ("gpt2-medium", 354.8), ("gpt-1b", 1315)],
+)
+def test_presets_have_the_published_sizes(name: str, millions: float) -> None:
+    """Parameter counts from the shapes, with GPT-2's vocabulary (tiny: nanoGPT's 65 chars)."""
+    m = OmegaConf.load(CONF / "model" / f"{name}.yaml")
+    vocab = 67 if name == "tiny" else (40478 if name == "gpt1" else 50257)
+    d, layers, ffn = m.hidden_size, m.num_layers, m.ffn_hidden_size
+    n = layers * (4 * d * d + 4 * d + 2 * d * ffn + ffn + d + 4 * d) + padded_vocab_size(vocab, m) * d
+    n += m.seq_len * d + 2 * d
+    assert n / 1e6 == pytest.approx(millions, rel=0.01)
+    assert flops_per_token(m, vocab, m.seq_len) > 6 * (n - m.seq_len * d - padded_vocab_size(vocab, m) * d)
+
+
+def test_loss_is_next_token_cross_entropy_with_tied_embeddings(single_process) -> None:  # noqa: ANN001
+    cfg = single_process
+    model = build_gpt(cfg.model, 67, transformer_config(cfg.model))
+    assert sum(p.numel() for p in model.parameters()) == 810752  # the preset test's formula
+    assert model.shared_embedding_or_output_weight() is model.embedding.word_embeddings.weight
+    tokens = torch.randint(0, 67, (3, 17))
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    per_token = model(inputs, position_ids(3, 16), None, labels=labels)
+    logits = model(inputs, position_ids(3, 16), None)
+    assert logits.shape == (3, 16, padded_vocab_size(67, cfg.model))
+    reference = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
+    torch.testing.assert_close(per_token.reshape(-1), reference, rtol=1e-5, atol=1e-5)
+    # causal: changing the last token leaves earlier logits alone
+    changed = inputs.clone()
+    changed[:, -1] = (changed[:, -1] + 1) % 67
+    again = model(changed, position_ids(3, 16), None)
+    torch.testing.assert_close(again[:, :-1], logits[:, :-1])
+    assert not torch.allclose(again[:, -1], logits[:, -1])

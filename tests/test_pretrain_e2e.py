@@ -1,0 +1,133 @@
+"""gpt-pretrain as a user runs it: run-dir files, exact resume after SIGKILL, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, run_cli
+
+FAST = [
+    "model=tiny",
+    "train.micro_batch=4",
+    "train.global_batch=8",
+    "train.eval_batches=2",
+    "train.eval_micro_batch=16",
+    "logging.progress_bar=false",
+    "train.sample_tokens=0",
+]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.mark.slow
+def test_run_dir_files_and_sample(char_shards: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    result = run_cli(
+        "pretrain.train",
+        f"data.dir={char_shards}",
+        f"run.dir={run}",
+        *FAST[:-1],
+        "train.sample_tokens=40",
+        "train.max_steps=30",
+        "train.eval_every=10",
+        "train.save_every=20",
+        "train.keep_last=1",
+        "logging.wandb=offline",
+        env={"WANDB_MODE": "offline"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "val_loss" in result.stdout and "--- sample ---" in result.stdout
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 31))
+    assert all({"loss", "lr", "tokens_per_s", "grad_norm"} <= set(r) for r in train_rows)
+    assert [r["step"] for r in rows if "val_loss" in r] == [10, 20, 30]
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"]
+    assert (run / "loss.png").stat().st_size > 1000
+    assert (run / "config.yaml").read_text().count("num_layers: 4") == 1
+    ckpts = run / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_30"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_30"]  # keep_last=1
+    assert list((run / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.slow
+def test_sigkill_after_checkpoint_then_rerun_logs_identical_losses(char_shards: Path, tmp_path: Path) -> None:
+    """The trunk's exact-resume criterion: 200 steps vs killed after step 100 and rerun."""
+    args = [
+        f"data.dir={char_shards}",
+        *FAST,
+        "train.max_steps=200",
+        "train.save_every=100",
+        "train.eval_every=0",
+        "logging.wandb=disabled",
+    ]
+    reference = tmp_path / "reference"
+    assert run_cli("pretrain.train", *args, f"run.dir={reference}").returncode == 0
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pretrain.train", *args, f"run.dir={killed}"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    latest = killed / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while not (latest.is_file() and latest.read_text().strip() == "step_100"):
+        assert proc.poll() is None and time.time() < deadline, "run ended before its step-100 checkpoint"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert latest.read_text().strip() == "step_100"
+
+    rerun = run_cli("pretrain.train", *args, f"run.dir={killed}")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resumed from" in rerun.stdout
+    ref, got = losses(reference), losses(killed)
+    assert sorted(got) == list(range(1, 201))  # steps logged after the checkpoint by the killed run were dropped
+    assert [got[s] for s in range(101, 201)] == [ref[s] for s in range(101, 201)]
+
+
+@pytest.mark.slow
+def test_bad_inputs_are_one_line_errors(char_shards: Path, tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(char_shards, corrupt)
+    shard = sorted(corrupt.glob("train-*.tar"))[0]
+    shard.write_bytes(shard.read_bytes()[:5000])
+    cases = {
+        "missing data dir": ([f"data.dir={tmp_path}/nope"], "nope"),
+        "unknown preset": ([f"data.dir={char_shards}", "model=gpt5"], "model=gpt5"),
+        "corrupt shard": ([f"data.dir={corrupt}", "data.num_streams=1"], shard.name),
+        "bad layout": ([f"data.dir={char_shards}", "train.global_batch=10", "train.micro_batch=4"], "global_batch"),
+    }
+    for name, (args, culprit) in cases.items():
+        run = tmp_path / name.replace(" ", "_")
+        result = run_cli("pretrain.train", *args, f"run.dir={run}", "train.max_steps=3", *FAST[3:])
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2, (name, result.stderr[-2000:])
+        assert len(lines) == 1 and culprit in lines[0], (name, result.stderr[-2000:])
+        assert not (run / "checkpoints" / "latest").exists(), name
+
+
+@pytest.mark.slow
+def test_resume_into_another_model_is_refused(char_shards: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    args = [f"data.dir={char_shards}", f"run.dir={run}", *FAST, "train.max_steps=2", "logging.wandb=disabled"]
+    assert run_cli("pretrain.train", *args).returncode == 0
+    result = run_cli("pretrain.train", *args, "model.num_layers=2")
+    assert result.returncode == 2 and "num_layers=4" in result.stderr
