@@ -114,7 +114,7 @@ def write_manifest(directory: Path, payload: dict[str, Any]) -> None:
 
 def write_shard(path: Path, windows: np.ndarray, first_index: int) -> ShardInfo:
     """Write one tar shard of ``windows`` ([n, seq_len+1]) and return its manifest entry."""
-    with wds.TarWriter(str(path), mtime=0.0) as writer:  # fixed mtime: reproducible sha256
+    with wds.TarWriter(str(path), mtime=0) as writer:  # int mtime: reproducible, no PAX header
         for offset, window in enumerate(windows):
             writer.write({"__key__": f"{first_index + offset:010d}", SAMPLE_FIELD: window.tobytes()})
     blob = path.read_bytes()

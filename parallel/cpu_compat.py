@@ -30,6 +30,8 @@ TESTED_MEGATRON = ((0, 16), (0, 17))  # [low, high) of (major, minor)
 # CUDA to place small buffers/flags or to synchronise.
 FACADE_MODULES = (
     "megatron.core.utils",
+    "megatron.core.tensor_parallel.mappings",
+    "megatron.core.tensor_parallel.layers",
     "megatron.core.transformer.utils",
     "megatron.core.optimizer.optimizer",
     "megatron.core.optimizer.clip_grads",
@@ -88,6 +90,8 @@ class _CpuTorch(types.ModuleType):
 
     def __init__(self) -> None:
         super().__init__("torch")
+        # plain dict hits for everything torch already has: no __getattr__ on the hot path
+        self.__dict__.update({k: v for k, v in vars(torch).items() if not k.startswith("__")})
         for name in ("tensor", "zeros", "ones", "empty", "full", "arange", "zeros_like", "empty_like"):
             setattr(self, name, _wrap_factory(getattr(torch, name)))
         self.cuda = _CpuCuda()

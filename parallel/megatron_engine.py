@@ -8,18 +8,17 @@ so a checkpoint written at one (tp, pp, dp) loads at another.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
 from omegaconf import DictConfig
 
 from parallel import cpu_compat
@@ -28,13 +27,19 @@ from parallel.topology import Topology
 from pretrain.model import build_gpt, position_ids, transformer_config
 
 
-def _forward_step(autocast: Any, data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers (checkpoint keys never see wrappers)."""
+    while isinstance(module, DistributedDataParallel | Float16Module):
+        module = module.module
+    return module
+
+
+def _forward_step(data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
     """One micro-batch through this stage; the loss is the masked mean token loss."""
     batch = next(data_iterator)
     tokens = batch["tokens"]
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
-    with autocast():
-        output = model(inputs, position_ids(*inputs.shape), None, labels=labels)
+    output = model(inputs, position_ids(*inputs.shape), None, labels=labels)
 
     def loss_func(per_token: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         mask = batch["mask"]
@@ -51,7 +56,8 @@ class MegatronEngine:
     def __init__(self, cfg: DictConfig, topo: Topology, vocab_size: int):
         self.cfg, self.topo = cfg, topo
         train = cfg.train
-        self.config = transformer_config(cfg.model, topo)
+        bf16 = bool(train.bf16)
+        self.config = transformer_config(cfg.model, topo, bf16=bf16)
         vpp = topo.vpp if topo.vpp > 1 else None
         chunks = [build_gpt(cfg.model, vocab_size, self.config, vp_stage=i if vpp else None) for i in range(vpp or 1)]
         ddp_config = DistributedDataParallelConfig(
@@ -59,6 +65,8 @@ class MegatronEngine:
             overlap_grad_reduce=False,
             use_distributed_optimizer=bool(cfg.parallel.distributed_optimizer) and topo.dp > 1,
         )
+        if bf16:
+            chunks = [Float16Module(self.config, chunk) for chunk in chunks]
         self.model = [
             DistributedDataParallel(self.config, ddp_config, chunk, disable_bucketing=(i > 0))
             for i, chunk in enumerate(chunks)
@@ -72,6 +80,8 @@ class MegatronEngine:
             adam_beta2=float(train.beta2),
             adam_eps=1e-8,
             clip_grad=float(train.grad_clip),
+            bf16=bf16,
+            params_dtype=torch.bfloat16 if bf16 else torch.float32,
             use_distributed_optimizer=ddp_config.use_distributed_optimizer,
         )
         with cpu_compat.cuda_type_names():
@@ -91,13 +101,10 @@ class MegatronEngine:
             wd_incr_steps=int(train.max_steps),
             wd_incr_style="constant",
         )
+        # the schedule calls this after the last micro-batch: DP grad all-reduce (or
+        # reduce-scatter), SP layernorm grads over TP, tied-embedding grads over PP
+        self.config.finalize_model_grads_func = finalize_model_grads
         self.forward_backward = get_forward_backward_func()
-        if bool(train.bf16):
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            autocast = functools.partial(torch.autocast, device, dtype=torch.bfloat16)
-        else:
-            autocast = contextlib.nullcontext
-        self._forward_step = functools.partial(_forward_step, autocast)
 
     def _run(self, micro_batches: list[dict[str, torch.Tensor]], forward_only: bool) -> torch.Tensor:
         """Run the schedule; returns [loss_sum, tokens] summed over dp (and pp) ranks."""
@@ -107,7 +114,7 @@ class MegatronEngine:
             # every virtual stage walks the same micro-batches
             iterators = [iter(micro_batches) for _ in self.model]
         outputs = self.forward_backward(
-            forward_step_func=self._forward_step,
+            forward_step_func=_forward_step,
             data_iterator=iterators,
             model=self.model if len(self.model) > 1 else self.model[0],
             num_microbatches=len(micro_batches),
@@ -131,8 +138,6 @@ class MegatronEngine:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         totals = self._run(micro_batches, forward_only=False)
-        for chunk in self.model:
-            chunk.finish_grad_sync()
         ok, grad_norm, _ = self.optimizer.step()
         lr = self.optimizer.param_groups[0]["lr"]
         if ok:
@@ -153,10 +158,10 @@ class MegatronEngine:
     def _sharded_state_dict(self, is_loading: bool) -> dict[str, Any]:
         state: dict[str, Any] = {}
         if len(self.model) == 1:
-            state["model"] = self.model[0].module.sharded_state_dict()
+            state["model"] = _unwrap(self.model[0]).sharded_state_dict()
         else:
             for i, chunk in enumerate(self.model):
-                state[f"model{i}"] = chunk.module.sharded_state_dict()
+                state[f"model{i}"] = _unwrap(chunk).sharded_state_dict()
         state["optimizer"] = self.optimizer.sharded_state_dict(state, is_loading=is_loading)
         return state
 
@@ -172,13 +177,13 @@ class MegatronEngine:
         state["common"] = None
         loaded = dist_checkpointing.load(state, str(directory))
         if len(self.model) == 1:
-            self.model[0].module.load_state_dict(loaded["model"])
+            _unwrap(self.model[0]).load_state_dict(loaded["model"])
         else:
             for i, chunk in enumerate(self.model):
-                chunk.module.load_state_dict(loaded[f"model{i}"])
+                _unwrap(chunk).load_state_dict(loaded[f"model{i}"])
         self.optimizer.load_state_dict(loaded["optimizer"])
         self.scheduler.load_state_dict(loaded["scheduler"])
         return loaded["common"]
 
     def unwrapped_model(self) -> torch.nn.Module:
-        return self.model[0].module
+        return _unwrap(self.model[0])

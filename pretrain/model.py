@@ -16,6 +16,8 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from omegaconf import DictConfig
 
 from data.errors import UserError
@@ -52,8 +54,10 @@ def transformer_config(model_cfg: DictConfig, parallel: Any = None, bf16: bool =
         sequence_parallel=sp,
         # same full-weight init at every tp: a tp=2 run starts where a tp=1 run does
         use_cpu_initialization=True,
-        pipeline_dtype=torch.float32,
-        params_dtype=torch.float32,
+        # bf16: megatron-core mixed precision (bf16 params and compute, fp32 main weights
+        # and grads in the optimizer), the same path on CPU and GPU
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
         bf16=bf16,
         # fusions that need CUDA kernels or Apex
         bias_dropout_fusion=False,
@@ -63,6 +67,30 @@ def transformer_config(model_cfg: DictConfig, parallel: Any = None, bf16: bool =
         bias_activation_fusion=False,
         persist_layer_norm=False,
     )
+
+
+class LayerNorm(torch.nn.LayerNorm):
+    """torch LayerNorm that also works with sequence parallelism.
+
+    megatron-core's ``WrappedTorchNorm`` refuses sequence parallelism (its fused norms
+    need Apex/TE). With SP each TP rank normalises its own slice of the sequence, so
+    the weight/bias gradients are partial sums; tagging the parameters
+    ``sequence_parallel`` makes megatron's ``finalize_model_grads`` all-reduce them over TP.
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_: Any) -> None:
+        super().__init__(hidden_size, eps=eps)
+        for param in self.parameters():
+            param.sequence_parallel = config.sequence_parallel
+
+
+def decoder_spec(config: TransformerConfig, vp_stage: int | None = None) -> TransformerBlockSubmodules:
+    """megatron-core's local GPT layer spec with :class:`LayerNorm` for every norm."""
+    layer: ModuleSpec = get_gpt_layer_local_spec()
+    layer.submodules.input_layernorm = LayerNorm
+    layer.submodules.pre_mlp_layernorm = LayerNorm
+    count = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer] * count, layer_norm=LayerNorm)
 
 
 def build_gpt(
@@ -76,7 +104,7 @@ def build_gpt(
         pre = post = True
     return GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(),
+        transformer_layer_spec=decoder_spec(config, vp_stage),
         vocab_size=padded_vocab_size(vocab_size, model_cfg),
         max_sequence_length=int(model_cfg.seq_len),
         pre_process=pre,

@@ -100,6 +100,14 @@ def train(cfg: DictConfig) -> dict:
         loader.load_state_dict(common["data"])
         if rank0:
             print(f"resumed from {latest} at step {step}", flush=True)
+    if step >= int(cfg.train.max_steps):
+        if rank0:
+            print(
+                f"{latest} is at step {step} >= train.max_steps={cfg.train.max_steps}: nothing to do "
+                "(raise train.max_steps to continue training)",
+                flush=True,
+            )
+        return {"step": step, "val_loss": None}
     if rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)

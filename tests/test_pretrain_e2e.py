@@ -131,3 +131,22 @@ def test_resume_into_another_model_is_refused(char_shards: Path, tmp_path: Path)
     assert run_cli("pretrain.train", *args).returncode == 0
     result = run_cli("pretrain.train", *args, "model.num_layers=2")
     assert result.returncode == 2 and "num_layers=4" in result.stderr
+
+
+@pytest.mark.slow
+def test_bf16_mixed_precision_trains_and_resumes(char_shards: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    args = [
+        f"data.dir={char_shards}",
+        f"run.dir={run}",
+        *FAST,
+        "train.bf16=true",
+        "logging.wandb=disabled",
+        "train.save_every=3",
+    ]
+    first = run_cli("pretrain.train", *args, "train.max_steps=3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_cli("pretrain.train", *args, "train.max_steps=6")
+    assert second.returncode == 0 and "resumed from" in second.stdout, second.stderr[-3000:]
+    steps = losses(run)
+    assert sorted(steps) == list(range(1, 7)) and steps[6] < steps[1]
