@@ -26,7 +26,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
 from benchmarks.common import REPO, prepared_shards, pretrain_tokens_per_s  # noqa: E402
 
@@ -37,13 +36,11 @@ def bare_loop(data: Path, steps: int, skip: int) -> float:
     """Median tokens/s of a plain loop over the same model (no DDP, no megatron optimizer)."""
     from data.shards import load_manifest, read_shard
     from parallel.topology import Topology
-    from pretrain.cli import quiet_third_party
+    from pretrain.cli import compose, quiet_third_party
     from pretrain.model import build_gpt, position_ids, transformer_config
 
     quiet_third_party()
-    cfg = OmegaConf.load(REPO / "conf" / "config.yaml")
-    cfg.model = OmegaConf.load(REPO / "conf" / "model" / "tiny.yaml")
-    cfg.data.dir = str(data)
+    cfg = compose(["model=tiny", f"data.dir={data}"])
     Topology.from_config(cfg, world_size=1, rank=0).init(seed=1337)
     manifest = load_manifest(data)
     model = build_gpt(cfg.model, manifest.vocab_size, transformer_config(cfg.model))
@@ -56,7 +53,9 @@ def bare_loop(data: Path, steps: int, skip: int) -> float:
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=2e-3, betas=(0.9, 0.99)
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=float(cfg.train.lr),
+        betas=(0.9, 0.99),
     )
     positions = position_ids(BATCH, SEQ)
     rates = []

@@ -37,6 +37,7 @@ FACADE_MODULES = (
     "megatron.core.optimizer.clip_grads",
     "megatron.core.optimizer.distrib_optimizer",
     "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.p2p_communication",
     "megatron.core.distributed.param_and_grad_buffer",
     "megatron.core.dist_checkpointing.strategies.filesystem_async",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",
@@ -169,29 +170,37 @@ _CUDA_TYPE_NAMES = {
 
 
 @contextlib.contextmanager
-def cuda_type_names() -> Iterator[None]:
-    """While building megatron optimizers, let CPU tensors report CUDA type names.
+def building() -> Iterator[None]:
+    """While megatron builds models and optimizers, let CPU tensors pass its CUDA checks.
 
-    megatron's optimizers sort parameters into fp32/fp16 groups by comparing
-    ``param.type()`` with CUDA type strings. This is scoped to optimizer
-    construction (a one-time call), never to the training step.
+    Two one-time construction steps assume CUDA: the optimizers sort parameters into
+    fp32/fp16 groups by comparing ``param.type()`` with CUDA type strings, and tied
+    embeddings under pipeline parallelism are moved with ``weight.data.cuda()`` before
+    their first all-reduce. Within this context ``Tensor.type()`` reports the CUDA name
+    and ``Tensor.cuda()`` returns the tensor itself. Scoped to construction, never to
+    the training step; a no-op with CUDA.
     """
     if torch.cuda.is_available():
         yield
         return
-    original = torch.Tensor.type
+    original_type, original_cuda = torch.Tensor.type, torch.Tensor.cuda
 
     def type_(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        result = original(self, *args, **kwargs)
+        result = original_type(self, *args, **kwargs)
         if not args and not kwargs:
             return _CUDA_TYPE_NAMES.get(result, result)
         return result
 
+    def cuda(self: torch.Tensor, *_: Any, **__: Any) -> torch.Tensor:
+        return self
+
     torch.Tensor.type = type_  # type: ignore[method-assign]
+    torch.Tensor.cuda = cuda  # type: ignore[method-assign]
     try:
         yield
     finally:
-        torch.Tensor.type = original  # type: ignore[method-assign]
+        torch.Tensor.type = original_type  # type: ignore[method-assign]
+        torch.Tensor.cuda = original_cuda  # type: ignore[method-assign]
 
 
 def check_version() -> tuple[int, int]:

@@ -59,7 +59,11 @@ class MegatronEngine:
         bf16 = bool(train.bf16)
         self.config = transformer_config(cfg.model, topo, bf16=bf16)
         vpp = topo.vpp if topo.vpp > 1 else None
-        chunks = [build_gpt(cfg.model, vocab_size, self.config, vp_stage=i if vpp else None) for i in range(vpp or 1)]
+        with cpu_compat.building():
+            chunks = [
+                build_gpt(cfg.model, vocab_size, self.config, vp_stage=i if vpp else None, seed=int(train.seed))
+                for i in range(vpp or 1)
+            ]
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=False,
@@ -84,7 +88,7 @@ class MegatronEngine:
             params_dtype=torch.bfloat16 if bf16 else torch.float32,
             use_distributed_optimizer=ddp_config.use_distributed_optimizer,
         )
-        with cpu_compat.cuda_type_names():
+        with cpu_compat.building():
             self.optimizer = get_megatron_optimizer(opt_config, self.model)
         decay_steps = int(train.lr_decay_steps or train.max_steps)
         self.scheduler = OptimizerParamScheduler(

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
 from data.errors import UserError
@@ -52,3 +53,12 @@ def check_group_choices(argv: list[str], groups: tuple[str, ...] = ("model",)) -
         if sep and name in groups and value and "," not in value and not known_choice:
             known = sorted(p.stem for p in (CONF_DIR / name).glob("*.yaml"))
             fail(f"{name}={value}: unknown preset (known: {', '.join(known)})")
+
+
+def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "config") -> DictConfig:
+    """The config a console script would see for ``overrides`` (for tests, benchmarks, notebooks)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(str(CONF_DIR), version_base=None):
+        return hydra_compose(config_name, overrides=list(overrides))

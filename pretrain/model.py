@@ -18,6 +18,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
 from omegaconf import DictConfig
 
 from data.errors import UserError
@@ -84,9 +85,30 @@ class LayerNorm(torch.nn.LayerNorm):
             param.sequence_parallel = config.sequence_parallel
 
 
-def decoder_spec(config: TransformerConfig, vp_stage: int | None = None) -> TransformerBlockSubmodules:
-    """megatron-core's local GPT layer spec with :class:`LayerNorm` for every norm."""
+class SeededTransformerLayer(TransformerLayer):
+    """A transformer layer whose initial weights depend only on (seed, global layer number).
+
+    megatron-core draws initial weights from the default generator in build order, so a
+    pipeline stage that starts at layer 3 would get other weights than a single process
+    does. Reseeding per global layer (with ``use_cpu_initialization``, which also makes
+    tp-sharded weights slices of the same full matrix) gives every (tp, pp, vpp) layout
+    the same initial model for a seed.
+    """
+
+    def __init__(
+        self, config: TransformerConfig, submodules: Any, layer_number: int = 1, *, init_seed: int, **kwargs: Any
+    ) -> None:
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        offset = get_transformer_layer_offset(config, kwargs.get("vp_stage"), pp_rank)
+        torch.manual_seed(init_seed + 1000 * (layer_number + offset))
+        super().__init__(config, submodules, layer_number, **kwargs)
+
+
+def decoder_spec(config: TransformerConfig, seed: int, vp_stage: int | None = None) -> TransformerBlockSubmodules:
+    """megatron-core's local GPT layer spec with :class:`LayerNorm` norms and seeded layers."""
     layer: ModuleSpec = get_gpt_layer_local_spec()
+    layer.module = SeededTransformerLayer
+    layer.params = {**layer.params, "init_seed": seed}
     layer.submodules.input_layernorm = LayerNorm
     layer.submodules.pre_mlp_layernorm = LayerNorm
     count = get_num_layers_to_build(config, vp_stage=vp_stage)
@@ -94,17 +116,21 @@ def decoder_spec(config: TransformerConfig, vp_stage: int | None = None) -> Tran
 
 
 def build_gpt(
-    model_cfg: DictConfig, vocab_size: int, config: TransformerConfig, vp_stage: int | None = None
+    model_cfg: DictConfig, vocab_size: int, config: TransformerConfig, vp_stage: int | None = None, seed: int = 1234
 ) -> GPTModel:
-    """One GPT (or this rank's pipeline stage of it) with the local megatron spec."""
+    """One GPT (or this rank's pipeline stage of it) with the local megatron spec.
+
+    Initial weights are a function of ``seed`` only, not of the parallel layout.
+    """
     if parallel_state.model_parallel_is_initialized():
         pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
         post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     else:
         pre = post = True
-    return GPTModel(
+    torch.manual_seed(seed)  # embeddings (first stage)
+    model = GPTModel(
         config=config,
-        transformer_layer_spec=decoder_spec(config, vp_stage),
+        transformer_layer_spec=decoder_spec(config, seed, vp_stage),
         vocab_size=padded_vocab_size(vocab_size, model_cfg),
         max_sequence_length=int(model_cfg.seq_len),
         pre_process=pre,
@@ -113,6 +139,10 @@ def build_gpt(
         position_embedding_type="learned_absolute",
         vp_stage=vp_stage,
     )
+    # leave the default generator (dropout) independent of how many layers this stage built
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank() if parallel_state.model_parallel_is_initialized() else 0
+    torch.manual_seed(seed + 100 * pp_rank + 7)
+    return model
 
 
 def position_ids(batch: int, seq_len: int) -> torch.Tensor:

@@ -67,9 +67,13 @@ def test_rng_tracker_forks_a_separate_stream() -> None:
     tracker.set_states({"model-parallel-rng": tracker.get_states()["model-parallel-rng"]})
 
 
-def test_cuda_type_names_is_scoped() -> None:
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU layer is a no-op with CUDA")
+def test_building_context_is_scoped() -> None:
     t = torch.zeros(1)
-    with cpu_compat.cuda_type_names():
+    with cpu_compat.building():
         assert t.type() == "torch.cuda.FloatTensor"
         assert t.type(torch.float64).dtype == torch.float64
+        assert t.cuda() is t
     assert t.type() == "torch.FloatTensor"
+    with pytest.raises((AssertionError, RuntimeError)):
+        t.cuda()

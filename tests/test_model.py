@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
+from pretrain.cli import compose
 from pretrain.model import build_gpt, flops_per_token, padded_vocab_size, position_ids, transformer_config
-
-CONF = Path(__file__).resolve().parent.parent / "conf"
 
 
 @pytest.fixture(scope="module")
 def single_process():  # noqa: ANN201
     from parallel.topology import Topology
 
-    cfg = OmegaConf.load(CONF / "config.yaml")
-    cfg.model = OmegaConf.load(CONF / "model" / "tiny.yaml")
+    cfg = compose(["model=tiny", "data.dir=unused"])
     topo = Topology.from_config(cfg, world_size=1, rank=0)
     topo.init(seed=1)
     yield cfg
@@ -32,7 +27,7 @@ def single_process():  # noqa: ANN201
 )
 def test_presets_have_the_published_sizes(name: str, millions: float) -> None:
     """Parameter counts from the shapes, with GPT-2's vocabulary (tiny: nanoGPT's 65 chars)."""
-    m = OmegaConf.load(CONF / "model" / f"{name}.yaml")
+    m = compose([f"model={name}"]).model
     vocab = 67 if name == "tiny" else (40478 if name == "gpt1" else 50257)
     d, layers, ffn = m.hidden_size, m.num_layers, m.ffn_hidden_size
     n = layers * (4 * d * d + 4 * d + 2 * d * ffn + ffn + d + 4 * d) + padded_vocab_size(vocab, m) * d
