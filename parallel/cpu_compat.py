@@ -170,15 +170,16 @@ _CUDA_TYPE_NAMES = {
 
 
 @contextlib.contextmanager
-def building() -> Iterator[None]:
-    """While megatron builds models and optimizers, let CPU tensors pass its CUDA checks.
+def tensors_pass_as_cuda() -> Iterator[None]:
+    """While megatron builds models/optimizers or (re)shards checkpoints, let CPU tensors pass.
 
-    Two one-time construction steps assume CUDA: the optimizers sort parameters into
-    fp32/fp16 groups by comparing ``param.type()`` with CUDA type strings, and tied
-    embeddings under pipeline parallelism are moved with ``weight.data.cuda()`` before
-    their first all-reduce. Within this context ``Tensor.type()`` reports the CUDA name
-    and ``Tensor.cuda()`` returns the tensor itself. Scoped to construction, never to
-    the training step; a no-op with CUDA.
+    These one-time steps assume CUDA: the optimizers sort parameters into fp32/fp16
+    groups by comparing ``param.type()`` with CUDA type strings; tied embeddings under
+    pipeline parallelism are moved with ``weight.data.cuda()`` before their first
+    all-reduce; the distributed optimizer gathers its shards with ``.cuda()`` tensors
+    when it writes model-space checkpoints. Within this context ``Tensor.type()``
+    reports the CUDA name and ``Tensor.cuda()`` returns the tensor itself. Never used
+    around the training step; a no-op with CUDA.
     """
     if torch.cuda.is_available():
         yield
@@ -218,12 +219,55 @@ def check_version() -> tuple[int, int]:
     return major_minor  # type: ignore[return-value]
 
 
+def _fix_torch_adam_reshard_load() -> None:
+    """Two megatron-core 0.16 bugs on the torch-AdamW path (no Apex/TE), CPU or GPU.
+
+    1. Loading a ``fully_reshardable`` distributed-optimizer checkpoint copies every
+       entry of the optimizer state, but torch's AdamW keeps ``step`` there and the
+       checkpoint (rightly) carries it in the param groups: ``KeyError: 'step'``. Copy
+       only the tensors the checkpoint provides.
+    2. ``DistributedOptimizer.load_state_dict`` gives every parameter the *same* ``step``
+       tensor; torch's AdamW increments it in place once per parameter, so after a
+       resume Adam's bias correction runs N times too fast. Give each its own copy.
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    cls = distrib_optimizer.DistributedOptimizer
+    original = cls._set_main_param_and_optimizer_states
+    if getattr(original, "_gpt_fixed", False) or getattr(distrib_optimizer, "HAVE_APEX_OR_TE", True):
+        return
+
+    def set_states(self: Any, model_param: torch.nn.Parameter, tensors: dict[str, torch.Tensor]) -> None:
+        if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            return original(self, model_param, tensors)
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        destination = {"param": main_param, **self.optimizer.state[main_param]}
+        for key, value in tensors.items():
+            destination[key].copy_(value)
+
+    original_load = cls.load_state_dict
+
+    def load_state_dict(self: Any, state_dict: dict[str, Any]) -> None:
+        original_load(self, state_dict)
+        for state in self.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+
+    set_states._gpt_fixed = True  # type: ignore[attr-defined]
+    cls._set_main_param_and_optimizer_states = set_states
+    cls.load_state_dict = load_state_dict
+
+
 def apply(force: bool = False) -> bool:
-    """Apply the CPU patches once; a no-op when CUDA is available (unless forced)."""
+    """Apply the patches once: the CPU ones only when CUDA is absent (unless forced)."""
     global _applied
-    if _applied or (torch.cuda.is_available() and not force):
-        return _applied
+    if _applied:
+        return True
     check_version()
+    _fix_torch_adam_reshard_load()
+    if torch.cuda.is_available() and not force:
+        return False
     facade = _CpuTorch()
     for name in FACADE_MODULES:
         module = importlib.import_module(name)

@@ -59,7 +59,7 @@ class MegatronEngine:
         bf16 = bool(train.bf16)
         self.config = transformer_config(cfg.model, topo, bf16=bf16)
         vpp = topo.vpp if topo.vpp > 1 else None
-        with cpu_compat.building():
+        with cpu_compat.tensors_pass_as_cuda():
             chunks = [
                 build_gpt(cfg.model, vocab_size, self.config, vp_stage=i if vpp else None, seed=int(train.seed))
                 for i in range(vpp or 1)
@@ -67,7 +67,8 @@ class MegatronEngine:
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=False,
-            use_distributed_optimizer=bool(cfg.parallel.distributed_optimizer) and topo.dp > 1,
+            # also at dp=1: one optimizer checkpoint format for every layout
+            use_distributed_optimizer=bool(cfg.parallel.distributed_optimizer),
         )
         if bf16:
             chunks = [Float16Module(self.config, chunk) for chunk in chunks]
@@ -88,7 +89,7 @@ class MegatronEngine:
             params_dtype=torch.bfloat16 if bf16 else torch.float32,
             use_distributed_optimizer=ddp_config.use_distributed_optimizer,
         )
-        with cpu_compat.building():
+        with cpu_compat.tensors_pass_as_cuda():
             self.optimizer = get_megatron_optimizer(opt_config, self.model)
         decay_steps = int(train.lr_decay_steps or train.max_steps)
         self.scheduler = OptimizerParamScheduler(
@@ -166,20 +167,35 @@ class MegatronEngine:
         else:
             for i, chunk in enumerate(self.model):
                 state[f"model{i}"] = _unwrap(chunk).sharded_state_dict()
-        state["optimizer"] = self.optimizer.sharded_state_dict(state, is_loading=is_loading)
+        # model-space optimizer tensors: loadable at any tp / pp / dp
+        metadata = {"distrib_optim_sharding_type": "fully_reshardable"}
+        state["optimizer"] = self.optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=metadata)
         return state
 
     def save(self, directory: Path, common: dict[str, Any]) -> None:
-        state = self._sharded_state_dict(is_loading=False)
-        state["scheduler"] = self.scheduler.state_dict()
-        state["common"] = common
-        dist_checkpointing.save(state, str(directory))
+        with cpu_compat.tensors_pass_as_cuda():
+            state = self._sharded_state_dict(is_loading=False)
+            state["scheduler"] = self.scheduler.state_dict()
+            state["common"] = common
+            dist_checkpointing.save(state, str(directory))
+
+    def _materialize_optimizer_state(self) -> None:
+        """Give a fresh distributed optimizer its Adam state before describing what to load.
+
+        With torch's AdamW (no Apex/TE) megatron reads ``step`` from every parameter's
+        state while building the sharded state dict, which a fresh optimizer lacks;
+        megatron fills dummy values the same way for its FSDP format. The values are
+        overwritten by the load (lr is 0 before the first step, so the params are not).
+        """
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            if hasattr(opt, "_init_optimizer_states_with_dummy_values") and not opt.optimizer.state:
+                opt._init_optimizer_states_with_dummy_values()
 
     def load(self, directory: Path) -> dict[str, Any]:
-        state = self._sharded_state_dict(is_loading=True)
-        state["scheduler"] = None
-        state["common"] = None
-        loaded = dist_checkpointing.load(state, str(directory))
+        self._materialize_optimizer_state()
+        with cpu_compat.tensors_pass_as_cuda():
+            state = self._sharded_state_dict(is_loading=True)
+            loaded = dist_checkpointing.load(state, str(directory))
         if len(self.model) == 1:
             _unwrap(self.model[0]).load_state_dict(loaded["model"])
         else:

@@ -68,9 +68,9 @@ def test_rng_tracker_forks_a_separate_stream() -> None:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU layer is a no-op with CUDA")
-def test_building_context_is_scoped() -> None:
+def test_tensors_pass_as_cuda_is_scoped() -> None:
     t = torch.zeros(1)
-    with cpu_compat.building():
+    with cpu_compat.tensors_pass_as_cuda():
         assert t.type() == "torch.cuda.FloatTensor"
         assert t.type(torch.float64).dtype == torch.float64
         assert t.cuda() is t
