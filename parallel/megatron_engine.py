@@ -53,8 +53,9 @@ def _forward_step(data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Ten
 class MegatronEngine:
     """Model chunks, optimizer and LR schedule for this rank, built from the config."""
 
-    def __init__(self, cfg: DictConfig, topo: Topology, vocab_size: int):
+    def __init__(self, cfg: DictConfig, topo: Topology, vocab_size: int, distributed_optimizer: bool):
         self.cfg, self.topo = cfg, topo
+        self.distributed_optimizer = distributed_optimizer
         train = cfg.train
         bf16 = bool(train.bf16)
         self.config = transformer_config(cfg.model, topo, bf16=bf16)
@@ -67,8 +68,7 @@ class MegatronEngine:
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=False,
-            # also at dp=1: one optimizer checkpoint format for every layout
-            use_distributed_optimizer=bool(cfg.parallel.distributed_optimizer),
+            use_distributed_optimizer=distributed_optimizer,
         )
         if bf16:
             chunks = [Float16Module(self.config, chunk) for chunk in chunks]

@@ -26,11 +26,11 @@ from pretrain.cli import check_group_choices, exit_on_user_error, quiet_third_pa
 from pretrain.metrics import Metrics
 
 
-def build_engine(cfg: DictConfig, topo: Topology, vocab_size: int):  # noqa: ANN201 - Engine protocol
+def build_engine(cfg: DictConfig, topo: Topology, vocab_size: int, saved: dict | None):  # noqa: ANN201 - Engine
     if cfg.parallel.engine == "megatron":
         from parallel.megatron_engine import MegatronEngine
 
-        return MegatronEngine(cfg, topo, vocab_size)
+        return MegatronEngine(cfg, topo, vocab_size, use_distributed_optimizer(cfg, topo, saved))
     raise UserError(f"parallel.engine={cfg.parallel.engine}: not available (megatron)")
 
 
@@ -59,8 +59,30 @@ def evaluate(cfg: DictConfig, engine, manifest: Manifest, topo: Topology) -> flo
     return loss_sum / tokens
 
 
-def check_resume(cfg: DictConfig, checkpoint: Path) -> None:
-    """Refuse to resume a checkpoint of another model shape into this run."""
+def use_distributed_optimizer(cfg: DictConfig, topo: Topology, saved: dict | None) -> bool:
+    """Resolve ``parallel.distributed_optimizer`` (true / false / auto).
+
+    ``auto`` is what the checkpoint being resumed used (its optimizer state only loads
+    into the same kind of optimizer, at any tp/pp/dp), else dp > 1: the distributed
+    optimizer shards Adam state over dp but costs ~40% of a step at dp = 1 on CPU.
+    """
+    value = str(cfg.parallel.distributed_optimizer).lower()
+    previous = None if saved is None else saved.get("distributed_optimizer")
+    if value == "auto":
+        return bool(previous) if previous is not None else topo.dp > 1
+    if value not in ("true", "false"):
+        raise UserError(f"parallel.distributed_optimizer={value}: expected true, false or auto")
+    wanted = value == "true"
+    if previous is not None and wanted != previous:
+        raise UserError(
+            f"parallel.distributed_optimizer={value}, but the checkpoint in run.dir={cfg.run.dir} was written "
+            f"with distributed_optimizer={str(previous).lower()}: pass that value (or auto)"
+        )
+    return wanted
+
+
+def check_resume(cfg: DictConfig, checkpoint: Path) -> dict:
+    """Refuse to resume a checkpoint of another model shape into this run; returns its common state."""
     from megatron.core import dist_checkpointing
 
     common = dist_checkpointing.load_common_state_dict(str(checkpoint))["common"]
@@ -73,6 +95,7 @@ def check_resume(cfg: DictConfig, checkpoint: Path) -> None:
             f"run.dir={cfg.run.dir} holds a checkpoint of another model ({saved_shape}); "
             "use a new run.dir or the same model"
         )
+    return common
 
 
 def train(cfg: DictConfig) -> dict:
@@ -86,11 +109,10 @@ def train(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.run.dir)
     ckpts = CheckpointDir(run_dir, int(cfg.train.keep_last))
     latest = ckpts.latest()
-    if latest is not None:
-        check_resume(cfg, latest)
+    saved = check_resume(cfg, latest) if latest is not None else None
     topo.init(int(cfg.train.seed), float(cfg.parallel.timeout_s))
     rank0 = topo.rank == 0
-    engine = build_engine(cfg, topo, manifest.vocab_size)
+    engine = build_engine(cfg, topo, manifest.vocab_size, saved)
     layout = Layout(int(cfg.train.global_batch), int(cfg.train.micro_batch), topo.dp_rank, topo.dp)
     loader = TrainLoader(manifest, layout, int(cfg.train.seed), int(cfg.data.num_streams), int(cfg.data.num_workers))
     step = 0
@@ -141,7 +163,12 @@ def train(cfg: DictConfig) -> dict:
             if val_loss is not None:
                 metrics.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}, console=True)
         if (save_every and step % save_every == 0) or last:
-            common = {"step": step, "data": loader.state_dict(), "config": OmegaConf.to_container(cfg, resolve=True)}
+            common = {
+                "step": step,
+                "data": loader.state_dict(),
+                "config": OmegaConf.to_container(cfg, resolve=True),
+                "distributed_optimizer": engine.distributed_optimizer,
+            }
             path = ckpts.save(step, engine, common)
             if rank0:
                 metrics.log({"step": step, "checkpoint": str(path)}, console=False)
