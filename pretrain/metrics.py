@@ -25,7 +25,8 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _truncate_after(path: Path, step: int) -> None:
+def truncate_after(path: Path, step: int) -> None:
+    """Drop lines logged after ``step`` (by a run killed after its last checkpoint)."""
     if not path.is_file():
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
@@ -44,7 +45,7 @@ class Metrics:
         self.bar: Any = None
         if not enabled:
             return
-        _truncate_after(self.path, start_step)
+        truncate_after(self.path, start_step)
         self.file = self.path.open("a", buffering=1)
         mode = str(cfg.logging.wandb)
         if mode != "disabled":

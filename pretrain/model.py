@@ -53,6 +53,9 @@ def transformer_config(model_cfg: DictConfig, parallel: Any = None, bf16: bool =
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp if vpp and vpp > 1 else None,
         sequence_parallel=sp,
+        # gloo matches messages between two ranks in order; with pp=2 (next == prev) a
+        # batched send of activations and gradients can be received swapped
+        batch_p2p_comm=torch.cuda.is_available(),
         # same full-weight init at every tp: a tp=2 run starts where a tp=1 run does
         use_cpu_initialization=True,
         # bf16: megatron-core mixed precision (bf16 params and compute, fp32 main weights

@@ -6,6 +6,8 @@ step, evaluate, checkpoint, log. Everything parallel lives behind the engine.
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
 import os
 import sys
@@ -23,7 +25,7 @@ from data.tokenizer import load_tokenizer
 from parallel.checkpoint import CheckpointDir
 from parallel.topology import Topology
 from pretrain.cli import check_group_choices, exit_on_user_error, quiet_third_party
-from pretrain.metrics import Metrics
+from pretrain.metrics import Metrics, truncate_after
 
 
 def build_engine(cfg: DictConfig, topo: Topology, vocab_size: int, saved: dict | None):  # noqa: ANN201 - Engine
@@ -35,27 +37,26 @@ def build_engine(cfg: DictConfig, topo: Topology, vocab_size: int, saved: dict |
 
 
 def evaluate(cfg: DictConfig, engine, manifest: Manifest, topo: Topology) -> float | None:  # noqa: ANN001
-    """Mean token loss over the validation split (all of it unless train.eval_batches)."""
+    """Mean token loss over the validation split (all of it unless train.eval_batches).
+
+    Micro-batches go to the engine in groups whose size is a multiple of pp (the
+    interleaved pipeline schedule needs at least pp of them), padded with empty ones.
+    """
     if "val" not in manifest.splits:
         return None
-    batches = eval_batches(
-        manifest,
-        "val",
-        int(cfg.train.eval_micro_batch),
-        topo.dp_rank,
-        topo.dp,
-        limit=cfg.train.eval_batches,
-    )
+    micro = int(cfg.train.eval_micro_batch)
+    batches = eval_batches(manifest, "val", micro, topo.dp_rank, topo.dp, limit=cfg.train.eval_batches)
+    group = topo.pp * max(1, 16 // topo.pp)
     loss_sum = tokens = 0.0
     chunk: list = []
-    for batch in batches:
-        chunk.append(batch)
-        if len(chunk) == 16:
+    for batch in itertools.chain(batches, [None]):
+        if batch is not None:
+            chunk.append(batch)
+        if chunk and (len(chunk) == group or batch is None):
+            while len(chunk) % topo.pp:
+                chunk.append({"tokens": chunk[0]["tokens"], "mask": torch.zeros_like(chunk[0]["mask"])})
             s, n = engine.eval_step(chunk)
             loss_sum, tokens, chunk = loss_sum + s, tokens + n, []
-    if chunk:
-        s, n = engine.eval_step(chunk)
-        loss_sum, tokens = loss_sum + s, tokens + n
     return loss_sum / tokens
 
 
@@ -138,9 +139,13 @@ def train(cfg: DictConfig) -> dict:
     tokens_per_step = layout.global_batch * seq_len
     eval_every, save_every = int(cfg.train.eval_every), int(cfg.train.save_every)
     val_loss = None
+    sample_log = open_sample_log(run_dir, topo, step) if cfg.train.log_samples else None
     tick = time.perf_counter()
     while step < max_steps:
         micro_batches = [next(loader) for _ in range(layout.micro_batches_per_step)]
+        if sample_log is not None:
+            ids = [i for batch in micro_batches for i in batch["ids"].tolist()]
+            sample_log.write(json.dumps({"step": step + 1, "ids": ids}) + "\n")
         result = engine.train_step(micro_batches)
         step += 1
         now = time.perf_counter()
@@ -174,12 +179,22 @@ def train(cfg: DictConfig) -> dict:
                 metrics.log({"step": step, "checkpoint": str(path)}, console=False)
         tick = time.perf_counter()
     metrics.close()
+    if sample_log is not None:
+        sample_log.close()
     summary = {"step": step, "val_loss": val_loss}
     if rank0 and val_loss is not None:
         print(f"val_loss {val_loss:.4f} (whole validation split, step {step})", flush=True)
     if rank0 and int(cfg.train.sample_tokens) > 0:
         print_sample(cfg, engine, manifest, topo)
     return summary
+
+
+def open_sample_log(run_dir: Path, topo: Topology, step: int):  # noqa: ANN201 - text file
+    """``samples_rank<R>.jsonl``: the sample ids each data-parallel rank trained on, per step."""
+    path = run_dir / f"samples_rank{topo.rank}.jsonl"
+    truncate_after(path, step)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return path.open("a", buffering=1)
 
 
 def print_sample(cfg: DictConfig, engine, manifest: Manifest, topo: Topology) -> None:  # noqa: ANN001
