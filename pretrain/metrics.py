@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,7 @@ class Metrics:
             unit="step",
             mininterval=1.0,
             dynamic_ncols=True,
-            disable=not cfg.logging.progress_bar,
+            disable=not cfg.logging.progress_bar or not sys.stderr.isatty(),  # logs get the lines below
         )
 
     def log(self, record: dict[str, Any], console: bool = False) -> None:

@@ -95,3 +95,28 @@ def test_corrupt_shard_is_named(char_shards: Path, tmp_path: Path, damage: str) 
     with pytest.raises(UserError, match=shard.name):
         for _ in range(GlobalOrder(load_manifest(copy), "train", 7, 0, K).length // 12):
             next(loader)
+
+
+def test_each_dp_rank_reads_only_its_share_of_the_shards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Streams are contiguous slices of the shuffled shards: a rank reads its half plus boundary shards."""
+    import data.stream as stream
+    from data.prepare import prepare
+    from tests.conftest import TINYSHAKESPEARE, prepare_cfg
+
+    prepare(prepare_cfg(input=str(TINYSHAKESPEARE), out=str(tmp_path / "s"), seq_len=64, shard_size=128))
+    manifest = load_manifest(tmp_path / "s")
+    every = {s.path.name for s in manifest.shards("train")}
+    steps = GlobalOrder(manifest, "train", 7, 0, K).length // 12
+    read: dict[int, set[str]] = {0: set(), 1: set()}
+    original = stream.read_shard
+    for rank in (0, 1):
+        monkeypatch.setattr(
+            stream, "read_shard", lambda info, *a, r=rank: read[r].add(info.path.name) or original(info, *a)
+        )
+        loader = TrainLoader(manifest, Layout(12, 6, rank, 2), 7, K)
+        for _ in range(steps):  # one whole epoch
+            next(loader)
+    assert read[0] | read[1] == every
+    for rank in (0, 1):  # its K/2 streams, each possibly sharing one shard with each neighbour
+        assert len(read[rank]) <= len(every) / 2 + K, (rank, len(read[rank]), len(every))
+    assert len(read[0] & read[1]) <= K
