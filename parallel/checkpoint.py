@@ -64,6 +64,19 @@ class CheckpointDir:
         self.root = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
 
+    @staticmethod
+    def resolve(spec: str | Path) -> Path:
+        """``checkpoint=`` as users pass it: a run dir (its ``latest``) or one ``step_<N>`` dir."""
+        path = Path(spec).expanduser()
+        if (path / "checkpoints").is_dir():
+            found = CheckpointDir(path).latest()
+            if found is None:
+                raise UserError(f"checkpoint={spec}: run dir without a complete checkpoint")
+            return found
+        if (path / "common.pt").is_file() or (path / "metadata.json").is_file():
+            return path
+        raise UserError(f"checkpoint={spec}: not a run dir or a checkpoints/step_<N> dir")
+
     def latest(self) -> Path | None:
         """The newest complete checkpoint, or None."""
         marker = self.root / LATEST
@@ -74,7 +87,8 @@ class CheckpointDir:
             raise UserError(f"{marker}: names {path.name}, which does not exist")
         return path
 
-    def save(self, step: int, engine: Any, common: dict[str, Any]) -> Path:
+    def save(self, step: int, engine: Any, common: dict[str, Any], files: tuple[Path, ...] = ()) -> Path:
+        """Write step ``step``; ``files`` (e.g. the tokenizer) are copied in so the step dir stands alone."""
         final = self.root / f"{PREFIX}{step}"
         tmp = self.root / f".{PREFIX}{step}.tmp"
         if _rank() == 0:
@@ -82,6 +96,8 @@ class CheckpointDir:
             for stale in self.root.glob(f".{PREFIX}*.tmp"):
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir()
+            for source in files:
+                shutil.copy2(source, tmp / source.name)
         _barrier()
         engine.save(tmp, common)
         torch.save(rng_state(), tmp / f"rng_rank{_rank()}.pt")

@@ -35,13 +35,10 @@ def exit_on_user_error() -> Iterator[None]:
 
 
 def quiet_third_party() -> None:
-    """Silence import-time warnings that are noise on CPU (no Apex / TE / flash-attn)."""
-    import logging
-    import warnings
+    """Silence third-party warnings that are noise here (kept as a callable for scripts)."""
+    import pretrain
 
-    warnings.filterwarnings("ignore", module=r"megatron\..*")
-    warnings.filterwarnings("ignore", message=r".*(Apex|apex|Transformer Engine|TransformerEngine).*")
-    logging.getLogger("megatron").setLevel(logging.WARNING)
+    pretrain.silence_known_warnings()
 
 
 def check_group_choices(argv: list[str], groups: tuple[str, ...] = ("model",)) -> None:

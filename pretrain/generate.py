@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hydra
 import torch
+from omegaconf import DictConfig
 
 from pretrain.model import position_ids
 
@@ -45,3 +47,41 @@ def sample(
     finally:
         model.train(was_training)
     return ids[len(prompt) :]
+
+
+def generate_text(loaded, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None, seed: int) -> str:  # noqa: ANN001
+    """Prompt + continuation as text; a prompt longer than the context is an error, not a silent crop."""
+    from data.errors import UserError
+
+    ids = loaded.tokenizer.encode(prompt) if prompt else [loaded.tokenizer.eot_id]
+    if len(ids) > loaded.context:
+        raise UserError(f"prompt is {len(ids)} tokens, longer than the model's context of {loaded.context}")
+    new = sample(loaded.model, ids, max_new_tokens, loaded.context, loaded.vocab_size, temperature, top_k, seed)
+    return loaded.tokenizer.decode((ids if prompt else []) + new)
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="generate")
+def _hydra_main(cfg: DictConfig) -> None:
+    from pretrain.cli import exit_on_user_error
+    from pretrain.inference import load_model
+
+    with exit_on_user_error():
+        loaded = load_model(str(cfg.checkpoint))
+        top_k = int(cfg.top_k) if cfg.top_k else None
+        print(
+            generate_text(
+                loaded, str(cfg.prompt), int(cfg.max_new_tokens), float(cfg.temperature), top_k, int(cfg.seed)
+            ),
+            flush=True,
+        )
+
+
+def main() -> None:
+    from pretrain.cli import quiet_third_party
+
+    quiet_third_party()
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from data.errors import UserError
 from data.shards import Manifest, check_files, load_manifest
 from data.stream import Layout, TrainLoader, eval_batches
-from data.tokenizer import load_tokenizer
+from data.tokenizer import TOKENIZER_FILE, load_tokenizer
 from parallel.checkpoint import CheckpointDir
 from parallel.topology import Topology
 from pretrain.cli import check_group_choices, exit_on_user_error, quiet_third_party
@@ -173,8 +173,9 @@ def train(cfg: DictConfig) -> dict:
                 "data": loader.state_dict(),
                 "config": OmegaConf.to_container(cfg, resolve=True),
                 "distributed_optimizer": engine.distributed_optimizer,
+                "vocab_size": manifest.vocab_size,
             }
-            path = ckpts.save(step, engine, common)
+            path = ckpts.save(step, engine, common, files=(manifest.directory / TOKENIZER_FILE,))
             if rank0:
                 metrics.log({"step": step, "checkpoint": str(path)}, console=False)
         tick = time.perf_counter()

@@ -1,0 +1,62 @@
+"""Load a checkpoint of any layout into this single process (generation, export, evaluation).
+
+megatron-core's ``dist_checkpointing`` reshards on load, so a checkpoint written at any
+(tp, pp, dp) loads into a tp=pp=1 model; only the model weights are read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from data.errors import UserError
+from data.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
+from parallel.checkpoint import CheckpointDir
+from parallel.topology import Topology
+from pretrain.model import build_gpt, position_ids, transformer_config
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module  # megatron-core GPTModel, eval mode
+    cfg: DictConfig  # the training run's config
+    tokenizer: Tokenizer
+    vocab_size: int  # the tokenizer's (the model's output is padded beyond it)
+    step: int
+    path: Path
+
+    @property
+    def context(self) -> int:
+        return int(self.cfg.model.seq_len)
+
+    @torch.no_grad()
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """[batch, seq] token ids → [batch, seq, vocab_size] fp32 logits (padding ids dropped)."""
+        return self.model(ids, position_ids(*ids.shape), None)[..., : self.vocab_size].float()
+
+
+def load_model(spec: str | Path) -> LoadedModel:
+    """The model of ``checkpoint=spec`` (a run dir or a step dir) in this process, tp=pp=1."""
+    from megatron.core import dist_checkpointing
+
+    path = CheckpointDir.resolve(spec)
+    common = dist_checkpointing.load_common_state_dict(str(path))["common"]
+    cfg = OmegaConf.create(common["config"])
+    cfg.parallel.tp = cfg.parallel.pp = cfg.parallel.vpp = 1
+    tokenizer_dir = path if (path / TOKENIZER_FILE).is_file() else Path(cfg.data.dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    vocab_size = int(common.get("vocab_size", tokenizer.vocab_size))
+    topo = Topology.from_config(cfg, world_size=1, rank=0)
+    topo.init(int(cfg.train.seed))
+    model = build_gpt(cfg.model, vocab_size, transformer_config(cfg.model, topo), seed=int(cfg.train.seed))
+    sharded = {"model": model.sharded_state_dict()}
+    try:
+        loaded = dist_checkpointing.load(sharded, str(path))
+    except Exception as exc:  # noqa: BLE001 - report which checkpoint is unreadable
+        raise UserError(f"checkpoint={spec}: cannot load the model from {path} ({exc})") from exc
+    model.load_state_dict(loaded["model"])
+    model.eval()
+    return LoadedModel(model, cfg, tokenizer, vocab_size, int(common["step"]), path)
