@@ -37,6 +37,16 @@ class LoadedModel:
         """[batch, seq] token ids → [batch, seq, vocab_size] fp32 logits (padding ids dropped)."""
         return self.model(ids, position_ids(*ids.shape), None)[..., : self.vocab_size].float()
 
+    @torch.no_grad()
+    def log_probs(self, ids: torch.Tensor) -> torch.Tensor:
+        """[batch, seq, vocab_size] log-probabilities of the model's own distribution.
+
+        Normalised over the padded vocabulary, exactly as the training loss is, so that a
+        log-likelihood equals minus the summed training loss over the same tokens.
+        """
+        logits = self.model(ids, position_ids(*ids.shape), None).float()
+        return torch.log_softmax(logits, dim=-1)[..., : self.vocab_size]
+
 
 def load_model(spec: str | Path) -> LoadedModel:
     """The model of ``checkpoint=spec`` (a run dir or a step dir) in this process, tp=pp=1."""

@@ -37,3 +37,40 @@ def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subpro
     return subprocess.run(
         [sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env
     )
+
+
+# Small trained runs shared by the export and evaluation tests: char at tp=1 and tp=2 (same seed and
+# data, so numerically the same model) and BPE.
+TRAIN = [
+    "model=tiny",
+    "train.micro_batch=4",
+    "train.global_batch=8",
+    "train.max_steps=40",
+    "train.eval_every=0",
+    "train.eval_batches=1",
+    "train.sample_tokens=0",
+    "logging.wandb=disabled",
+    "logging.progress_bar=false",
+]
+
+
+@pytest.fixture(scope="session")
+def bpe_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("bpe")
+    text = root / "text.txt"
+    text.write_text(TINYSHAKESPEARE.read_text()[:200_000])
+    prepare(prepare_cfg(input=str(text), out=str(root / "shards"), tokenizer="bpe", vocab_size=512, seq_len=64))
+    return root / "shards"
+
+
+@pytest.fixture(scope="session")
+def trained_runs(char_shards: Path, bpe_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from tests.distributed import torchrun
+
+    root = tmp_path_factory.mktemp("trained_runs")
+    torchrun(1, f"data.dir={char_shards}", f"run.dir={root / 'tp1'}", *TRAIN)
+    torchrun(2, f"data.dir={char_shards}", f"run.dir={root / 'tp2'}", *TRAIN, "parallel.tp=2")
+    torchrun(1, f"data.dir={bpe_shards}", f"run.dir={root / 'bpe'}", *TRAIN)
+    return {name: root / name for name in ("tp1", "tp2", "bpe")}

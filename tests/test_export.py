@@ -9,40 +9,7 @@ import pytest
 import torch
 
 from data.errors import UserError
-from tests.conftest import TINYSHAKESPEARE, prepare_cfg, run_cli
-from tests.distributed import torchrun
-
-TRAIN = [
-    "model=tiny",
-    "train.micro_batch=4",
-    "train.global_batch=8",
-    "train.max_steps=40",
-    "train.eval_every=0",
-    "train.eval_batches=1",
-    "train.sample_tokens=0",
-    "logging.wandb=disabled",
-    "logging.progress_bar=false",
-]
-
-
-@pytest.fixture(scope="module")
-def bpe_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from data.prepare import prepare
-
-    root = tmp_path_factory.mktemp("bpe")
-    text = root / "text.txt"
-    text.write_text(TINYSHAKESPEARE.read_text()[:200_000])
-    prepare(prepare_cfg(input=str(text), out=str(root / "shards"), tokenizer="bpe", vocab_size=512, seq_len=64))
-    return root / "shards"
-
-
-@pytest.fixture(scope="module")
-def runs(char_shards: Path, bpe_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("export_runs")
-    torchrun(1, f"data.dir={char_shards}", f"run.dir={root / 'tp1'}", *TRAIN)
-    torchrun(2, f"data.dir={char_shards}", f"run.dir={root / 'tp2'}", *TRAIN, "parallel.tp=2")
-    torchrun(1, f"data.dir={bpe_shards}", f"run.dir={root / 'bpe'}", *TRAIN)
-    return {name: root / name for name in ("tp1", "tp2", "bpe")}
+from tests.conftest import run_cli
 
 
 def exported(run_dir: Path, out: Path) -> Path:
@@ -55,7 +22,7 @@ def exported(run_dir: Path, out: Path) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["tp1", "tp2", "bpe"])
 def test_exported_logits_and_greedy_generation_match(
-    runs,
+    trained_runs,
     name: str,
     tmp_path: Path,  # noqa: ANN001
     monkeypatch: pytest.MonkeyPatch,
@@ -65,9 +32,9 @@ def test_exported_logits_and_greedy_generation_match(
 
     from pretrain.inference import load_model
 
-    out = exported(runs[name], tmp_path / "hf")
+    out = exported(trained_runs[name], tmp_path / "hf")
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
-    ours = load_model(runs[name])
+    ours = load_model(trained_runs[name])
     ids = torch.randint(0, ours.vocab_size, (3, ours.context), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, ours.logits(ids), rtol=0, atol=1e-4)
@@ -83,7 +50,11 @@ def test_exported_logits_and_greedy_generation_match(
         )
     hf_text = ours.tokenizer.decode(greedy[0].tolist())
     cli = run_cli(
-        "pretrain.generate", f"checkpoint={runs[name]}", f"prompt={prompt}", "max_new_tokens=20", "temperature=0"
+        "pretrain.generate",
+        f"checkpoint={trained_runs[name]}",
+        f"prompt={prompt}",
+        "max_new_tokens=20",
+        "temperature=0",
     )
     assert cli.returncode == 0, cli.stderr[-2000:]
     assert cli.stdout == hf_text + "\n"  # print() adds the last newline
@@ -94,13 +65,13 @@ def test_exported_logits_and_greedy_generation_match(
 
 
 @pytest.mark.slow
-def test_generate_is_seeded_and_checks_its_input(runs, tmp_path: Path) -> None:  # noqa: ANN001
-    args = [f"checkpoint={runs['tp1']}", "prompt=KING", "max_new_tokens=30", "temperature=1.0", "top_k=20"]
+def test_generate_is_seeded_and_checks_its_input(trained_runs, tmp_path: Path) -> None:  # noqa: ANN001
+    args = [f"checkpoint={trained_runs['tp1']}", "prompt=KING", "max_new_tokens=30", "temperature=1.0", "top_k=20"]
     first, second = run_cli("pretrain.generate", *args, "seed=5"), run_cli("pretrain.generate", *args, "seed=5")
     other = run_cli("pretrain.generate", *args, "seed=6")
     assert first.returncode == 0 and first.stdout == second.stdout and first.stdout != other.stdout
     for bad, culprit in ((f"checkpoint={tmp_path}/none", "none"), ("prompt=" + "x" * 80, "longer than")):
-        result = run_cli("pretrain.generate", *args[1:], f"checkpoint={runs['tp1']}", bad)
+        result = run_cli("pretrain.generate", *args[1:], f"checkpoint={trained_runs['tp1']}", bad)
         assert result.returncode == 2 and culprit in result.stderr.strip().splitlines()[-1], result.stderr[-1000:]
 
 

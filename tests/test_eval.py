@@ -1,0 +1,90 @@
+"""gpt-eval: lm-eval on bundled local tasks, offline; log-likelihoods equal the training loss."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tests.conftest import SHARED_DATA, TINYSHAKESPEARE, run_cli
+
+VALIDATION = SHARED_DATA / "rotten_tomatoes.validation.jsonl"
+
+
+@pytest.mark.slow
+def test_loglikelihood_is_minus_the_summed_training_loss(trained_runs, char_shards: Path) -> None:  # noqa: ANN001
+    from data.shards import load_manifest, read_shard
+    from pretrain.inference import load_model
+    from pretrain.lm_eval_model import GPTPretrainLM
+    from pretrain.model import position_ids
+
+    loaded = load_model(trained_runs["tp1"])
+    manifest = load_manifest(char_shards)
+    window = torch.from_numpy(
+        read_shard(manifest.shards("val")[0], manifest.dtype, manifest.seq_len)[:3].astype("int64")
+    )
+    with torch.no_grad():
+        loss = loaded.model(window[:, :-1], position_ids(3, 64), None, labels=window[:, 1:])  # [3, 64] token losses
+    lm = GPTPretrainLM(loaded)
+    for row in range(3):
+        ids = window[row].tolist()
+        context, continuation = loaded.tokenizer.decode(ids[:1]), loaded.tokenizer.decode(ids[1:])
+        ((logprob, _),) = lm.loglikelihood([SimpleNamespace(args=(context, continuation))])
+        assert logprob == pytest.approx(-float(loss[row].sum()), abs=1e-4)
+        # the same continuation after a context longer than the window: truncated from the left, still scored
+        ((truncated, _),) = lm.loglikelihood([SimpleNamespace(args=("x" * 500 + context, continuation))])
+        assert truncated < 0
+
+
+@pytest.mark.slow
+def test_gpt_eval_few_shot_and_perplexity_offline(trained_runs, tmp_path: Path) -> None:  # noqa: ANN001
+    results = {}
+    for name in ("tp1", "tp2"):
+        run_dir = tmp_path / name
+        result = run_cli(
+            "pretrain.evaluate",
+            f"checkpoint={trained_runs[name]}",
+            f"run.dir={run_dir}",
+            "limit=60",
+            f"eval.sentiment.path={VALIDATION}",
+            f"eval.perplexity.path={TINYSHAKESPEARE}",
+            env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        for file in (
+            "results.json",
+            "results_k0.json",
+            "results_k1.json",
+            "results_k5.json",
+            "results.md",
+            "accuracy_vs_k.png",
+        ):
+            assert (run_dir / file).is_file(), file
+        results[name] = {k: json.loads((run_dir / f"results_k{k}.json").read_text())["results"] for k in (0, 1, 5)}
+        assert json.loads((run_dir / "results.json").read_text())["results"]["sentiment"]["acc,none"] >= 0
+        assert set(results[name][0]) == {"sentiment", "perplexity"} and set(results[name][5]) == {"sentiment"}
+        assert results[name][0]["perplexity"]["byte_perplexity,none"] > 1.0
+    # a checkpoint saved at tp=2 (same seed and data) evaluates to the same numbers as at tp=1
+    for k in (0, 1, 5):
+        assert results["tp2"][k]["sentiment"]["acc,none"] == results["tp1"][k]["sentiment"]["acc,none"]
+    ppl = [results[n][0]["perplexity"]["bits_per_byte,none"] for n in ("tp1", "tp2")]
+    assert ppl[0] == pytest.approx(ppl[1], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_gpt_eval_bad_inputs(trained_runs, tmp_path: Path) -> None:  # noqa: ANN001
+    bad_jsonl = tmp_path / "bad.jsonl"
+    bad_jsonl.write_text('{"text": "great"}\n')
+    cases = [
+        (["tasks=[sentiment]", f"eval.sentiment.path={tmp_path}/none.jsonl"], "none.jsonl"),
+        (["tasks=[sentiment]", f"eval.sentiment.path={bad_jsonl}"], "missing field 'label'"),
+        (["tasks=[perplexity]"], "eval.perplexity.path"),
+        (["tasks=[hellaswag]"], "tasks=hellaswag"),
+    ]
+    for args, culprit in cases:
+        result = run_cli("pretrain.evaluate", f"checkpoint={trained_runs['tp1']}", f"run.dir={tmp_path}/r", *args)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and culprit in lines[-1] and lines[-1].startswith("error:"), result.stderr[-2000:]
