@@ -12,6 +12,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from data.errors import UserError
+
 EOT = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -148,7 +150,7 @@ class TiktokenTokenizer(Tokenizer):
 
             self.enc = tiktoken.get_encoding(name)
         except Exception as exc:  # noqa: BLE001 - any failure means "not available offline"
-            raise ValueError(
+            raise UserError(
                 f"tokenizer=tiktoken:{name}: encoding not available locally ({exc}); "
                 "install tiktoken and cache its files, or use tokenizer=bpe"
             ) from exc
@@ -176,14 +178,14 @@ def train_tokenizer(kind: str, texts_factory: Any, vocab_size: int) -> Tokenizer
         return BPETokenizer.train(texts_factory(), vocab_size)
     if kind.startswith("tiktoken:"):
         return TiktokenTokenizer(kind.split(":", 1)[1])
-    raise ValueError(f"tokenizer={kind!r}: expected one of char, byte, bpe, tiktoken:<encoding>")
+    raise UserError(f"tokenizer={kind!r}: expected one of char, byte, bpe, tiktoken:<encoding>")
 
 
 def load_tokenizer(directory: str | Path) -> Tokenizer:
     """Load the tokenizer saved beside a shard set (``DIR/tokenizer.json``)."""
     path = Path(directory) / TOKENIZER_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no tokenizer saved here (run gpt-prepare first)")
+        raise UserError(f"{path}: no tokenizer saved here (run gpt-prepare first)")
     payload = json.loads(path.read_text())
     kind = payload.get("kind") if isinstance(payload, dict) else None
     if kind == "char":

@@ -101,6 +101,7 @@ def check_resume(cfg: DictConfig, checkpoint: Path) -> dict:
 
 def train(cfg: DictConfig) -> dict:
     topo = Topology.from_config(cfg)
+    cfg.data.dir = str(Path(cfg.data.dir).expanduser().resolve())  # config.yaml and checkpoints work from any cwd
     manifest = load_manifest(cfg.data.dir)
     check_files(manifest)
     if manifest.seq_len > cfg.model.seq_len:

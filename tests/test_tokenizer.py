@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+from data.errors import UserError
 from data.tokenizer import EOT, load_tokenizer, train_tokenizer
 
 TEXTS = ["To be, or not to be: that is the question.", "Héllo wörld — ünïcode ✓"]
@@ -33,7 +34,7 @@ def test_bpe_vocab_size_is_configurable() -> None:
 
 
 def test_unknown_kind_and_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="tokenizer='wordpiece'"):
+    with pytest.raises(UserError, match="tokenizer='wordpiece'"):
         train_tokenizer("wordpiece", lambda: iter(TEXTS), 100)
-    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+    with pytest.raises(UserError, match="tokenizer.json"):
         load_tokenizer(tmp_path)
