@@ -8,14 +8,18 @@ the topology by :func:`transformer_config`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
 import torch
-from megatron.core import parallel_state
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
@@ -88,6 +92,48 @@ class LayerNorm(torch.nn.LayerNorm):
             param.sequence_parallel = config.sequence_parallel
 
 
+class SDPAttention(DotProductAttention):
+    """megatron-core's core attention computed by ``torch.nn.functional.scaled_dot_product_attention``.
+
+    megatron's local ``DotProductAttention`` materialises scores with baddbmm, masks, softmaxes
+    and multiplies in separate kernels; SDPA fuses them (flash / memory-efficient kernels on
+    GPU, a fused kernel on CPU). Same inputs ([s, b, heads, head_dim] per TP partition), same
+    output ([s, b, hidden per partition]), same dropout RNG handling, so TP/SP/PP are unchanged.
+    """
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params: Any = None,
+    ) -> torch.Tensor:
+        if packed_seq_params is not None or attention_bias is not None:
+            raise NotImplementedError("SDPAttention: packed sequences and attention bias are not supported")
+        groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+        if groups > 1:
+            key, value = key.repeat_interleave(groups, dim=2), value.repeat_interleave(groups, dim=2)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, head_dim]
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        causal = attention_mask is None and mask_type == AttnMaskType.causal
+        mask = None if attention_mask is None else ~attention_mask  # megatron: True = masked out
+        dropout = self.config.attention_dropout if self.training else 0.0
+        rng = (
+            tensor_parallel.get_cuda_rng_tracker().fork()
+            if dropout and not self.config.sequence_parallel
+            else (contextlib.nullcontext())
+        )
+        with rng:
+            context = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, scale=self.softmax_scale
+            )
+        s, b = context.shape[2], context.shape[0]
+        return context.permute(2, 0, 1, 3).reshape(s, b, self.hidden_size_per_partition)
+
+
 class SeededTransformerLayer(TransformerLayer):
     """A transformer layer whose initial weights depend only on (seed, global layer number).
 
@@ -107,9 +153,16 @@ class SeededTransformerLayer(TransformerLayer):
         super().__init__(config, submodules, layer_number, **kwargs)
 
 
-def decoder_spec(config: TransformerConfig, seed: int, vp_stage: int | None = None) -> TransformerBlockSubmodules:
-    """megatron-core's local GPT layer spec with :class:`LayerNorm` norms and seeded layers."""
+def decoder_spec(
+    config: TransformerConfig, seed: int, vp_stage: int | None = None, attention: str = "sdpa"
+) -> TransformerBlockSubmodules:
+    """megatron-core's local GPT layer spec with :class:`LayerNorm` norms, seeded layers and
+    (``attention=sdpa``, the default) :class:`SDPAttention` as core attention."""
     layer: ModuleSpec = get_gpt_layer_local_spec()
+    if attention == "sdpa":
+        layer.submodules.self_attention.submodules.core_attention = SDPAttention
+    elif attention != "megatron":
+        raise UserError(f"model.attention={attention}: expected sdpa or megatron")
     layer.module = SeededTransformerLayer
     layer.params = {**layer.params, "init_seed": seed}
     layer.submodules.input_layernorm = LayerNorm
@@ -133,7 +186,7 @@ def build_gpt(
     torch.manual_seed(seed)  # embeddings (first stage)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=decoder_spec(config, seed, vp_stage),
+        transformer_layer_spec=decoder_spec(config, seed, vp_stage, str(model_cfg.get("attention", "sdpa"))),
         vocab_size=padded_vocab_size(vocab_size, model_cfg),
         max_sequence_length=int(model_cfg.seq_len),
         pre_process=pre,

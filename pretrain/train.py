@@ -25,7 +25,9 @@ from data.tokenizer import TOKENIZER_FILE, load_tokenizer
 from parallel.checkpoint import CheckpointDir
 from parallel.topology import Topology
 from pretrain.cli import check_group_choices, exit_on_user_error, quiet_third_party
+from pretrain.flops import peak_flops
 from pretrain.metrics import Metrics, truncate_after
+from pretrain.model import flops_per_token
 
 
 def build_engine(cfg: DictConfig, topo: Topology, vocab_size: int, saved: dict | None):  # noqa: ANN201 - Engine
@@ -138,6 +140,9 @@ def train(cfg: DictConfig) -> dict:
     metrics = Metrics(cfg, run_dir, step, enabled=rank0)
     max_steps, seq_len = int(cfg.train.max_steps), manifest.seq_len
     tokens_per_step = layout.global_batch * seq_len
+    # MFU: model FLOPs per token (6N + attention) over all ranks' peak
+    model_flops = flops_per_token(cfg.model, manifest.vocab_size, seq_len)
+    world_peak = peak_flops(cfg.train.peak_tflops, bool(cfg.train.bf16)) * topo.world_size
     eval_every, save_every = int(cfg.train.eval_every), int(cfg.train.save_every)
     val_loss = None
     sample_log = open_sample_log(run_dir, topo, step) if cfg.train.log_samples else None
@@ -160,6 +165,7 @@ def train(cfg: DictConfig) -> dict:
                 "grad_norm": result.grad_norm,
                 "tokens": step * tokens_per_step,
                 "tokens_per_s": tokens_per_step / (now - tick),
+                "mfu": model_flops * tokens_per_step / (now - tick) / world_peak,
                 "step_time_s": now - tick,
             }
         )

@@ -54,3 +54,22 @@ def test_loss_is_next_token_cross_entropy_with_tied_embeddings(single_process) -
     again = model(changed, position_ids(3, 16), None)
     torch.testing.assert_close(again[:, :-1], logits[:, :-1])
     assert not torch.allclose(again[:, -1], logits[:, -1])
+
+
+def test_sdpa_core_attention_matches_megatrons(single_process) -> None:  # noqa: ANN001
+    """Same weights (attention has none of its own), same loss and gradients as megatron's kernel."""
+    cfg = single_process
+    tokens = torch.randint(0, 67, (2, 33))
+    results = []
+    for attention in ("megatron", "sdpa"):
+        cfg.model.attention = attention
+        model = build_gpt(cfg.model, 67, transformer_config(cfg.model), seed=3)
+        loss = model(tokens[:, :-1], position_ids(2, 32), None, labels=tokens[:, 1:]).mean()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        results.append((loss.detach(), grads, type(model.decoder.layers[0].self_attention.core_attention).__name__))
+    (loss_a, grads_a, kind_a), (loss_b, grads_b, kind_b) = results
+    assert (kind_a, kind_b) == ("DotProductAttention", "SDPAttention")
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=1e-6)
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grads_b[name], grad, rtol=1e-4, atol=1e-6)

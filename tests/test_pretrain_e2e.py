@@ -52,7 +52,8 @@ def test_run_dir_files_and_sample(char_shards: Path, tmp_path: Path) -> None:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == list(range(1, 31))
-    assert all({"loss", "lr", "tokens_per_s", "grad_norm"} <= set(r) for r in train_rows)
+    assert all({"loss", "lr", "tokens_per_s", "grad_norm", "mfu"} <= set(r) for r in train_rows)
+    assert all(0 < r["mfu"] < 1 for r in train_rows)
     assert [r["step"] for r in rows if "val_loss" in r] == [10, 20, 30]
     assert train_rows[-1]["loss"] < train_rows[0]["loss"]
     assert (run / "loss.png").stat().st_size > 1000
