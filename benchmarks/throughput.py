@@ -1,15 +1,19 @@
-"""gpt-pretrain tokens/s over a bare PyTorch loop on the same megatron-core model and batches.
+"""gpt-pretrain tokens/s over bare PyTorch loops of the same shape, and torch.compile on over off.
 
-Both sides train ``model=tiny`` (nanoGPT's CPU shape) with batch 12 × 64 tokens on the same
-shards. The bare side is what a user would write without this project: the same
-``GPTModel``, batches read into memory up front, ``torch.optim.AdamW``, gradient clipping,
-a plain loop. The framework side is the real command line, ``gpt-pretrain``, with its
-data loader, DDP wrapper, megatron optimizer, scheduler and logging, measured from its
-``metrics.jsonl``. They run one after the other, alternating, and the medians are compared.
+Everything trains ``model=tiny`` (nanoGPT's CPU shape: 4 layers, 4 heads, d=128) with batch
+12 × 64 tokens from the same shards, side by side, alternating, ``--rounds`` times:
+
+- **nanoGPT loop**: nanoGPT's model in plain PyTorch (``nn.Linear``, fused causal SDPA; see
+  ``nanogpt_reference.py``), batches in memory, ``torch.optim.AdamW``, clipping -- what a user
+  writes without any framework. This is the reference of the first ratio.
+- **same-GPTModel loop**: the same plain loop around this project's megatron-core ``GPTModel``
+  (isolates the cost of the framework around the model).
+- **gpt-pretrain**: the real command line (data loader, DDP wrapper, megatron optimizer,
+  scheduler, logging), measured from its ``metrics.jsonl``; then again with ``train.compile=true``.
 
     python benchmarks/throughput.py [--steps 300] [--rounds 2] [--data DIR]
 
-The last line is the ratio (goal >= 0.95).
+The last two lines are the compile ratio and the ratio over the nanoGPT loop (goal >= 1.0).
 """
 
 from __future__ import annotations
@@ -32,8 +36,10 @@ from benchmarks.common import REPO, prepared_shards, pretrain_tokens_per_s  # no
 BATCH, SEQ = 12, 64
 
 
-def bare_loop(data: Path, steps: int, skip: int) -> float:
-    """Median tokens/s of a plain loop over the same model (no DDP, no megatron optimizer)."""
+def bare_loop(data: Path, steps: int, skip: int, kind: str) -> float:
+    """Median tokens/s of a plain loop (no DDP, no megatron optimizer) over ``kind``'s model:
+    ``nanogpt`` (plain PyTorch) or ``gptmodel`` (this project's megatron-core GPTModel)."""
+    from benchmarks.nanogpt_reference import NanoGPT
     from data.shards import load_manifest, read_shard
     from parallel.topology import Topology
     from pretrain.cli import compose, quiet_third_party
@@ -41,9 +47,14 @@ def bare_loop(data: Path, steps: int, skip: int) -> float:
 
     quiet_third_party()
     cfg = compose(["model=tiny", f"data.dir={data}"])
-    Topology.from_config(cfg, world_size=1, rank=0).init(seed=1337)
     manifest = load_manifest(data)
-    model = build_gpt(cfg.model, manifest.vocab_size, transformer_config(cfg.model))
+    m = cfg.model
+    if kind == "nanogpt":
+        torch.manual_seed(1337)
+        model = NanoGPT(manifest.vocab_size, SEQ, m.num_layers, m.hidden_size, m.num_heads, m.ffn_hidden_size)
+    else:
+        Topology.from_config(cfg, world_size=1, rank=0).init(seed=1337)
+        model = build_gpt(cfg.model, manifest.vocab_size, transformer_config(cfg.model))
     rows = torch.cat(
         [
             torch.from_numpy(read_shard(s, manifest.dtype, manifest.seq_len).astype("int64"))
@@ -62,7 +73,10 @@ def bare_loop(data: Path, steps: int, skip: int) -> float:
     for step in range(steps):
         start = time.perf_counter()
         batch = rows[torch.randint(0, len(rows), (BATCH,))]
-        loss = model(batch[:, :-1], positions, None, labels=batch[:, 1:]).mean()
+        if kind == "nanogpt":
+            loss = model(batch[:, :-1], batch[:, 1:])
+        else:
+            loss = model(batch[:, :-1], positions, None, labels=batch[:, 1:]).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -72,7 +86,7 @@ def bare_loop(data: Path, steps: int, skip: int) -> float:
     return statistics.median(rates)
 
 
-def framework(data: Path, steps: int, skip: int) -> float:
+def framework(data: Path, steps: int, skip: int, compile_: bool = False) -> float:
     run_dir = Path(tempfile.mkdtemp(prefix="bench-run-"))
     subprocess.run(
         [
@@ -87,7 +101,8 @@ def framework(data: Path, steps: int, skip: int) -> float:
             f"train.global_batch={BATCH}",
             "train.eval_every=0",
             "train.eval_batches=1",
-            "train.save_every=0",
+            "train.save_every=-1",
+            f"train.compile={str(compile_).lower()}",
             "train.sample_tokens=0",
             "logging.wandb=disabled",
             "logging.progress_bar=false",
@@ -100,6 +115,17 @@ def framework(data: Path, steps: int, skip: int) -> float:
     return pretrain_tokens_per_s(run_dir, skip)
 
 
+def bare(data: Path, steps: int, skip: int, kind: str) -> float:
+    """A bare loop in its own process (fresh allocator and threads, like gpt-pretrain)."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--bare-only", str(data), str(steps), str(skip), kind],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
@@ -108,30 +134,27 @@ def main() -> None:
     args = parser.parse_args()
     data = prepared_shards(args.data)
     skip = min(20, args.steps // 4)
-    ours, bare = [], []
+    rates: dict[str, list[float]] = {"nanogpt": [], "gptmodel": [], "pretrain": [], "compiled": []}
     for round_ in range(args.rounds):
-        bare_rate = (
-            subprocess.run(
-                [sys.executable, __file__, "--bare-only", str(data), str(args.steps), str(skip)],
-                check=True,
-                capture_output=True,
-                text=True,
-            )
-            .stdout.strip()
-            .splitlines()[-1]
-        )
-        bare.append(float(bare_rate))
-        ours.append(framework(data, args.steps, skip))
-        print(f"round {round_ + 1}: bare loop {bare[-1]:,.0f} tok/s   gpt-pretrain {ours[-1]:,.0f} tok/s", flush=True)
-    b, o = statistics.median(bare), statistics.median(ours)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, model=tiny, batch {BATCH}x{SEQ}")
-    print(f"bare loop (same GPTModel, AdamW): {b:,.0f} tokens/s")
-    print(f"gpt-pretrain:                    {o:,.0f} tokens/s")
-    print(f"ratio gpt-pretrain / bare loop: {o / b:.3f}")
+        rates["nanogpt"].append(bare(data, args.steps, skip, "nanogpt"))
+        rates["gptmodel"].append(bare(data, args.steps, skip, "gptmodel"))
+        rates["pretrain"].append(framework(data, args.steps, skip))
+        # compilation happens in the first steps; skip a third of the run
+        rates["compiled"].append(framework(data, args.steps, max(skip, args.steps // 3), compile_=True))
+        print(f"round {round_ + 1}: " + "   ".join(f"{k} {v[-1]:,.0f}" for k, v in rates.items()), flush=True)
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, model=tiny, batch {BATCH}x{SEQ}, tokens/s:")
+    print(f"  nanoGPT-shaped bare loop (plain PyTorch, SDPA): {med['nanogpt']:,.0f}")
+    print(f"  bare loop around the same GPTModel:             {med['gptmodel']:,.0f}")
+    print(f"  gpt-pretrain:                                   {med['pretrain']:,.0f}")
+    print(f"  gpt-pretrain train.compile=true:                {med['compiled']:,.0f}")
+    print(f"ratio gpt-pretrain / same-GPTModel bare loop: {med['pretrain'] / med['gptmodel']:.3f}")
+    print(f"ratio torch.compile on / off (gpt-pretrain): {med['compiled'] / med['pretrain']:.3f}")
+    print(f"ratio gpt-pretrain / nanoGPT bare loop: {med['pretrain'] / med['nanogpt']:.3f}")
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--bare-only":
-        print(bare_loop(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])))
+        print(bare_loop(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]))
     else:
         main()

@@ -121,6 +121,39 @@ def write_shard(path: Path, windows: np.ndarray, first_index: int) -> ShardInfo:
     return ShardInfo(path, len(windows), hashlib.sha256(blob).hexdigest(), len(blob))
 
 
+TAR_BLOCK = 512
+
+
+def _fixed_stride_windows(blob: bytes, count: int, width: int, dtype: np.dtype) -> np.ndarray | None:
+    """All windows of a shard as one array view, or None when the tar is not laid out as
+    ``write_shard`` lays it out (then the generic tar reader is used).
+
+    ``write_shard`` writes one plain ustar member per window (no PAX or GNU extension
+    headers, since names are short and mtime is an int), so member ``i``'s header starts at
+    ``i * stride``. Parsing 1,000 tar headers in Python costs ~90% of the loader's time;
+    checking every header's size, type and name suffix with numpy and slicing the payloads
+    out costs ~1%. The sha256 was already checked against the manifest.
+    """
+    payload = width * dtype.itemsize
+    stride = TAR_BLOCK + -(-payload // TAR_BLOCK) * TAR_BLOCK
+    if len(blob) < count * stride or count == 0:
+        return None
+    records = np.frombuffer(blob, np.uint8, count * stride).reshape(count, stride)
+    size_field = np.frombuffer(b"%011o\0" % payload, np.uint8)
+    suffix = np.frombuffer(SAMPLE_FIELD.encode(), np.uint8)
+    names = records[:, :100]
+    name_ends = np.argmax(names == 0, axis=1)  # first NUL: the name's length
+    if not (
+        (records[:, 124:136] == size_field).all()
+        and (records[:, 156] == ord("0")).all()
+        and (name_ends >= len(suffix)).all()
+        and len(set(name_ends.tolist())) == 1
+        and (names[:, name_ends[0] - len(suffix) : name_ends[0]] == suffix).all()
+    ):
+        return None
+    return records[:, TAR_BLOCK : TAR_BLOCK + payload].copy().view(dtype).reshape(count, width)
+
+
 def read_shard(shard: ShardInfo, dtype: str, seq_len: int) -> np.ndarray:
     """Read and verify one shard: returns its windows as an array [num_samples, seq_len+1].
 
@@ -135,6 +168,9 @@ def read_shard(shard: ShardInfo, dtype: str, seq_len: int) -> np.ndarray:
         raise UserError(f"shard {shard.path}: sha256 mismatch with manifest (corrupt or truncated)")
     width = seq_len + 1
     itemsize = np.dtype(dtype).itemsize
+    fast = _fixed_stride_windows(blob, shard.num_samples, width, np.dtype(dtype))
+    if fast is not None:
+        return fast
     out = np.empty((shard.num_samples, width), dtype=dtype)
     count = 0
     try:

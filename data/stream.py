@@ -186,9 +186,12 @@ class TrainLoader:
         self.epoch, self.position = 0, 0
         self._consumed = 0
         self._iterator: Iterator[dict[str, torch.Tensor]] | None = None
+        self._lengths: dict[int, int] = {}
 
     def _length(self, epoch: int) -> int:
-        return GlobalOrder(self.manifest, "train", self.seed, epoch, self.num_streams).length
+        if epoch not in self._lengths:  # once per epoch, not per step
+            self._lengths = {epoch: GlobalOrder(self.manifest, "train", self.seed, epoch, self.num_streams).length}
+        return self._lengths[epoch]
 
     def __iter__(self) -> TrainLoader:
         return self

@@ -9,6 +9,7 @@ removed on the next save.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -23,6 +24,7 @@ from data.errors import UserError
 
 LATEST = "latest"
 PREFIX = "step_"
+TRAIN_STATE = "train_state.json"  # the engine-independent common state (step, data, config, layout)
 
 
 def _barrier() -> None:
@@ -57,6 +59,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def read_common(step_dir: Path) -> dict[str, Any]:
+    """A step's common state without building an engine: ``train_state.json``, or the
+    megatron ``common.pt`` of checkpoints written before that file existed."""
+    state = step_dir / TRAIN_STATE
+    if state.is_file():
+        return json.loads(state.read_text())
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load_common_state_dict(str(step_dir))["common"]
+
+
+def checkpoint_engine(common: dict[str, Any]) -> str:
+    return str(common.get("engine", "megatron"))
+
+
 class CheckpointDir:
     """``run.dir/checkpoints``: find, save, load and prune step directories."""
 
@@ -73,7 +90,7 @@ class CheckpointDir:
             if found is None:
                 raise UserError(f"checkpoint={spec}: run dir without a complete checkpoint")
             return found
-        if (path / "common.pt").is_file() or (path / "metadata.json").is_file():
+        if any((path / name).is_file() for name in (TRAIN_STATE, "common.pt", "metadata.json")):
             return path
         raise UserError(f"checkpoint={spec}: not a run dir or a checkpoints/step_<N> dir")
 
@@ -98,6 +115,7 @@ class CheckpointDir:
             tmp.mkdir()
             for source in files:
                 shutil.copy2(source, tmp / source.name)
+            (tmp / TRAIN_STATE).write_text(json.dumps(common, indent=1))
         _barrier()
         engine.save(tmp, common)
         torch.save(rng_state(), tmp / f"rng_rank{_rank()}.pt")

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from parallel import cpu_compat
 from parallel.engine import StepResult
 from parallel.topology import Topology
-from pretrain.model import build_gpt, position_ids, transformer_config
+from pretrain.model import build_gpt, compute_device, position_ids, transformer_config
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -37,12 +37,13 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
 def _forward_step(data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
     """One micro-batch through this stage; the loss is the masked mean token loss."""
     batch = next(data_iterator)
-    tokens = batch["tokens"]
+    device = compute_device()
+    tokens = batch["tokens"].to(device, non_blocking=True)
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
-    output = model(inputs, position_ids(*inputs.shape), None, labels=labels)
+    output = model(inputs, position_ids(*inputs.shape).to(device), None, labels=labels)
 
     def loss_func(per_token: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        mask = batch["mask"]
+        mask = batch["mask"].to(device, non_blocking=True)
         loss_sum = (per_token.float() * mask).sum()
         count = mask.sum()
         return loss_sum / count, {"loss_sum": loss_sum.detach(), "tokens": count}
@@ -65,6 +66,12 @@ class MegatronEngine:
                 build_gpt(cfg.model, vocab_size, self.config, vp_stage=i if vpp else None, seed=int(train.seed))
                 for i in range(vpp or 1)
             ]
+            # built on the CPU (same weights at every layout), trained where the compute is
+            chunks = [chunk.to(compute_device()) for chunk in chunks]
+        if bool(train.get("compile", False)):
+            # in place (nn.Module.compile): same module type and checkpoint keys, compiled forward
+            for chunk in chunks:
+                chunk.compile()
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=False,
@@ -127,7 +134,7 @@ class MegatronEngine:
             micro_batch_size=mb,
             forward_only=forward_only,
         )
-        totals = torch.zeros(2, dtype=torch.float64)
+        totals = torch.zeros(2, dtype=torch.float64, device=compute_device())
         for item in outputs or []:
             totals[0] += item["loss_sum"].double()
             totals[1] += item["tokens"].double()
@@ -147,18 +154,19 @@ class MegatronEngine:
         lr = self.optimizer.param_groups[0]["lr"]
         if ok:
             self.scheduler.step(increment=1)
-        return StepResult(float(totals[0] / totals[1]), float(grad_norm or 0.0), lr, skipped=not ok)
+        totals = totals.tolist()
+        return StepResult(totals[0] / totals[1], float(grad_norm or 0.0), lr, skipped=not ok)
 
     @torch.no_grad()
     def eval_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
         for chunk in self.model:
             chunk.eval()
         try:
-            totals = self._run(micro_batches, forward_only=True)
+            totals = self._run(micro_batches, forward_only=True).tolist()
         finally:
             for chunk in self.model:
                 chunk.train()
-        return float(totals[0]), float(totals[1])
+        return totals[0], totals[1]
 
     def _sharded_state_dict(self, is_loading: bool) -> dict[str, Any]:
         state: dict[str, Any] = {}

@@ -18,6 +18,36 @@ from omegaconf import DictConfig
 from data.errors import UserError
 
 
+def _check_engine(par: DictConfig, tp: int, pp: int) -> str:
+    """Which engine, and whether it supports the requested ZeRO stage / offload / layout."""
+    engine, stage, offload = str(par.engine), int(par.zero_stage), str(par.offload)
+    if engine not in ("megatron", "deepspeed"):
+        raise UserError(f"parallel.engine={engine}: expected megatron or deepspeed")
+    if offload not in ("none", "cpu"):
+        raise UserError(f"parallel.offload={offload}: expected none or cpu")
+    if engine == "megatron":
+        if stage:
+            raise UserError(
+                f"parallel.zero_stage={stage} needs parallel.engine=deepspeed "
+                "(megatron's ZeRO-1 is parallel.distributed_optimizer=true)"
+            )
+        if offload != "none":
+            raise UserError(f"parallel.offload={offload} needs parallel.engine=deepspeed")
+        return engine
+    if stage not in (0, 1, 2, 3):
+        raise UserError(f"parallel.zero_stage={stage}: expected 0, 1, 2 or 3")
+    if pp > 1:
+        raise UserError(
+            f"parallel.pp={pp} with parallel.engine=deepspeed: DeepSpeed pipelines need its own PipelineModule "
+            "and do not combine with ZeRO-2/3; use parallel.engine=megatron for pipeline parallelism"
+        )
+    if stage == 3 and tp > 1:
+        raise UserError(f"parallel.zero_stage=3 with parallel.tp={tp}: use ZeRO-1/2 with tensor parallelism")
+    if offload == "cpu" and stage == 0:
+        raise UserError("parallel.offload=cpu needs parallel.zero_stage >= 1 (it offloads ZeRO's optimizer state)")
+    return engine
+
+
 @dataclass(frozen=True)
 class Topology:
     world_size: int
@@ -61,8 +91,11 @@ class Topology:
             )
         if cfg.data.num_streams % dp:
             raise UserError(f"data.num_streams={cfg.data.num_streams} is not divisible by dp={dp}")
+        engine = _check_engine(par, tp, pp)
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        return cls(world, rank, local_rank, tp, pp, vpp, dp, bool(par.sequence_parallel) and tp > 1)
+        # DeepSpeed does not all-reduce sequence-parallel LayerNorm grads over tp: TP without SP there
+        sp = bool(par.sequence_parallel) and tp > 1 and engine == "megatron"
+        return cls(world, rank, local_rank, tp, pp, vpp, dp, sp)
 
     @property
     def dp_rank(self) -> int:

@@ -30,11 +30,12 @@ def sample(
     was_training = model.training
     model.eval()
     generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
     ids = list(prompt)
     try:
         for _ in range(max_new_tokens):
-            window = torch.tensor([ids[-context:]])
-            logits = model(window, position_ids(*window.shape), None)[0, -1, :vocab_size].float()
+            window = torch.tensor([ids[-context:]], device=device)
+            logits = model(window, position_ids(*window.shape).to(device), None)[0, -1, :vocab_size].float().cpu()
             if temperature <= 0:
                 ids.append(int(logits.argmax()))
                 continue

@@ -1,7 +1,8 @@
 """Load a checkpoint of any layout into this single process (generation, export, evaluation).
 
 megatron-core's ``dist_checkpointing`` reshards on load, so a checkpoint written at any
-(tp, pp, dp) loads into a tp=pp=1 model; only the model weights are read.
+(tp, pp, dp) loads into a tp=pp=1 model; only the model weights are read. DeepSpeed runs
+are read through their converted megatron view (``parallel/deepspeed_convert.py``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from data.errors import UserError
 from data.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
-from parallel.checkpoint import CheckpointDir
+from parallel.checkpoint import read_common
+from parallel.deepspeed_convert import model_checkpoint
 from parallel.topology import Topology
 from pretrain.model import build_gpt, position_ids, transformer_config
 
@@ -49,11 +51,11 @@ class LoadedModel:
 
 
 def load_model(spec: str | Path) -> LoadedModel:
-    """The model of ``checkpoint=spec`` (a run dir or a step dir) in this process, tp=pp=1."""
+    """The model of ``checkpoint=spec`` (a run dir or a step dir, either engine) in this process, tp=pp=1."""
     from megatron.core import dist_checkpointing
 
-    path = CheckpointDir.resolve(spec)
-    common = dist_checkpointing.load_common_state_dict(str(path))["common"]
+    path = model_checkpoint(spec)  # a DeepSpeed step is converted to megatron's format once
+    common = read_common(path)
     cfg = OmegaConf.create(common["config"])
     cfg.parallel.tp = cfg.parallel.pp = cfg.parallel.vpp = 1
     tokenizer_dir = path if (path / TOKENIZER_FILE).is_file() else Path(cfg.data.dir)

@@ -153,22 +153,57 @@ class SeededTransformerLayer(TransformerLayer):
         super().__init__(config, submodules, layer_number, **kwargs)
 
 
-def decoder_spec(
-    config: TransformerConfig, seed: int, vp_stage: int | None = None, attention: str = "sdpa"
-) -> TransformerBlockSubmodules:
-    """megatron-core's local GPT layer spec with :class:`LayerNorm` norms, seeded layers and
-    (``attention=sdpa``, the default) :class:`SDPAttention` as core attention."""
+def transformer_engine_usable() -> bool:
+    """Transformer Engine needs CUDA and the ``transformer_engine`` package."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _layer_spec(spec: str, attention: str) -> tuple[ModuleSpec, Any]:
+    """(layer spec, final norm class) for ``model.spec`` = auto | te | local.
+
+    ``te``: megatron-core's Transformer Engine spec (fused LayerNorm+linear, TE's fused
+    attention). ``local``: the local spec with :class:`LayerNorm` and, for
+    ``attention=sdpa``, :class:`SDPAttention`. ``auto`` takes TE where it is usable (CUDA
+    with transformer_engine installed), else local. Both specs save the same checkpoint
+    keys (megatron maps the local norms onto TE's fused names), so a checkpoint moves
+    between them.
+    """
+    if spec == "auto":
+        spec = "te" if transformer_engine_usable() else "local"
+    if spec == "te":
+        if not transformer_engine_usable():
+            raise UserError("model.spec=te needs CUDA and the transformer_engine package; use model.spec=local")
+        from megatron.core.extensions.transformer_engine import TENorm
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec(), TENorm
+    if spec != "local":
+        raise UserError(f"model.spec={spec}: expected auto, te or local")
     layer: ModuleSpec = get_gpt_layer_local_spec()
     if attention == "sdpa":
         layer.submodules.self_attention.submodules.core_attention = SDPAttention
     elif attention != "megatron":
         raise UserError(f"model.attention={attention}: expected sdpa or megatron")
-    layer.module = SeededTransformerLayer
-    layer.params = {**layer.params, "init_seed": seed}
     layer.submodules.input_layernorm = LayerNorm
     layer.submodules.pre_mlp_layernorm = LayerNorm
+    return layer, LayerNorm
+
+
+def decoder_spec(
+    config: TransformerConfig, seed: int, vp_stage: int | None = None, attention: str = "sdpa", spec: str = "local"
+) -> TransformerBlockSubmodules:
+    """The layer spec of :func:`_layer_spec` with layers seeded per global layer number."""
+    layer, final_norm = _layer_spec(spec, attention)
+    layer.module = SeededTransformerLayer
+    layer.params = {**layer.params, "init_seed": seed}
     count = get_num_layers_to_build(config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[layer] * count, layer_norm=LayerNorm)
+    return TransformerBlockSubmodules(layer_specs=[layer] * count, layer_norm=final_norm)
 
 
 def build_gpt(
@@ -186,7 +221,9 @@ def build_gpt(
     torch.manual_seed(seed)  # embeddings (first stage)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=decoder_spec(config, seed, vp_stage, str(model_cfg.get("attention", "sdpa"))),
+        transformer_layer_spec=decoder_spec(
+            config, seed, vp_stage, str(model_cfg.get("attention", "sdpa")), str(model_cfg.get("spec", "auto"))
+        ),
         vocab_size=padded_vocab_size(vocab_size, model_cfg),
         max_sequence_length=int(model_cfg.seq_len),
         pre_process=pre,
@@ -199,6 +236,11 @@ def build_gpt(
     pp_rank = parallel_state.get_pipeline_model_parallel_rank() if parallel_state.model_parallel_is_initialized() else 0
     torch.manual_seed(seed + 100 * pp_rank + 7)
     return model
+
+
+def compute_device() -> torch.device:
+    """Where this rank computes: its GPU (set by the topology) when there is one, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def position_ids(batch: int, seq_len: int) -> torch.Tensor:

@@ -22,7 +22,7 @@ from data.errors import UserError
 from data.shards import Manifest, check_files, load_manifest
 from data.stream import Layout, TrainLoader, eval_batches
 from data.tokenizer import TOKENIZER_FILE, load_tokenizer
-from parallel.checkpoint import CheckpointDir
+from parallel.checkpoint import CheckpointDir, checkpoint_engine, read_common
 from parallel.topology import Topology
 from pretrain.cli import check_group_choices, exit_on_user_error, quiet_third_party
 from pretrain.flops import peak_flops
@@ -35,7 +35,9 @@ def build_engine(cfg: DictConfig, topo: Topology, vocab_size: int, saved: dict |
         from parallel.megatron_engine import MegatronEngine
 
         return MegatronEngine(cfg, topo, vocab_size, use_distributed_optimizer(cfg, topo, saved))
-    raise UserError(f"parallel.engine={cfg.parallel.engine}: not available (megatron)")
+    from parallel.deepspeed_engine import DeepSpeedEngine
+
+    return DeepSpeedEngine(cfg, topo, vocab_size, saved)
 
 
 def evaluate(cfg: DictConfig, engine, manifest: Manifest, topo: Topology) -> float | None:  # noqa: ANN001
@@ -85,10 +87,19 @@ def use_distributed_optimizer(cfg: DictConfig, topo: Topology, saved: dict | Non
 
 
 def check_resume(cfg: DictConfig, checkpoint: Path) -> dict:
-    """Refuse to resume a checkpoint of another model shape into this run; returns its common state."""
-    from megatron.core import dist_checkpointing
-
-    common = dist_checkpointing.load_common_state_dict(str(checkpoint))["common"]
+    """Refuse to resume a checkpoint of another model shape or engine into this run; returns its common state."""
+    common = read_common(checkpoint)
+    engine = checkpoint_engine(common)
+    if engine != cfg.parallel.engine:
+        raise UserError(
+            f"run.dir={cfg.run.dir} holds a parallel.engine={engine} checkpoint ({checkpoint.name}); resume it with "
+            f"parallel.engine={engine}, or start a new run.dir (gpt-finetune/gpt-eval load either engine's checkpoints)"
+        )
+    if engine == "deepspeed" and int(common["config"]["parallel"]["zero_stage"]) != int(cfg.parallel.zero_stage):
+        raise UserError(
+            f"run.dir={cfg.run.dir} holds a parallel.zero_stage={common['config']['parallel']['zero_stage']} "
+            f"checkpoint; resume it with that stage (the dp size may change)"
+        )
     saved = common["config"]["model"]
     keys = ("num_layers", "num_heads", "hidden_size", "ffn_hidden_size", "seq_len", "vocab_multiple", "tie_embeddings")
     diff = [k for k in keys if saved.get(k) != cfg.model.get(k)]
@@ -174,13 +185,15 @@ def train(cfg: DictConfig) -> dict:
             val_loss = evaluate(cfg, engine, manifest, topo)
             if val_loss is not None:
                 metrics.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}, console=True)
-        if (save_every and step % save_every == 0) or last:
+        if (save_every > 0 and step % save_every == 0) or (last and save_every >= 0):
             common = {
                 "step": step,
                 "data": loader.state_dict(),
                 "config": OmegaConf.to_container(cfg, resolve=True),
                 "distributed_optimizer": engine.distributed_optimizer,
                 "vocab_size": manifest.vocab_size,
+                "engine": str(cfg.parallel.engine),
+                "layout": {"tp": topo.tp, "pp": topo.pp, "dp": topo.dp, "vpp": topo.vpp},
             }
             path = ckpts.save(step, engine, common, files=(manifest.directory / TOKENIZER_FILE,))
             if rank0:
@@ -230,6 +243,7 @@ def print_sample(cfg: DictConfig, engine, manifest: Manifest, topo: Topology) ->
 def _hydra_main(cfg: DictConfig) -> None:
     with exit_on_user_error():
         train(cfg)
+    Topology.destroy()
 
 
 def main() -> None:

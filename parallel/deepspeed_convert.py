@@ -1,0 +1,110 @@
+"""DeepSpeed step → megatron ``dist_checkpointing`` step, so every reader loads either engine's runs.
+
+``gpt-finetune``, ``gpt-eval``, ``gpt-generate`` and ``gpt-export`` read model weights through
+megatron-core's reshardable format. A DeepSpeed step (any ZeRO stage, any dp, tp=1) is
+consolidated into fp32 weights with DeepSpeed's own ``get_fp32_state_dict_from_zero_checkpoint``,
+loaded into the same ``GPTModel`` and saved as ``step_<N>/megatron`` (weights, common state and
+the tokenizer; no optimizer state), once, atomically. :func:`model_checkpoint` is what readers
+call: it returns the step dir itself for megatron runs and the converted view for DeepSpeed
+ones, converting in a child process (its own single-process group, whatever the caller's).
+
+    python -m parallel.deepspeed_convert RUN_OR_STEP_DIR   # prints the converted directory
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+from data.errors import UserError
+from parallel.checkpoint import TRAIN_STATE, CheckpointDir, checkpoint_engine, read_common
+
+MEGATRON_VIEW = "megatron"
+
+
+def model_checkpoint(spec: str | Path) -> Path:
+    """``checkpoint=spec`` (run dir or step dir) as a megatron-format step dir, converting if needed."""
+    path = CheckpointDir.resolve(spec)
+    if checkpoint_engine(read_common(path)) != "deepspeed":
+        return path
+    out = path / MEGATRON_VIEW
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0 and not out.is_dir():
+        repo = Path(__file__).resolve().parent.parent
+        env = {**os.environ, "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"}
+        result = subprocess.run(
+            [sys.executable, "-m", "parallel.deepspeed_convert", str(path)],
+            cwd=repo,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode:
+            last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise UserError(f"checkpoint={spec}: converting the DeepSpeed checkpoint {path} failed: {last}")
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+    return out
+
+
+def convert(step_dir: Path) -> Path:
+    """Write ``step_dir/megatron`` (single process)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from megatron.core import dist_checkpointing
+    from omegaconf import OmegaConf
+
+    from parallel.deepspeed_engine import import_deepspeed
+    from parallel.topology import Topology
+    from pretrain.model import build_gpt, transformer_config
+
+    common = read_common(step_dir)
+    layout = common.get("layout", {})
+    if int(layout.get("tp", 1)) > 1:
+        raise UserError(f"{step_dir}: DeepSpeed checkpoints saved at tp={layout['tp']} cannot be converted (tp=1 only)")
+    cfg = OmegaConf.create(common["config"])
+    cfg.parallel.update(tp=1, pp=1, vpp=1, engine="megatron", zero_stage=0, offload="none")
+    import_deepspeed()
+    topo = Topology.from_config(cfg, world_size=1, rank=0)
+    topo.init(int(cfg.train.seed))
+    model = build_gpt(cfg.model, int(common["vocab_size"]), transformer_config(cfg.model, topo), seed=0)
+    state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # megatron's TE-compatibility "_extra_state" entries are not parameters DeepSpeed saves
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise UserError(f"{step_dir}: DeepSpeed weights do not fit the model (missing {missing}, extra {unexpected})")
+    out, tmp = step_dir / MEGATRON_VIEW, step_dir / f".{MEGATRON_VIEW}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    converted = {**common, "engine": "megatron", "config": OmegaConf.to_container(cfg), "converted_from": "deepspeed"}
+    converted["distributed_optimizer"] = False
+    dist_checkpointing.save({"model": model.sharded_state_dict(), "common": converted}, str(tmp))
+    (tmp / TRAIN_STATE).write_text(json.dumps(converted, indent=1))
+    for name in os.listdir(step_dir):
+        if name.endswith(".json") and name != TRAIN_STATE:  # tokenizer.json
+            shutil.copy2(step_dir / name, tmp / name)
+    os.replace(tmp, out)
+    return out
+
+
+def main() -> None:
+    from pretrain.cli import exit_on_user_error, quiet_third_party
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m parallel.deepspeed_convert RUN_OR_STEP_DIR")
+    quiet_third_party()
+    with exit_on_user_error():
+        path = CheckpointDir.resolve(sys.argv[1])
+        if checkpoint_engine(read_common(path)) != "deepspeed":
+            raise UserError(f"{path}: not a DeepSpeed checkpoint (megatron checkpoints load as they are)")
+        print(path / MEGATRON_VIEW if (path / MEGATRON_VIEW).is_dir() else convert(path))
+
+
+if __name__ == "__main__":
+    main()

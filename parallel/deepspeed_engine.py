@@ -1,0 +1,259 @@
+"""The DeepSpeed engine: ZeRO stages 0-3 (and CPU offload) around the same megatron-core GPT.
+
+DeepSpeed is the reference implementation of ZeRO; this module only translates the Hydra
+config into a DeepSpeed config, hands it the model and param groups, and drives the step
+the way the megatron engine does, so both engines train the same model on the same data
+with the same numbers:
+
+- the same ``build_gpt`` weights (seeded per layer), the same masked token loss;
+- AdamW through ``torch_adam`` (torch's implementation; DeepSpeed's FusedAdam/CPUAdam would
+  compile C++ for minutes on a CPU machine), weight decay on matrices only;
+- megatron-core's ``OptimizerParamScheduler`` on DeepSpeed's param groups, stepped after
+  each applied optimizer step, exactly as in the megatron engine.
+
+Checkpoints are DeepSpeed's own (``save_checkpoint``) inside the run dir's ``step_<N>``
+directory. Resuming at another data-parallel size converts the step to a DeepSpeed
+*universal* checkpoint (``ds_to_universal``, once, into ``step_<N>/universal``) and loads
+that. ``parallel/deepspeed_convert.py`` turns a step into the megatron format that
+``gpt-finetune``, ``gpt-eval``, ``gpt-generate`` and ``gpt-export`` load.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from omegaconf import DictConfig
+
+from parallel.engine import StepResult
+from parallel.topology import Topology
+from pretrain.model import build_gpt, compute_device, position_ids, transformer_config
+
+UNIVERSAL = "universal"
+
+
+def import_deepspeed():  # noqa: ANN201 - the deepspeed module
+    """Import DeepSpeed without its op builds.
+
+    ``init_distributed`` would compile the shared-memory comm op (~4.5 min on this CPU, and a
+    killed build leaves a lock that hangs later runs); gloo/NCCL through torch.distributed is
+    what this engine uses anyway.
+    """
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    # a single process started without torchrun: DeepSpeed's sanity check wants the variables
+    for key, value in (("LOCAL_RANK", "0"), ("RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(key, value)
+    import deepspeed
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
+def _mpu() -> Any:
+    """DeepSpeed's ``mpu`` interface over megatron-core's groups (model parallel = tp here)."""
+    ps = parallel_state
+    return SimpleNamespace(
+        get_model_parallel_rank=ps.get_tensor_model_parallel_rank,
+        get_model_parallel_world_size=ps.get_tensor_model_parallel_world_size,
+        get_model_parallel_group=ps.get_tensor_model_parallel_group,
+        get_tensor_model_parallel_rank=ps.get_tensor_model_parallel_rank,
+        get_tensor_model_parallel_world_size=ps.get_tensor_model_parallel_world_size,
+        get_tensor_model_parallel_group=ps.get_tensor_model_parallel_group,
+        get_tensor_model_parallel_src_rank=ps.get_tensor_model_parallel_src_rank,
+        get_data_parallel_rank=ps.get_data_parallel_rank,
+        get_data_parallel_world_size=ps.get_data_parallel_world_size,
+        get_data_parallel_group=ps.get_data_parallel_group,
+        get_pipeline_model_parallel_rank=ps.get_pipeline_model_parallel_rank,
+        get_pipeline_model_parallel_world_size=ps.get_pipeline_model_parallel_world_size,
+        get_pipeline_model_parallel_group=ps.get_pipeline_model_parallel_group,
+    )
+
+
+def deepspeed_config(cfg: DictConfig, topo: Topology, load_universal: bool = False) -> dict[str, Any]:
+    """The DeepSpeed JSON config, derived from the Hydra config (nothing else to keep in sync)."""
+    train, par = cfg.train, cfg.parallel
+    stage = int(par.zero_stage)
+    zero: dict[str, Any] = {"stage": stage}
+    if stage >= 1:
+        zero.update(contiguous_gradients=True, overlap_comm=False, round_robin_gradients=False)
+    if str(par.offload) == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        if stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    accumulation = int(train.global_batch) // (int(train.micro_batch) * topo.dp)
+    return {
+        "train_batch_size": int(train.global_batch),
+        "train_micro_batch_size_per_gpu": int(train.micro_batch),
+        "gradient_accumulation_steps": accumulation,
+        "gradient_clipping": float(train.grad_clip),
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": float(train.lr),
+                "betas": [float(train.beta1), float(train.beta2)],
+                "eps": 1e-8,
+                "weight_decay": float(train.weight_decay),
+                "torch_adam": True,
+            },
+        },
+        "bf16": {"enabled": bool(train.bf16)},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,  # torch AdamW on offloaded state: no CPUAdam build
+        "checkpoint": {"load_universal": load_universal},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def param_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
+    """Weight decay on matrices only, as megatron-core's optimizer does (biases, norms: 0)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if name.endswith(".bias") or param.ndim == 1 else decay).append(param)
+    return [
+        {"params": decay, "wd_mult": 1.0, "lr_mult": 1.0},
+        {"params": no_decay, "wd_mult": 0.0, "lr_mult": 1.0},
+    ]
+
+
+class DeepSpeedEngine:
+    """One ``deepspeed.DeepSpeedEngine`` over this rank's GPT, behind the trainer's interface."""
+
+    distributed_optimizer = False  # megatron's ZeRO-1 flag; ZeRO here is parallel.zero_stage
+
+    def __init__(self, cfg: DictConfig, topo: Topology, vocab_size: int, saved: dict | None = None):
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        deepspeed = import_deepspeed()
+        self.cfg, self.topo = cfg, topo
+        train = cfg.train
+        saved_dp = None if saved is None else saved.get("layout", {}).get("dp")
+        self.universal = saved_dp is not None and int(saved_dp) != topo.dp
+        self.config = transformer_config(cfg.model, topo, bf16=bool(train.bf16))
+        model = build_gpt(cfg.model, vocab_size, self.config, seed=int(train.seed)).to(compute_device())
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=param_groups(model),
+            config=deepspeed_config(cfg, topo, self.universal),
+            mpu=_mpu() if topo.tp > 1 else None,
+            dist_init_required=False,
+        )
+        if int(cfg.parallel.zero_stage) == 3 and model.share_embeddings_and_output_weights:
+            # the output layer multiplies by the embedding's weight, which ZeRO-3 would
+            # otherwise have released after the embedding's own forward
+            deepspeed.zero.register_external_parameter(model.output_layer, model.shared_embedding_or_output_weight())
+        decay_steps = int(train.lr_decay_steps or train.max_steps)
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0,
+            max_lr=float(train.lr),
+            min_lr=float(train.lr) * float(train.min_lr_ratio),
+            lr_warmup_steps=min(int(train.warmup_steps), max(decay_steps - 1, 0)),
+            lr_decay_steps=max(decay_steps, 1),
+            lr_decay_style=str(train.lr_schedule),
+            start_wd=float(train.weight_decay),
+            end_wd=float(train.weight_decay),
+            wd_incr_steps=int(train.max_steps),
+            wd_incr_style="constant",
+        )
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean masked token loss, its sum, its token count) of one micro-batch."""
+        device = compute_device()
+        tokens = batch["tokens"].to(device, non_blocking=True)
+        mask = batch["mask"].to(device, non_blocking=True)
+        inputs, labels = tokens[:, :-1], tokens[:, 1:]
+        per_token = self.engine(inputs, position_ids(*inputs.shape).to(device), None, labels=labels)
+        loss_sum = (per_token.float() * mask).sum()
+        count = mask.sum()
+        return loss_sum / count.clamp(min=1), loss_sum.detach(), count
+
+    def _reduce(self, totals: torch.Tensor) -> list[float]:
+        if self.topo.world_size > 1:
+            dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+        return totals.tolist()
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult:
+        totals = torch.zeros(2, dtype=torch.float64, device=compute_device())
+        lr = self.optimizer.param_groups[0]["lr"]
+        for batch in micro_batches:
+            loss, loss_sum, count = self._loss(batch)
+            self.engine.backward(loss)  # DeepSpeed divides by the accumulation steps
+            self.engine.step()  # applies the optimizer at the accumulation boundary only
+            totals += torch.stack([loss_sum.double(), count.double()])
+        applied = self.engine.was_step_applied()
+        if applied:
+            self.scheduler.step(increment=1)
+        loss_sum, tokens = self._reduce(totals)
+        grad_norm = self.engine.get_global_grad_norm()
+        return StepResult(loss_sum / tokens, float(grad_norm or 0.0), lr, skipped=not applied)
+
+    @torch.no_grad()
+    def eval_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
+        self.engine.eval()
+        try:
+            totals = torch.zeros(2, dtype=torch.float64, device=compute_device())
+            for batch in micro_batches:
+                _, loss_sum, count = self._loss(batch)
+                totals += torch.stack([loss_sum.double(), count.double()])
+        finally:
+            self.engine.train()
+        loss_sum, tokens = self._reduce(totals)
+        return loss_sum, tokens
+
+    def save(self, directory: Path, common: dict[str, Any]) -> None:
+        """DeepSpeed's checkpoint files directly in ``directory`` (tag = its name)."""
+        client = {"common": common, "scheduler": self.scheduler.state_dict()}
+        self.engine.save_checkpoint(str(directory.parent), tag=directory.name, client_state=client, save_latest=False)
+
+    def load(self, directory: Path) -> dict[str, Any]:
+        # a universal checkpoint lives in step_<N>/universal, a plain one is step_<N> itself
+        load_dir, tag = (directory, UNIVERSAL) if self.universal else (directory.parent, directory.name)
+        if self.universal:
+            universal_checkpoint(directory)
+        path, client = self.engine.load_checkpoint(str(load_dir), tag=tag, load_lr_scheduler_states=False)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint in {directory}")
+        self.scheduler.load_state_dict(client["scheduler"])
+        return client["common"]
+
+    def unwrapped_model(self) -> torch.nn.Module:
+        return self.engine.module
+
+
+def universal_checkpoint(step_dir: Path) -> Path:
+    """``step_dir/universal``: the step as a DeepSpeed universal checkpoint (dp-independent).
+
+    Converted once by rank 0 (``ds_to_universal`` with ``--inject_missing_state``, which
+    checkpoints not written by Megatron-DeepSpeed need) into a temp dir that is renamed
+    when complete, so an interrupted conversion is redone, never half-read.
+    """
+    out = step_dir / UNIVERSAL
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0 and not out.is_dir():
+        from deepspeed.checkpoint import ds_to_universal
+
+        tmp = step_dir / f".{UNIVERSAL}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        argv = ["ds_to_universal", "--input_folder", str(step_dir), "--output_folder", str(tmp)]
+        argv += ["--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        saved_argv, sys.argv = sys.argv, argv
+        try:
+            ds_to_universal.main(ds_to_universal.parse_arguments())
+        finally:
+            sys.argv = saved_argv
+        os.replace(tmp, out)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+    return out
