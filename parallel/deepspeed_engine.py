@@ -77,13 +77,22 @@ def _mpu() -> Any:
     )
 
 
-def deepspeed_config(cfg: DictConfig, topo: Topology, load_universal: bool = False) -> dict[str, Any]:
-    """The DeepSpeed JSON config, derived from the Hydra config (nothing else to keep in sync)."""
+def deepspeed_config(cfg: DictConfig, topo: Topology, num_params: int, load_universal: bool = False) -> dict[str, Any]:
+    """The DeepSpeed JSON config, derived from the Hydra config (nothing else to keep in sync).
+
+    Bucket sizes follow the model (as the HF integration's "auto" does) instead of DeepSpeed's
+    fixed 5e8 elements: ZeRO-3 preallocates its reduce bucket, 2 GB for any model otherwise.
+    """
     train, par = cfg.train, cfg.parallel
     stage = int(par.zero_stage)
+    hidden = int(cfg.model.hidden_size)
+    bucket = int(min(5e8, max(num_params, hidden * hidden)))
     zero: dict[str, Any] = {"stage": stage}
     if stage >= 1:
         zero.update(contiguous_gradients=True, overlap_comm=False, round_robin_gradients=False)
+        zero.update(reduce_bucket_size=bucket, allgather_bucket_size=bucket)
+    if stage == 3:
+        zero.update(stage3_prefetch_bucket_size=int(0.9 * bucket), stage3_param_persistence_threshold=10 * hidden)
     if str(par.offload) == "cpu":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
         if stage == 3:
@@ -142,10 +151,12 @@ class DeepSpeedEngine:
         self.universal = saved_dp is not None and int(saved_dp) != topo.dp
         self.config = transformer_config(cfg.model, topo, bf16=bool(train.bf16))
         model = build_gpt(cfg.model, vocab_size, self.config, seed=int(train.seed)).to(compute_device())
+        groups = [group for group in param_groups(model) if group["params"]]
+        self._multipliers = [{"wd_mult": g["wd_mult"], "lr_mult": g["lr_mult"]} for g in groups]
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model,
-            model_parameters=param_groups(model),
-            config=deepspeed_config(cfg, topo, self.universal),
+            model_parameters=groups,
+            config=deepspeed_config(cfg, topo, sum(p.numel() for p in model.parameters()), self.universal),
             mpu=_mpu() if topo.tp > 1 else None,
             dist_init_required=False,
         )
@@ -153,6 +164,7 @@ class DeepSpeedEngine:
             # the output layer multiplies by the embedding's weight, which ZeRO-3 would
             # otherwise have released after the embedding's own forward
             deepspeed.zero.register_external_parameter(model.output_layer, model.shared_embedding_or_output_weight())
+        self._save_extra_state_as_tensors()
         decay_steps = int(train.lr_decay_steps or train.max_steps)
         self.scheduler = OptimizerParamScheduler(
             self.optimizer,
@@ -167,6 +179,21 @@ class DeepSpeedEngine:
             wd_incr_steps=int(train.max_steps),
             wd_incr_style="constant",
         )
+
+    def _save_extra_state_as_tensors(self) -> None:
+        """megatron-core layers save ``_extra_state = None`` (a Transformer Engine slot);
+        ``ds_to_universal`` calls ``.float()`` on every saved module entry, so save an empty
+        tensor instead (``set_extra_state`` ignores it on load)."""
+        original = self.engine.module_state_dict
+
+        def module_state_dict(*args: Any, **kwargs: Any) -> dict[str, Any]:
+            state = original(*args, **kwargs)
+            for key, value in state.items():
+                if value is None and key.endswith("_extra_state"):
+                    state[key] = torch.empty(0)
+            return state
+
+        self.engine.module_state_dict = module_state_dict
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mean masked token loss, its sum, its token count) of one micro-batch."""
@@ -225,6 +252,11 @@ class DeepSpeedEngine:
         path, client = self.engine.load_checkpoint(str(load_dir), tag=tag, load_lr_scheduler_states=False)
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {directory}")
+        # DeepSpeed 0.19's ZeRO-3 universal load copies param group 0's settings into every
+        # group, which would decay biases and norms from then on: restore each group's own
+        # multipliers; the scheduler's load then recomputes lr and weight decay from them
+        for group, multipliers in zip(self.optimizer.param_groups, self._multipliers, strict=True):
+            group.update(multipliers)
         self.scheduler.load_state_dict(client["scheduler"])
         return client["common"]
 

@@ -77,8 +77,12 @@ def test_dp2_checkpoint_resumes_at_dp1_through_universal(ds_runs, char_shards: P
     run_dir = resume(ds_runs(name), tmp_path / "run", 5)
     torchrun(1, f"data.dir={char_shards}", f"run.dir={run_dir}", *COMMON, *ds_runs.configs[name])
     full, resumed = losses(ds_runs(name)), losses(run_dir)
-    assert resumed[6] == pytest.approx(full[6], abs=1e-4)
-    assert resumed[STEPS] == pytest.approx(full[STEPS], abs=5e-3)
+    assert resumed[6] == pytest.approx(full[6], abs=1e-4)  # model restored
+    # ZeRO-1/2: the optimizer state and param groups too (exact in practice). ZeRO-3: DeepSpeed
+    # 0.19's stage-3 universal load drifts by ~1e-3 over 4 steps although the restored Adam
+    # moments, step and param groups compare equal to a same-dp resume (which is exact)
+    tolerance = 5e-3 if name == "zero3" else 1e-5
+    assert resumed[STEPS] == pytest.approx(full[STEPS], abs=tolerance)
     assert (run_dir / "checkpoints" / "step_5" / "universal" / "zero").is_dir()
 
 
@@ -115,3 +119,34 @@ def test_unsupported_deepspeed_combinations_are_rejected(overrides: list[str], w
     cfg = compose(["data.dir=unused", "train.global_batch=8", "train.micro_batch=1", *overrides])
     with pytest.raises(UserError, match=message):
         Topology.from_config(cfg, world_size=world, rank=0)
+
+
+LOGITS_DIFF = """
+import sys, torch
+from pretrain.inference import load_model
+a = load_model(sys.argv[1]); ids = torch.randint(0, a.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+la = a.logits(ids)
+from megatron.core import parallel_state; parallel_state.destroy_model_parallel()
+import torch.distributed as dist; dist.destroy_process_group()
+b = load_model(sys.argv[2])
+print((la - b.logits(ids)).abs().max().item(), a.path)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["zero1", "zero3"])
+def test_deepspeed_checkpoint_loads_where_megatron_checkpoints_load(ds_runs, name: str) -> None:  # noqa: ANN001
+    """gpt-eval/generate/export/finetune read a DeepSpeed step through its converted megatron view."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    cmd = [sys.executable, "-c", LOGITS_DIFF, str(ds_runs(name)), str(ds_runs("megatron"))]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    diff, path = result.stdout.split()
+    assert float(diff) < 1e-3  # same training within 1e-4 in loss: same model
+    assert path.endswith("step_10/megatron")
+    generated = run_cli("pretrain.generate", f"checkpoint={ds_runs(name)}", "prompt=ROMEO:", "max_new_tokens=10")
+    assert generated.returncode == 0 and "ROMEO:" in generated.stdout, generated.stderr[-2000:]
