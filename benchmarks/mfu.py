@@ -57,7 +57,7 @@ def main() -> None:
     if not TINYSHAKESPEARE.is_file():
         sys.exit(f"benchmark: {TINYSHAKESPEARE} not found")
     work = Path(tempfile.mkdtemp(prefix="bench-mfu-"))
-    peak = measured_peak_flops(torch.float32, seconds=2.0) / 1e12
+    peak = max(measured_peak_flops(torch.float32, size, seconds=1.0) for size in (1024, 2048)) / 1e12
     print(f"measured fp32 matmul peak: {peak * 1e3:.1f} GFLOP/s ({torch.get_num_threads()} threads)", flush=True)
     tiny = measure(work, "tiny", 64, 12, args.tiny_steps, peak)
     small = measure(work, "gpt2-small", 1024, 2, args.small_steps, peak)

@@ -15,7 +15,6 @@ the end; a failure leaves ``out`` untouched.
 from __future__ import annotations
 
 import glob
-import json
 import shutil
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from data.errors import UserError
+from data.jsonl import iter_jsonl
 from data.shards import write_manifest, write_shard
 from data.tokenizer import Tokenizer, train_tokenizer
 
@@ -56,14 +56,8 @@ def read_documents(files: list[Path], text_field: str) -> list[str]:
         except UnicodeDecodeError as exc:
             raise UserError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from exc
         if path.suffix == ".jsonl":
-            for lineno, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
-                if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+            for lineno, record in iter_jsonl(path, text):
+                if not isinstance(record.get(text_field), str):
                     raise UserError(f"{path}:{lineno}: no string field {text_field!r}")
                 if record[text_field]:
                     docs.append(record[text_field])

@@ -147,7 +147,10 @@ class TrainStream(IterableDataset):
                 if position == 0:
                     break
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        """Micro-batches as numpy arrays ``tokens`` [mb, seq_len+1] (the manifest's dtype) and
+        ``ids``: small arrays pickle across worker processes far cheaper than tensors, which
+        travel through a shared-memory segment each (:class:`TrainLoader` makes the tensors)."""
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         mb = self.layout.micro_batch
@@ -168,8 +171,12 @@ class TrainStream(IterableDataset):
                 sample_id, window = next(readers[stream])
                 ids.append(sample_id)
                 rows.append(window)
-            tokens = torch.from_numpy(np.stack(rows).astype(np.int64))
-            yield {"tokens": tokens, "ids": torch.tensor(ids), "mask": torch.ones(mb, tokens.shape[1] - 1)}
+            yield {"tokens": np.stack(rows), "ids": np.asarray(ids, dtype=np.int64)}
+
+
+def _as_is(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """DataLoader collate for already-batched numpy micro-batches (no conversion in the worker)."""
+    return batch
 
 
 class TrainLoader:
@@ -200,11 +207,16 @@ class TrainLoader:
         if self._iterator is None:
             dataset = TrainStream(self.manifest, self.layout, self.seed, self.num_streams, self.epoch, self.position)
             if self.num_workers:
-                loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False)
+                loader = DataLoader(
+                    dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is, prefetch_factor=8
+                )
                 self._iterator = iter(loader)
             else:
                 self._iterator = iter(dataset)
-        batch = next(self._iterator)
+        arrays = next(self._iterator)
+        tokens = torch.from_numpy(arrays["tokens"].astype(np.int64))
+        mask = torch.ones(len(tokens), tokens.shape[1] - 1)
+        batch = {"tokens": tokens, "ids": torch.from_numpy(arrays["ids"]), "mask": mask}
         self._consumed += 1
         if self._consumed == self.layout.micro_batches_per_step:
             self._consumed = 0

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from omegaconf import DictConfig
 
-from parallel.engine import StepResult
+from parallel.engine import StepResult, lr_scheduler
 from parallel.topology import Topology
 from pretrain.model import build_gpt, compute_device, position_ids, transformer_config
 
@@ -142,8 +142,6 @@ class DeepSpeedEngine:
     distributed_optimizer = False  # megatron's ZeRO-1 flag; ZeRO here is parallel.zero_stage
 
     def __init__(self, cfg: DictConfig, topo: Topology, vocab_size: int, saved: dict | None = None):
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
         deepspeed = import_deepspeed()
         self.cfg, self.topo = cfg, topo
         train = cfg.train
@@ -165,20 +163,7 @@ class DeepSpeedEngine:
             # otherwise have released after the embedding's own forward
             deepspeed.zero.register_external_parameter(model.output_layer, model.shared_embedding_or_output_weight())
         self._save_extra_state_as_tensors()
-        decay_steps = int(train.lr_decay_steps or train.max_steps)
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer,
-            init_lr=0.0,
-            max_lr=float(train.lr),
-            min_lr=float(train.lr) * float(train.min_lr_ratio),
-            lr_warmup_steps=min(int(train.warmup_steps), max(decay_steps - 1, 0)),
-            lr_decay_steps=max(decay_steps, 1),
-            lr_decay_style=str(train.lr_schedule),
-            start_wd=float(train.weight_decay),
-            end_wd=float(train.weight_decay),
-            wd_incr_steps=int(train.max_steps),
-            wd_incr_style="constant",
-        )
+        self.scheduler = lr_scheduler(self.optimizer, train)
 
     def _save_extra_state_as_tensors(self) -> None:
         """megatron-core layers save ``_extra_state = None`` (a Transformer Engine slot);

@@ -7,7 +7,7 @@ reduced (DDP, distributed optimizer, ZeRO). The loop only sees global steps.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -20,6 +20,7 @@ class StepResult:
     grad_norm: float
     lr: float
     skipped: bool = False
+    totals: dict[str, float] = field(default_factory=dict)  # the loss function's named sums
 
 
 class Engine(Protocol):
@@ -39,3 +40,26 @@ class Engine(Protocol):
 
     def unwrapped_model(self) -> torch.nn.Module:
         """The first model chunk without wrappers (for generation)."""
+
+
+def lr_scheduler(optimizer: Any, train: Any) -> Any:
+    """megatron-core's ``OptimizerParamScheduler`` from the ``train`` config group, for either
+    engine: linear warmup from 0, then cosine / linear / constant decay to ``lr * min_lr_ratio``;
+    weight decay per param group (``wd_mult``). Stepped after each applied optimizer step."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    decay_steps = int(train.lr_decay_steps or train.max_steps)
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=float(train.lr),
+        min_lr=float(train.lr) * float(train.min_lr_ratio),
+        # megatron needs warmup < decay; a run shorter than its warmup warms up for all of it
+        lr_warmup_steps=min(int(train.warmup_steps), max(decay_steps - 1, 0)),
+        lr_decay_steps=max(decay_steps, 1),
+        lr_decay_style=str(train.lr_schedule),
+        start_wd=float(train.weight_decay),
+        end_wd=float(train.weight_decay),
+        wd_incr_steps=int(train.max_steps),
+        wd_incr_style="constant",
+    )

@@ -8,6 +8,7 @@ so a checkpoint written at one (tp, pp, dp) loads at another.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +17,12 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 from omegaconf import DictConfig
 
 from parallel import cpu_compat
-from parallel.engine import StepResult
+from parallel.engine import StepResult, lr_scheduler
 from parallel.topology import Topology
 from pretrain.model import build_gpt, compute_device, position_ids, transformer_config
 
@@ -51,11 +51,32 @@ def _forward_step(data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Ten
     return output, loss_func
 
 
+def _lm_batch_shape(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(sequence length, sequences) the model sees for a batch of windows (inputs drop the last token)."""
+    rows, width = batch["tokens"].shape
+    return width - 1, rows
+
+
 class MegatronEngine:
     """Model chunks, optimizer and LR schedule for this rank, built from the config."""
 
-    def __init__(self, cfg: DictConfig, topo: Topology, vocab_size: int, distributed_optimizer: bool):
+    def __init__(
+        self,
+        cfg: DictConfig,
+        topo: Topology,
+        vocab_size: int,
+        distributed_optimizer: bool,
+        wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+        forward_step: Callable[[Any, torch.nn.Module], tuple[Any, Callable]] = _forward_step,
+        batch_shape: Callable[[dict[str, torch.Tensor]], tuple[int, int]] = _lm_batch_shape,
+    ):
+        """``wrap`` puts each built GPT chunk into a task model (fine-tuning heads);
+        ``forward_step`` is the megatron-core schedule's step for that model; its loss
+        function returns ``(loss, {name: tensor})`` and the named values are summed over
+        micro-batches and data-parallel ranks into the step's totals; ``batch_shape`` gives
+        the (sequence length, sequences) of a micro-batch for the pipeline's messages."""
         self.cfg, self.topo = cfg, topo
+        self.forward_step, self.batch_shape = forward_step, batch_shape
         self.distributed_optimizer = distributed_optimizer
         train = cfg.train
         bf16 = bool(train.bf16)
@@ -66,6 +87,8 @@ class MegatronEngine:
                 build_gpt(cfg.model, vocab_size, self.config, vp_stage=i if vpp else None, seed=int(train.seed))
                 for i in range(vpp or 1)
             ]
+            if wrap is not None:
+                chunks = [wrap(chunk) for chunk in chunks]
             # built on the CPU (same weights at every layout), trained where the compute is
             chunks = [chunk.to(compute_device()) for chunk in chunks]
         if bool(train.get("compile", False)):
@@ -98,75 +121,76 @@ class MegatronEngine:
         )
         with cpu_compat.tensors_pass_as_cuda():
             self.optimizer = get_megatron_optimizer(opt_config, self.model)
-        decay_steps = int(train.lr_decay_steps or train.max_steps)
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer,
-            init_lr=0.0,
-            max_lr=float(train.lr),
-            min_lr=opt_config.min_lr,
-            # megatron needs warmup < decay; a run shorter than its warmup warms up for all of it
-            lr_warmup_steps=min(int(train.warmup_steps), max(decay_steps - 1, 0)),
-            lr_decay_steps=max(decay_steps, 1),
-            lr_decay_style=str(train.lr_schedule),
-            start_wd=float(train.weight_decay),
-            end_wd=float(train.weight_decay),
-            wd_incr_steps=int(train.max_steps),
-            wd_incr_style="constant",
-        )
+        self.scheduler = lr_scheduler(self.optimizer, train)
         # the schedule calls this after the last micro-batch: DP grad all-reduce (or
         # reduce-scatter), SP layernorm grads over TP, tied-embedding grads over PP
         self.config.finalize_model_grads_func = finalize_model_grads
         self.forward_backward = get_forward_backward_func()
 
-    def _run(self, micro_batches: list[dict[str, torch.Tensor]], forward_only: bool) -> torch.Tensor:
-        """Run the schedule; returns [loss_sum, tokens] summed over dp (and pp) ranks."""
-        mb, width = micro_batches[0]["tokens"].shape
+    def _total_names(self, outputs: list[dict[str, Any]] | None) -> list[str]:
+        """The loss function's value names, known on every pipeline stage (learned once)."""
+        if getattr(self, "_names", None) is None:
+            names = sorted(outputs[0]) if outputs else []
+            if self.topo.pp > 1:  # only the last stage has outputs
+                gathered: list = [None] * self.topo.pp
+                dist.all_gather_object(gathered, names, group=parallel_state.get_pipeline_model_parallel_group())
+                names = next(n for n in gathered if n)
+            self._names = names
+        return self._names
+
+    def run(self, micro_batches: list[dict[str, torch.Tensor]], forward_only: bool) -> dict[str, float]:
+        """Run the schedule (forward and backward unless ``forward_only``; no optimizer step);
+        returns the loss functions' named values summed over micro-batches, dp and pp ranks."""
+        seq_length, rows = self.batch_shape(micro_batches[0])
         iterators: Any = iter(micro_batches)
         if len(self.model) > 1:
             # every virtual stage walks the same micro-batches
             iterators = [iter(micro_batches) for _ in self.model]
         outputs = self.forward_backward(
-            forward_step_func=_forward_step,
+            forward_step_func=self.forward_step,
             data_iterator=iterators,
             model=self.model if len(self.model) > 1 else self.model[0],
             num_microbatches=len(micro_batches),
-            seq_length=width - 1,
-            micro_batch_size=mb,
+            seq_length=seq_length,
+            micro_batch_size=rows,
             forward_only=forward_only,
         )
-        totals = torch.zeros(2, dtype=torch.float64, device=compute_device())
+        names = self._total_names(outputs)
+        totals = torch.zeros(len(names), dtype=torch.float64, device=compute_device())
         for item in outputs or []:
-            totals[0] += item["loss_sum"].double()
-            totals[1] += item["tokens"].double()
+            totals += torch.stack([torch.as_tensor(item[n], device=totals.device).double() for n in names])
         if self.topo.world_size > 1:
             # the last pipeline stage holds the loss; tp ranks hold the same copy
             dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
             if self.topo.pp > 1:
                 dist.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
-        return totals
+        return dict(zip(names, totals.tolist(), strict=True))
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult:
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        totals = self._run(micro_batches, forward_only=False)
+        totals = self.run(micro_batches, forward_only=False)
         ok, grad_norm, _ = self.optimizer.step()
         lr = self.optimizer.param_groups[0]["lr"]
         if ok:
             self.scheduler.step(increment=1)
-        totals = totals.tolist()
-        return StepResult(totals[0] / totals[1], float(grad_norm or 0.0), lr, skipped=not ok)
+        return StepResult(totals["loss_sum"] / totals["tokens"], float(grad_norm or 0.0), lr, not ok, totals)
 
     @torch.no_grad()
-    def eval_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
+    def eval_totals(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """The loss functions' named values over these micro-batches, in eval mode."""
         for chunk in self.model:
             chunk.eval()
         try:
-            totals = self._run(micro_batches, forward_only=True).tolist()
+            return self.run(micro_batches, forward_only=True)
         finally:
             for chunk in self.model:
                 chunk.train()
-        return totals[0], totals[1]
+
+    def eval_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
+        totals = self.eval_totals(micro_batches)
+        return totals["loss_sum"], totals["tokens"]
 
     def _sharded_state_dict(self, is_loading: bool) -> dict[str, Any]:
         state: dict[str, Any] = {}

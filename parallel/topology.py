@@ -89,7 +89,7 @@ class Topology:
                 f"train.global_batch={train.global_batch} is not divisible by "
                 f"train.micro_batch*dp={train.micro_batch}*{dp}"
             )
-        if cfg.data.num_streams % dp:
+        if "data" in cfg and cfg.data.num_streams % dp:
             raise UserError(f"data.num_streams={cfg.data.num_streams} is not divisible by dp={dp}")
         engine = _check_engine(par, tp, pp)
         local_rank = int(os.environ.get("LOCAL_RANK", 0))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,3 +60,10 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "con
 
     with initialize_config_dir(str(CONF_DIR), version_base=None):
         return hydra_compose(config_name, overrides=list(overrides))
+
+
+def set_rank_threads() -> None:
+    """One OpenMP thread per rank under torchrun / srun (ranks share the cores) unless the user
+    set ``OMP_NUM_THREADS``; a single process keeps torch's default (all cores)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -16,6 +16,7 @@ import hydra
 from omegaconf import DictConfig, ListConfig
 
 from data.errors import UserError
+from data.jsonl import iter_jsonl
 from pretrain.cli import CONF_DIR
 
 TEMPLATES = CONF_DIR / "eval_tasks"
@@ -25,13 +26,7 @@ def _read_jsonl(path: Path, fields: tuple[str, ...]) -> list[dict[str, Any]]:
     if not path.is_file():
         raise UserError(f"eval.sentiment.path={path}: no such file")
     rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
+    for lineno, row in iter_jsonl(path):
         missing = [f for f in fields if f not in row]
         if missing:
             raise UserError(f"{path}:{lineno}: missing field {missing[0]!r}")

@@ -41,4 +41,8 @@ def measured_peak_flops(dtype: torch.dtype = torch.float32, size: int | None = N
 def peak_flops(peak_tflops: float | None, bf16: bool) -> float:
     if peak_tflops:
         return float(peak_tflops) * 1e12
-    return measured_peak_flops(torch.bfloat16 if bf16 else torch.float32)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    if torch.cuda.is_available():
+        return measured_peak_flops(dtype)
+    # a CPU's BLAS may peak at 1024 or 2048 depending on its caches: take the better
+    return max(measured_peak_flops(dtype, size, seconds=0.2) for size in (1024, 2048))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from data.stream import Layout, TrainLoader, eval_batches
 from data.tokenizer import TOKENIZER_FILE, load_tokenizer
 from parallel.checkpoint import CheckpointDir, checkpoint_engine, read_common
 from parallel.topology import Topology
-from pretrain.cli import check_group_choices, exit_on_user_error, quiet_third_party
+from pretrain.cli import check_group_choices, exit_on_user_error, quiet_third_party, set_rank_threads
 from pretrain.flops import peak_flops
 from pretrain.metrics import Metrics, truncate_after
 from pretrain.model import flops_per_token
@@ -247,9 +246,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else "")
-    if not os.environ["OMP_NUM_THREADS"]:
-        del os.environ["OMP_NUM_THREADS"]
+    set_rank_threads()
     check_group_choices(sys.argv[1:])
     quiet_third_party()
     torch.set_num_threads(torch.get_num_threads())

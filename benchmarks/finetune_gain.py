@@ -1,0 +1,124 @@
+"""GPT-1's claim on a small scale: unlabeled pretraining makes fine-tuning more accurate.
+
+1. ``gpt-prepare`` the *texts* of TRAIN_JSONL (labels unused) with a BPE tokenizer;
+2. ``gpt-pretrain`` ``model=tiny`` (with dropout) on them;
+3. ``gpt-finetune`` on ``--examples`` labeled examples of TRAIN_JSONL, from the pretrained
+   checkpoint and from scratch (same architecture, tokenizer, seeds, hyper-parameters), each
+   with λ = 0 and λ = 0.5; validation on VALIDATION_JSONL, accuracy reported on EVAL_JSONL
+   (``task.test``);
+4. print the table and, last, the gain of the best pretrained run over the best from-scratch
+   run, in accuracy points on EVAL_JSONL.
+
+    bash benchmarks/finetune_gain.sh TRAIN_JSONL VALIDATION_JSONL EVAL_JSONL [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run(args: list[str], log: Path) -> None:
+    start = time.perf_counter()
+    with log.open("w") as out:
+        code = subprocess.run([sys.executable, "-m", *args], cwd=REPO, stdout=out, stderr=subprocess.STDOUT).returncode
+    if code:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
+        sys.exit(f"{args[0]} failed (exit {code}), see {log}:\n{tail}")
+    print(f"  {log.stem}: {time.perf_counter() - start:.0f}s", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("train")
+    parser.add_argument("validation")
+    parser.add_argument("eval")
+    parser.add_argument("--work", default=None)
+    parser.add_argument("--examples", type=int, default=1000, help="labeled train examples for fine-tuning")
+    parser.add_argument("--pretrain-steps", type=int, default=3000)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--lr", type=float, default=3e-4, help="fine-tuning peak learning rate")
+    parser.add_argument("--seed", type=int, default=1234)
+    args = parser.parse_args()
+    files = [Path(p).resolve() for p in (args.train, args.validation, args.eval)]
+    for path in files:
+        if not path.is_file():
+            sys.exit(f"finetune_gain: {path} not found")
+    train, validation, evaluation = files
+    work = Path(args.work or tempfile.mkdtemp(prefix="finetune-gain-")).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"work dir {work}", flush=True)
+    started = time.perf_counter()
+    data = work / "data"
+    if not (data / "manifest.json").is_file():
+        prep = [f"input={train}", f"out={data}", "tokenizer=bpe", "vocab_size=4096", "seq_len=64", "overwrite=true"]
+        run(["data.prepare", *prep], work / "prepare.log")
+    pretrained = work / "pretrain"
+    steps = args.pretrain_steps
+    run(
+        [
+            "pretrain.train",
+            f"data.dir={data}",
+            "model=tiny",
+            "model.dropout=0.1",
+            f"run.dir={pretrained}",
+            f"train.max_steps={steps}",
+            "train.micro_batch=16",
+            "train.global_batch=16",
+            f"train.eval_every={max(steps // 4, 1)}",
+            f"train.save_every={steps}",
+            "train.sample_tokens=0",
+            "logging.wandb=disabled",
+            "logging.progress_bar=false",
+        ],
+        work / "pretrain.log",
+    )
+    rows = []
+    for scratch in (False, True):
+        for weight in (0.0, 0.5):
+            name = f"{'scratch' if scratch else 'pretrained'}-lambda{weight}"
+            run_dir = work / name
+            run(
+                [
+                    "pretrain.finetune",
+                    f"init.checkpoint={pretrained}",
+                    "task.type=classification",
+                    f"task.train={train}",
+                    f"task.validation={validation}",
+                    f"task.test={evaluation}",
+                    f"task.max_train_examples={args.examples}",
+                    f"finetune.aux_lm_weight={weight}",
+                    f"finetune.from_scratch={str(scratch).lower()}",
+                    f"finetune.epochs={args.epochs}",
+                    f"train.lr={args.lr}",
+                    f"train.seed={args.seed}",
+                    f"run.dir={run_dir}",
+                    "train.save_every=-1",
+                    "logging.wandb=disabled",
+                    "logging.progress_bar=false",
+                ],
+                work / f"{name}.log",
+            )
+            result = json.loads((run_dir / "results.json").read_text())
+            rows.append((scratch, weight, result["val_acc"], result["test_acc"]))
+    total = time.perf_counter() - started
+    print(f"\n{args.examples} labeled examples, {Path(args.eval).name} as eval set, total {total:.0f}s")
+    print("| init | λ (aux LM weight) | val acc | eval acc |")
+    print("|---|---|---|---|")
+    for scratch, weight, val, test in rows:
+        print(f"| {'from scratch' if scratch else 'pretrained'} | {weight} | {val:.4f} | {test:.4f} |")
+    best_pretrained = max(test for scratch, _, _, test in rows if not scratch)
+    best_scratch = max(test for scratch, _, _, test in rows if scratch)
+    gain = 100 * (best_pretrained - best_scratch)
+    print(f"gain of pretraining (best pretrained - best from scratch), points: {gain:.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""gpt-finetune: GPT-1 input transformations, L3 = L2 + λ·L1, any-layout init, resume, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+from data.errors import UserError
+from data.tasks import SpecialTokens, encode_examples, label_vocabulary, read_jsonl
+from data.tokenizer import load_tokenizer
+from tests.conftest import run_cli
+
+ALPHABET = "abcdefghijklmnopqrstuvwxyz"
+
+
+def synthetic(task_type: str, count: int, seed: int) -> list[dict]:
+    """Tiny learnable tasks over the tinyshakespeare characters."""
+    rng = random.Random(seed)
+
+    def word(letters: str = ALPHABET, n: int = 6) -> str:
+        return "".join(rng.choice(letters) for _ in range(n))
+
+    rows = []
+    for i in range(count):
+        yes = i % 2 == 0
+        if task_type == "classification":  # which half of the alphabet the text is made of
+            text = word("abcdefghijklm" if yes else "nopqrstuvwxyz", 12)
+            rows.append({"text": text, "label": "first" if yes else "second"})
+        elif task_type == "entailment":
+            premise = word()
+            hypothesis = premise if yes else word()
+            rows.append({"premise": premise, "hypothesis": hypothesis, "label": "same" if yes else "other"})
+        elif task_type == "similarity":
+            a = word()
+            rows.append({"text_a": a, "text_b": a if yes else word(), "label": 1 if yes else 0})
+        else:
+            context = word()
+            choices = [word(), word(), context]
+            rng.shuffle(choices)
+            rows.append({"context": context, "choices": choices, "label": choices.index(context)})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+FAST = [
+    "train.micro_batch=8",
+    "train.global_batch=16",
+    "train.lr=2e-3",
+    "train.warmup_fraction=0.1",
+    "train.eval_micro_batch=16",
+    "logging.wandb=disabled",
+    "logging.progress_bar=false",
+]
+
+
+def finetune(init: Path, task_type: str, train: Path, val: Path, run_dir: Path, *extra: str, nproc: int = 1):  # noqa: ANN201
+    args = [
+        f"init.checkpoint={init}",
+        f"task.type={task_type}",
+        f"task.train={train}",
+        f"task.validation={val}",
+        f"run.dir={run_dir}",
+        *FAST,
+        *extra,
+    ]
+    if nproc == 1:
+        return run_cli("pretrain.finetune", *args)
+    from tests.distributed import free_port
+
+    return run_cli(
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        "-m",
+        "pretrain.finetune",
+        *args,
+    )
+
+
+def train_losses(run_dir: Path) -> dict[int, dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if "loss" in r}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task_type", ["classification", "entailment", "similarity", "multiple_choice"])
+def test_each_input_transformation_trains_end_to_end(trained_runs, tmp_path: Path, task_type: str) -> None:  # noqa: ANN001
+    train = write_jsonl(tmp_path / "train.jsonl", synthetic(task_type, 96, 0))
+    val = write_jsonl(tmp_path / "val.jsonl", synthetic(task_type, 32, 1))
+    run_dir = tmp_path / "run"
+    result = finetune(trained_runs["tp1"], task_type, train, val, run_dir, "finetune.epochs=6", f"task.test={val}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["task"] == task_type and results["num_train_examples"] == 96
+    assert results["test_acc"] == pytest.approx(results["val_acc"])  # same file, same model
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "val_acc" in m] == [6, 12, 18, 24, 30, 36]  # every epoch
+    steps = train_losses(run_dir)
+    assert steps[36]["cls_loss"] < steps[1]["cls_loss"]  # it learns
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_36"
+    if task_type == "classification":
+        assert results["val_acc"] >= 0.9  # a trivially separable task
+
+
+def test_input_transformations_frame_gpt1_style(char_shards: Path) -> None:
+    tokenizer = load_tokenizer(char_shards)
+    special = SpecialTokens.after(tokenizer.vocab_size)
+    enc = tokenizer.encode
+
+    def frames(task_type: str, row: dict, max_len: int = 64) -> list[list[int]]:
+        labels = label_vocabulary([row, {**row, "label": "zz"}], task_type) if task_type != "multiple_choice" else []
+        return encode_examples([row], task_type, labels, tokenizer, special, max_len, "t")[0].sequences
+
+    s, d, e = special.start, special.delim, special.extract
+    assert frames("classification", {"text": "abc", "label": "x"}) == [[s, *enc("abc"), e]]
+    pair = {"premise": "ab", "hypothesis": "cd", "label": "x"}
+    assert frames("entailment", pair) == [[s, *enc("ab"), d, *enc("cd"), e]]
+    assert frames("similarity", {"text_a": "ab", "text_b": "cd", "label": "x"}) == [
+        [s, *enc("ab"), d, *enc("cd"), e],
+        [s, *enc("cd"), d, *enc("ab"), e],
+    ]
+    mc = frames("multiple_choice", {"context": "ab", "choices": ["c", "de"], "label": 1})
+    assert mc == [[s, *enc("ab"), d, *enc("c"), e], [s, *enc("ab"), d, *enc("de"), e]]
+    long = frames("entailment", {"premise": "a" * 100, "hypothesis": "b" * 100, "label": "x"}, max_len=32)[0]
+    assert len(long) == 32 and long[0] == s and long[-1] == e and d in long  # truncated, still framed
+
+
+@pytest.mark.parametrize(
+    ("content", "task_type", "message"),
+    [
+        ("", "classification", "no examples"),
+        ('{"text": "a"}\n', "classification", "missing field 'label'"),
+        ('{"premise": "a", "label": 1}\n', "entailment", "missing field 'hypothesis'"),
+        ('{"context": "a", "choices": ["b"], "label": 0}\n', "multiple_choice", "at least 2 answers"),
+        ("not json\n", "classification", "task.jsonl:1: invalid JSON"),
+    ],
+)
+def test_bad_task_files_are_named(tmp_path: Path, content: str, task_type: str, message: str) -> None:
+    path = tmp_path / "task.jsonl"
+    path.write_text(content)
+    with pytest.raises(UserError, match=message):
+        read_jsonl(path, task_type)
+
+
+def test_jsonl_lines_may_contain_unicode_line_separators(tmp_path: Path) -> None:
+    """U+0085 / U+2028 inside a JSON string (rotten_tomatoes has them) is not a line break."""
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": "ambition\u0085 whole \u2028plots", "label": "rotten"}])
+    assert read_jsonl(path, "classification")[0]["text"] == "ambition\u0085 whole \u2028plots"
+
+
+@pytest.mark.slow
+def test_unseen_label_and_cli_errors_are_one_line(trained_runs, tmp_path: Path) -> None:  # noqa: ANN001
+    train = write_jsonl(tmp_path / "train.jsonl", synthetic("classification", 32, 0))
+    val = write_jsonl(tmp_path / "val.jsonl", [{"text": "abc", "label": "third"}])
+    cases = [
+        (val, [], "label 'third' does not occur in the train split"),
+        (tmp_path / "missing.jsonl", [], "missing.jsonl: not found"),
+        (train, ["task.type=regression"], "task.type=regression: expected one of"),
+        (train, ["train.global_batch=64"], "fewer than train.global_batch=64"),
+    ]
+    for validation, extra, message in cases:
+        result = finetune(trained_runs["tp1"], "classification", train, validation, tmp_path / "run", *extra)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+        assert message in lines[0]
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing written for bad input
+
+
+@pytest.fixture(scope="module")
+def sentiment(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("sentiment")
+    rows = synthetic("classification", 64, 3)
+    return write_jsonl(root / "train.jsonl", rows), write_jsonl(root / "val.jsonl", rows[:16])
+
+
+@pytest.mark.slow
+def test_tp2_checkpoint_and_tp2_finetuning_give_tp1_first_step_loss(trained_runs, sentiment, tmp_path: Path) -> None:  # noqa: ANN001
+    """Same pretrained model saved at tp=1 and tp=2; fine-tuned at tp=1 from both and at tp=2."""
+    train, val = sentiment
+    one = "train.max_steps=2"
+    runs = {
+        "tp1-ckpt": finetune(trained_runs["tp1"], "classification", train, val, tmp_path / "a", one),
+        "tp2-ckpt": finetune(trained_runs["tp2"], "classification", train, val, tmp_path / "b", one),
+        "tp2-finetune": finetune(
+            trained_runs["tp1"], "classification", train, val, tmp_path / "c", one, "parallel.tp=2", nproc=2
+        ),
+    }
+    for name, result in runs.items():
+        assert result.returncode == 0, (name, result.stderr[-3000:])
+    first = {name: train_losses(tmp_path / d)[1]["loss"] for name, d in zip(runs, "abc", strict=True)}
+    assert first["tp2-ckpt"] == pytest.approx(first["tp1-ckpt"], abs=1e-4)
+    assert first["tp2-finetune"] == pytest.approx(first["tp1-ckpt"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_lambda_zero_scratch_and_resume(trained_runs, sentiment, tmp_path: Path) -> None:  # noqa: ANN001
+    train, val = sentiment
+    base = ["train.max_steps=8", "train.save_every=4", "train.keep_last=2"]
+    full = tmp_path / "full"
+    assert finetune(trained_runs["tp1"], "classification", train, val, full, *base).returncode == 0
+    no_aux = tmp_path / "no_aux"
+    result = finetune(trained_runs["tp1"], "classification", train, val, no_aux, *base, "finetune.aux_lm_weight=0")
+    assert result.returncode == 0, result.stderr[-2000:]
+    step1 = train_losses(no_aux)[1]
+    assert step1["loss"] == pytest.approx(step1["cls_loss"], rel=1e-6)  # L3 = L2 when λ = 0
+    step1_aux = train_losses(full)[1]
+    assert step1_aux["loss"] == pytest.approx(step1_aux["cls_loss"] + 0.5 * step1_aux["lm_loss"], rel=1e-5)
+    scratch = tmp_path / "scratch"
+    result = finetune(trained_runs["tp1"], "classification", train, val, scratch, *base, "finetune.from_scratch=true")
+    assert result.returncode == 0, result.stderr[-2000:]
+    # random weights predict (nearly) uniformly over the padded vocabulary (65 chars + 3 added -> 72);
+    # the pretrained model does not (it is confidently Shakespearean on random letters)
+    assert train_losses(scratch)[1]["lm_loss"] == pytest.approx(math.log(72), abs=0.05)
+    assert abs(step1_aux["lm_loss"] - math.log(72)) > 0.5
+    # resume: the run dir as a crash after the step-4 checkpoint leaves it
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_8")
+    (resumed / "checkpoints" / "latest").write_text("step_4\n")
+    assert finetune(trained_runs["tp1"], "classification", train, val, resumed, *base).returncode == 0
+    for step in range(5, 9):
+        assert train_losses(resumed)[step]["loss"] == train_losses(full)[step]["loss"], step
