@@ -134,6 +134,57 @@ class SDPAttention(DotProductAttention):
         return context.permute(2, 0, 1, 3).reshape(s, b, self.hidden_size_per_partition)
 
 
+class _FusedBiasAtTp1:
+    """At tp = 1 (no sequence parallelism) a megatron linear is just a linear layer: compute it
+    with ``F.linear`` (one ``addmm``, bias fused, torch's own autograd) instead of megatron's
+    custom autograd function plus a separate bias add -- and a deferred ``skip_bias_add`` bias
+    too, returning ``None`` as the bias: megatron's MLP and bias-dropout-add accept that, and
+    dropout(x + b) + residual is the same either way. Above tp = 1 megatron's path runs.
+    """
+
+    def _set_fused(self, config: TransformerConfig) -> None:
+        self.fused_tp1 = parallel_state.get_tensor_model_parallel_world_size() == 1 and not config.sequence_parallel
+
+
+class LocalColumnParallelLinear(_FusedBiasAtTp1, tensor_parallel.ColumnParallelLinear):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._set_fused(kwargs["config"])
+
+    def forward(self, input_: torch.Tensor, weight: torch.Tensor | None = None, runtime_gather_output: Any = None):  # noqa: ANN201
+        if self.fused_tp1:
+            return F.linear(input_, self.weight if weight is None else weight, self.bias), None
+        return super().forward(input_, weight, runtime_gather_output)
+
+
+class LocalRowParallelLinear(_FusedBiasAtTp1, tensor_parallel.RowParallelLinear):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._set_fused(kwargs["config"])
+
+    def forward(self, input_: torch.Tensor):  # noqa: ANN201
+        if self.fused_tp1:
+            return F.linear(input_, self.weight, self.bias), None
+        return super().forward(input_)
+
+
+class GPT(GPTModel):
+    """megatron-core's ``GPTModel`` with a fused cross-entropy at tp = 1.
+
+    megatron's vocab-parallel cross-entropy does three all-reduces over the tp group and
+    ~10 elementwise passes over the logits even when the group has one rank (~8% of a
+    ``model=tiny`` CPU step); ``F.cross_entropy`` is the same loss in one fused kernel.
+    """
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if parallel_state.get_tensor_model_parallel_world_size() > 1:
+            return super().compute_language_model_loss(labels, logits)
+        s, b, vocab = logits.shape  # labels: [b, s]
+        flat = labels.transpose(0, 1).reshape(-1)
+        loss = F.cross_entropy(logits.reshape(-1, vocab).float(), flat, reduction="none")
+        return loss.view(s, b).transpose(0, 1).contiguous()
+
+
 class SeededTransformerLayer(TransformerLayer):
     """A transformer layer whose initial weights depend only on (seed, global layer number).
 
@@ -192,6 +243,9 @@ def _layer_spec(spec: str, attention: str) -> tuple[ModuleSpec, Any]:
         raise UserError(f"model.attention={attention}: expected sdpa or megatron")
     layer.submodules.input_layernorm = LayerNorm
     layer.submodules.pre_mlp_layernorm = LayerNorm
+    attention, mlp = layer.submodules.self_attention.submodules, layer.submodules.mlp.submodules
+    attention.linear_qkv, attention.linear_proj = LocalColumnParallelLinear, LocalRowParallelLinear
+    mlp.linear_fc1, mlp.linear_fc2 = LocalColumnParallelLinear, LocalRowParallelLinear
     return layer, LayerNorm
 
 
@@ -219,7 +273,7 @@ def build_gpt(
     else:
         pre = post = True
     torch.manual_seed(seed)  # embeddings (first stage)
-    model = GPTModel(
+    model = GPT(
         config=config,
         transformer_layer_spec=decoder_spec(
             config, seed, vp_stage, str(model_cfg.get("attention", "sdpa")), str(model_cfg.get("spec", "auto"))
