@@ -116,7 +116,7 @@ class SDPAttention(DotProductAttention):
         groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
         if groups > 1:
             key, value = key.repeat_interleave(groups, dim=2), value.repeat_interleave(groups, dim=2)
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, head_dim]
+        q, k, v = (t.permute(1, 2, 0, 3).contiguous() for t in (query, key, value))  # [b, heads, s, head_dim]
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         causal = attention_mask is None and mask_type == AttnMaskType.causal
         mask = None if attention_mask is None else ~attention_mask  # megatron: True = masked out
@@ -298,7 +298,7 @@ def compute_device() -> torch.device:
 
 
 def position_ids(batch: int, seq_len: int) -> torch.Tensor:
-    return torch.arange(seq_len).unsqueeze(0).expand(batch, -1)
+    return torch.arange(seq_len).repeat(batch, 1)  # contiguous: embedding lookups of an expand() are slow on CPU
 
 
 def flops_per_token(model_cfg: DictConfig, vocab_size: int, seq_len: int) -> float:
