@@ -4,11 +4,14 @@ A step is written into ``checkpoints/.step_<N>.tmp`` by every rank (megatron-cor
 ``dist_checkpointing`` shards plus one RNG file per rank), then rank 0 renames it
 to ``step_<N>`` and only then rewrites ``latest``. A crash at any point leaves
 ``latest`` naming the previous complete checkpoint; stale ``.tmp`` directories are
-removed on the next save.
+removed on the next save. An async save (``train.async_save``) writes the shards from
+a forked process while training goes on, and commits at a later step boundary once
+every rank's writer has finished.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -80,6 +83,8 @@ class CheckpointDir:
     def __init__(self, run_dir: str | Path, keep_last: int = 3):
         self.root = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
+        self._async: Any = None  # megatron-core AsyncCallsQueue, created by the first async save
+        self._pending: list[Path] = []
 
     @staticmethod
     def resolve(spec: str | Path) -> Path:
@@ -104,8 +109,17 @@ class CheckpointDir:
             raise UserError(f"{marker}: names {path.name}, which does not exist")
         return path
 
-    def save(self, step: int, engine: Any, common: dict[str, Any], files: tuple[Path, ...] = ()) -> Path:
-        """Write step ``step``; ``files`` (e.g. the tokenizer) are copied in so the step dir stands alone."""
+    def save(
+        self, step: int, engine: Any, common: dict[str, Any], files: tuple[Path, ...] = (), async_save: bool = False
+    ) -> Path:
+        """Write step ``step``; ``files`` (e.g. the tokenizer) are copied in so the step dir stands alone.
+
+        With ``async_save`` the engine's shards are written by a background process and
+        the step is committed (renamed, ``latest`` moved) by :meth:`finalize` once every
+        rank's writer is done; until then ``latest`` names the previous complete step.
+        One save is in flight at a time: a new one first waits for the previous one.
+        """
+        self.finalize(blocking=True)
         final = self.root / f"{PREFIX}{step}"
         tmp = self.root / f".{PREFIX}{step}.tmp"
         if _rank() == 0:
@@ -113,12 +127,40 @@ class CheckpointDir:
             for stale in self.root.glob(f".{PREFIX}*.tmp"):
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir()
+        _barrier()
+        request = engine.save(tmp, common, async_save=async_save)  # into an empty dir (megatron checks)
+        if _rank() == 0:
             for source in files:
                 shutil.copy2(source, tmp / source.name)
             (tmp / TRAIN_STATE).write_text(json.dumps(common, indent=1))
-        _barrier()
-        engine.save(tmp, common)
         torch.save(rng_state(), tmp / f"rng_rank{_rank()}.pt")
+        if request is None:
+            self._commit(tmp, final)
+            return final
+        request.add_finalize_fn(functools.partial(self._commit, tmp, final))
+        if self._async is None:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self._async = AsyncCallsQueue(persistent=False)
+        self._async.schedule_async_request(request)
+        self._pending.append(final)
+        return final
+
+    def finalize(self, blocking: bool = False) -> list[Path]:
+        """Commit the async saves whose writers are done on every rank (a collective while one
+        is pending: call it on all ranks at the same points); returns the committed steps."""
+        if self._async is None or not self._async.get_num_unfinalized_calls():
+            return []
+        done = self._async.maybe_finalize_async_calls(blocking=blocking)
+        committed, self._pending = self._pending[: len(done)], self._pending[len(done) :]
+        return committed
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._pending)
+
+    def _commit(self, tmp: Path, final: Path) -> None:
+        """Every rank's files are in ``tmp``: rank 0 renames it and then moves ``latest``."""
         _barrier()
         if _rank() == 0:
             if final.exists():
@@ -131,7 +173,6 @@ class CheckpointDir:
             _fsync_dir(self.root)
             self._prune()
         _barrier()
-        return final
 
     def load(self, path: Path, engine: Any, restore_rng: bool) -> dict[str, Any]:
         common = engine.load(path)

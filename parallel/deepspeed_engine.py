@@ -224,8 +224,9 @@ class DeepSpeedEngine:
         loss_sum, tokens = self._reduce(totals)
         return loss_sum, tokens
 
-    def save(self, directory: Path, common: dict[str, Any]) -> None:
-        """DeepSpeed's checkpoint files directly in ``directory`` (tag = its name)."""
+    def save(self, directory: Path, common: dict[str, Any], async_save: bool = False) -> None:
+        """DeepSpeed's checkpoint files directly in ``directory`` (tag = its name); always
+        synchronous (``train.async_save`` is refused for this engine at config time)."""
         client = {"common": common, "scheduler": self.scheduler.state_dict()}
         self.engine.save_checkpoint(str(directory.parent), tag=directory.name, client_state=client, save_latest=False)
 

@@ -32,8 +32,11 @@ class Engine(Protocol):
     def eval_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
         """(sum of masked token losses, number of tokens), reduced over data-parallel ranks."""
 
-    def save(self, directory: Path, common: dict[str, Any]) -> None:
-        """Write model + optimizer + schedule (+ ``common``) into an existing empty directory."""
+    def save(self, directory: Path, common: dict[str, Any], async_save: bool = False) -> Any:
+        """Write model + optimizer + schedule (+ ``common``) into an existing empty directory.
+
+        With ``async_save`` (megatron engine) returns megatron-core's ``AsyncRequest`` for
+        the shard writing, to be scheduled and finalized by the caller; else None."""
 
     def load(self, directory: Path) -> dict[str, Any]:
         """Restore model + optimizer + schedule from ``directory``; returns ``common``."""

@@ -204,12 +204,14 @@ class MegatronEngine:
         state["optimizer"] = self.optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=metadata)
         return state
 
-    def save(self, directory: Path, common: dict[str, Any]) -> None:
+    def save(self, directory: Path, common: dict[str, Any], async_save: bool = False) -> Any:
+        """Sharded save; with ``async_save`` the shard writing is returned as megatron-core's
+        ``AsyncRequest`` (a forked writer: a copy-on-write snapshot of this step's tensors)."""
         with cpu_compat.tensors_pass_as_cuda():
             state = self._sharded_state_dict(is_loading=False)
             state["scheduler"] = self.scheduler.state_dict()
             state["common"] = common
-            dist_checkpointing.save(state, str(directory))
+            return dist_checkpointing.save(state, str(directory), async_sharded_save=async_save)
 
     def _materialize_optimizer_state(self) -> None:
         """Give a fresh distributed optimizer its Adam state before describing what to load.

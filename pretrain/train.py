@@ -11,6 +11,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra
@@ -21,12 +22,14 @@ from data.errors import UserError
 from data.shards import Manifest, check_files, load_manifest
 from data.stream import Layout, TrainLoader, eval_batches
 from data.tokenizer import TOKENIZER_FILE, load_tokenizer
-from parallel.checkpoint import CheckpointDir, checkpoint_engine, read_common
+from parallel.checkpoint import PREFIX, CheckpointDir, checkpoint_engine, read_common
 from parallel.topology import Topology
+from parallel.watchdog import Watchdog
 from pretrain.cli import check_group_choices, exit_on_user_error, quiet_third_party, set_rank_threads
 from pretrain.flops import peak_flops
 from pretrain.metrics import Metrics, truncate_after
 from pretrain.model import flops_per_token
+from pretrain.preemption import StopRequest, exit_for_requeue
 
 
 def build_engine(cfg: DictConfig, topo: Topology, vocab_size: int, saved: dict | None):  # noqa: ANN201 - Engine
@@ -39,7 +42,9 @@ def build_engine(cfg: DictConfig, topo: Topology, vocab_size: int, saved: dict |
     return DeepSpeedEngine(cfg, topo, vocab_size, saved)
 
 
-def evaluate(cfg: DictConfig, engine, manifest: Manifest, topo: Topology) -> float | None:  # noqa: ANN001
+def evaluate(  # noqa: ANN001
+    cfg: DictConfig, engine, manifest: Manifest, topo: Topology, beat: Callable[[], None] = lambda: None
+) -> float | None:
     """Mean token loss over the validation split (all of it unless train.eval_batches).
 
     Micro-batches go to the engine in groups whose size is a multiple of pp (the
@@ -60,6 +65,7 @@ def evaluate(cfg: DictConfig, engine, manifest: Manifest, topo: Topology) -> flo
                 chunk.append({"tokens": chunk[0]["tokens"], "mask": torch.zeros_like(chunk[0]["mask"])})
             s, n = engine.eval_step(chunk)
             loss_sum, tokens, chunk = loss_sum + s, tokens + n, []
+            beat()
     return loss_sum / tokens
 
 
@@ -120,18 +126,27 @@ def train(cfg: DictConfig) -> dict:
         raise UserError(
             f"data.dir={manifest.directory} has seq_len={manifest.seq_len} > model.seq_len={cfg.model.seq_len}"
         )
+    if cfg.train.async_save and cfg.parallel.engine != "megatron":
+        raise UserError(
+            "train.async_save=true: only the megatron engine saves asynchronously "
+            f"(parallel.engine={cfg.parallel.engine})"
+        )
     run_dir = Path(cfg.run.dir)
     ckpts = CheckpointDir(run_dir, int(cfg.train.keep_last))
     latest = ckpts.latest()
     saved = check_resume(cfg, latest) if latest is not None else None
     topo.init(int(cfg.train.seed), float(cfg.parallel.timeout_s))
     rank0 = topo.rank == 0
+    # signals first: loader workers and checkpoint writers fork from here and inherit the handler
+    stop = StopRequest(list(cfg.train.preempt_signals)).install()
+    watchdog = Watchdog(float(cfg.parallel.timeout_s), topo.rank, topo.world_size, enabled=topo.world_size > 1)
     engine = build_engine(cfg, topo, manifest.vocab_size, saved)
     layout = Layout(int(cfg.train.global_batch), int(cfg.train.micro_batch), topo.dp_rank, topo.dp)
     loader = TrainLoader(manifest, layout, int(cfg.train.seed), int(cfg.data.num_streams), int(cfg.data.num_workers))
     step = 0
     if latest is not None:
-        common = ckpts.load(latest, engine, restore_rng=True)
+        with watchdog.watch("checkpoint load", 0):
+            common = ckpts.load(latest, engine, restore_rng=True)
         step = int(common["step"])
         loader.load_state_dict(common["data"])
         if rank0:
@@ -154,15 +169,38 @@ def train(cfg: DictConfig) -> dict:
     model_flops = flops_per_token(cfg.model, manifest.vocab_size, seq_len)
     world_peak = peak_flops(cfg.train.peak_tflops, bool(cfg.train.bf16)) * topo.world_size
     eval_every, save_every = int(cfg.train.eval_every), int(cfg.train.save_every)
-    val_loss = None
+    async_save = bool(cfg.train.async_save)
+    val_loss, preempted = None, None
     sample_log = open_sample_log(run_dir, topo, step) if cfg.train.log_samples else None
+
+    def save(step: int, asynchronous: bool) -> None:
+        common = {
+            "step": step,
+            "data": loader.state_dict(),
+            "config": OmegaConf.to_container(cfg, resolve=True),
+            "distributed_optimizer": engine.distributed_optimizer,
+            "vocab_size": manifest.vocab_size,
+            "engine": str(cfg.parallel.engine),
+            "layout": {"tp": topo.tp, "pp": topo.pp, "dp": topo.dp, "vpp": topo.vpp},
+        }
+        with watchdog.watch("checkpoint save", step):
+            path = ckpts.save(step, engine, common, (manifest.directory / TOKENIZER_FILE,), async_save=asynchronous)
+        if not asynchronous:
+            metrics.log({"step": step, "checkpoint": str(path)}, console=False)
+
+    def finalize(step: int, blocking: bool) -> None:
+        with watchdog.watch("async checkpoint commit", step):
+            for path in ckpts.finalize(blocking=blocking):
+                metrics.log({"step": int(path.name[len(PREFIX) :]), "checkpoint": str(path)}, console=False)
+
     tick = time.perf_counter()
     while step < max_steps:
-        micro_batches = [next(loader) for _ in range(layout.micro_batches_per_step)]
+        with watchdog.watch("train step (data, forward/backward, gradient reduction, optimizer)", step + 1):
+            micro_batches = [next(loader) for _ in range(layout.micro_batches_per_step)]
+            result = engine.train_step(micro_batches)
         if sample_log is not None:
             ids = [i for batch in micro_batches for i in batch["ids"].tolist()]
             sample_log.write(json.dumps({"step": step + 1, "ids": ids}) + "\n")
-        result = engine.train_step(micro_batches)
         step += 1
         now = time.perf_counter()
         if not math.isfinite(result.loss):
@@ -179,28 +217,34 @@ def train(cfg: DictConfig) -> dict:
                 "step_time_s": now - tick,
             }
         )
+        if ckpts.pending:
+            finalize(step, blocking=False)
         last = step == max_steps
         if (eval_every and step % eval_every == 0) or last:
-            val_loss = evaluate(cfg, engine, manifest, topo)
+            with watchdog.watch("evaluation", step):
+                val_loss = evaluate(cfg, engine, manifest, topo, beat=watchdog.beat)
             if val_loss is not None:
                 metrics.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}, console=True)
-        if (save_every > 0 and step % save_every == 0) or (last and save_every >= 0):
-            common = {
-                "step": step,
-                "data": loader.state_dict(),
-                "config": OmegaConf.to_container(cfg, resolve=True),
-                "distributed_optimizer": engine.distributed_optimizer,
-                "vocab_size": manifest.vocab_size,
-                "engine": str(cfg.parallel.engine),
-                "layout": {"tp": topo.tp, "pp": topo.pp, "dp": topo.dp, "vpp": topo.vpp},
-            }
-            path = ckpts.save(step, engine, common, files=(manifest.directory / TOKENIZER_FILE,))
+        saved = (save_every > 0 and step % save_every == 0) or (last and save_every >= 0)
+        if saved:
+            save(step, asynchronous=async_save and not last)
+        with watchdog.watch("preemption-signal agreement", step):
+            preempted = stop.agreed() if not last else None
+        if preempted is not None:
             if rank0:
-                metrics.log({"step": step, "checkpoint": str(path)}, console=False)
+                print(f"step {step}: {preempted}: saving a checkpoint and exiting for requeue", flush=True)
+            if not saved:
+                save(step, asynchronous=False)
+            break
         tick = time.perf_counter()
+    finalize(step, blocking=True)
+    stop.uninstall()
+    watchdog.close()
     metrics.close()
     if sample_log is not None:
         sample_log.close()
+    if preempted is not None:
+        return {"step": step, "val_loss": val_loss, "requeue_exit_code": int(cfg.train.requeue_exit_code)}
     summary = {"step": step, "val_loss": val_loss}
     if rank0 and val_loss is not None:
         print(f"val_loss {val_loss:.4f} (whole validation split, step {step})", flush=True)
@@ -241,8 +285,10 @@ def print_sample(cfg: DictConfig, engine, manifest: Manifest, topo: Topology) ->
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
     with exit_on_user_error():
-        train(cfg)
+        summary = train(cfg)
     Topology.destroy()
+    if "requeue_exit_code" in summary:
+        exit_for_requeue(summary["requeue_exit_code"])
 
 
 def main() -> None:

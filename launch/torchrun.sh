@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Launch one node's share of a run with torchrun; run it once per node.
+#
+#   launch/torchrun.sh [--nnodes N] [--nproc-per-node P] [--node-rank R]
+#                      [--master-addr HOST] [--master-port PORT] [--] COMMAND [ARGS...]
+#
+# COMMAND is a module (pretrain.train, pretrain.finetune) or a console script
+# (gpt-pretrain, gpt-finetune); ARGS are its Hydra overrides. Every option falls back
+# to the environment: NNODES, NPROC_PER_NODE, NODE_RANK, MASTER_ADDR, MASTER_PORT,
+# then to slurm's (SLURM_NNODES, SLURM_NODEID, the first host of SLURM_JOB_NODELIST),
+# then to one node with one process per GPU (or 2 on a CPU machine).
+#
+# With a node rank (given, or SLURM_NODEID) the rendezvous is static on MASTER_ADDR:PORT;
+# without one it is torchrun's c10d rendezvous there (ranks by arrival, RDZV_ID names the job).
+#
+# Exit status: the workers' requeue code (train.requeue_exit_code, 75) after a
+# preemption signal was handled and a checkpoint saved -- torchrun itself reports any
+# failing worker as 1, so the workers write the code to $GPT_LAUNCH_STATUS -- else
+# torchrun's status. Signals: SIGTERM and SIGUSR1 reach the workers through torchrun
+# (launch/torchrun_agent.py), which waits SHUTDOWN_TIMEOUT seconds (default 900) for
+# their checkpoint.
+# LAUNCH_DRY_RUN=1 prints the torchrun command instead of running it.
+set -euo pipefail
+
+nnodes=${NNODES:-${SLURM_NNODES:-1}}
+node_rank=${NODE_RANK:-${SLURM_NODEID:-}}
+master_port=${MASTER_PORT:-29500}
+master_addr=${MASTER_ADDR:-}
+if [ -z "$master_addr" ] && [ -n "${SLURM_JOB_NODELIST:-}" ] && command -v scontrol >/dev/null; then
+  master_addr=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+fi
+master_addr=${master_addr:-127.0.0.1}
+nproc=${NPROC_PER_NODE:-}
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --nnodes) nnodes=$2; shift 2 ;;
+    --nproc-per-node | --nproc_per_node) nproc=$2; shift 2 ;;
+    --node-rank | --node_rank) node_rank=$2; shift 2 ;;
+    --master-addr | --master_addr) master_addr=$2; shift 2 ;;
+    --master-port | --master_port) master_port=$2; shift 2 ;;
+    --) shift; break ;;
+    -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
+    -*) echo "launch/torchrun.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+    *) break ;;
+  esac
+done
+if [ -z "$nproc" ]; then
+  gpus=$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+  nproc=$([ "$gpus" -gt 0 ] && echo "$gpus" || echo 2)
+fi
+[ $# -gt 0 ] || { echo "launch/torchrun.sh: no command (e.g. pretrain.train data.dir=...)" >&2; exit 2; }
+
+command=$1; shift
+case "$command" in
+  gpt-pretrain) target=(-m pretrain.train) ;;
+  gpt-finetune) target=(-m pretrain.finetune) ;;
+  *.py) target=("$command") ;;
+  *) target=(-m "$command") ;;
+esac
+
+if [ -n "$node_rank" ]; then
+  rendezvous=(--node_rank "$node_rank" --master_addr "$master_addr" --master_port "$master_port")
+else
+  rendezvous=(--rdzv_backend c10d --rdzv_endpoint "$master_addr:$master_port" --rdzv_id "${RDZV_ID:-${SLURM_JOB_ID:-gpt}}")
+fi
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+cmd=(python "$here/torchrun_agent.py" --nnodes "$nnodes" --nproc_per_node "$nproc" "${rendezvous[@]}"
+  --max_restarts 0 "${target[@]}" "$@")
+if [ -n "${LAUNCH_DRY_RUN:-}" ]; then  # print what would run (tests, and checking a job script)
+  echo "${cmd[*]}"
+  exit 0
+fi
+
+status=$(mktemp "${TMPDIR:-/tmp}/gpt-launch-status.XXXXXX")
+trap 'rm -f "$status"' EXIT
+export GPT_LAUNCH_STATUS=$status OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
+# torchrun runs in the background so that this shell can pass signals on at once
+# (bash runs traps only between foreground commands)
+"${cmd[@]}" &
+child=$!
+forward() { kill -s "$1" "$child" 2>/dev/null || true; }
+trap 'forward TERM' TERM
+trap 'forward USR1' USR1
+trap 'forward INT' INT
+rc=0
+while :; do
+  wait "$child" && rc=0 || rc=$?
+  kill -0 "$child" 2>/dev/null || break  # wait returned for a trapped signal: keep waiting
+done
+if [ -s "$status" ]; then
+  exit "$(head -n 1 "$status")"
+fi
+exit "$rc"

@@ -1,0 +1,47 @@
+"""torchrun for launch/torchrun.sh: stop signals reach the ranks, once, and they get time to save.
+
+Two things differ from a plain ``torchrun``:
+
+* SIGUSR1 (slurm's ``--signal`` warning) joins the signals torchrun passes on to its
+  workers (``--signals_to_handle``), and the grace period before torchrun kills them
+  (``--shutdown_timeout``) is long enough for a checkpoint (``SHUTDOWN_TIMEOUT``, 900 s).
+* torchrun turns a signal into an exception; a second one (slurm signals every process
+  of a job step, and the launcher forwards what it gets) would interrupt its wait for
+  the workers and leave them unsupervised. Repeats are ignored here.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def _once(handler):  # noqa: ANN001, ANN202 - torchrun's private signal handler
+    seen: list[int] = []
+
+    def handle(signum, frame):  # noqa: ANN001, ANN202
+        if seen:
+            return
+        seen.append(signum)
+        handler(signum, frame)
+
+    return handle
+
+
+def main() -> None:
+    from torch.distributed import run
+    from torch.distributed.elastic.multiprocessing import api
+
+    if hasattr(api, "_terminate_process_handler"):
+        api._terminate_process_handler = _once(api._terminate_process_handler)
+    args = sys.argv[1:]
+    options = {o for action in run.get_args_parser()._actions for o in action.option_strings}
+    if "--signals_to_handle" in options and not any(a.startswith("--signals_to_handle") for a in args):
+        args = ["--signals_to_handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", *args]
+    if "--shutdown_timeout" in options and not any(a.startswith("--shutdown_timeout") for a in args):
+        args = ["--shutdown_timeout", os.environ.get("SHUTDOWN_TIMEOUT", "900"), *args]
+    run.main(args)
+
+
+if __name__ == "__main__":
+    main()
