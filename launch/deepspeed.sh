@@ -38,14 +38,19 @@ fi
 status=$(mktemp "${TMPDIR:-/tmp}/gpt-launch-status.XXXXXX")
 trap 'rm -f "$status"' EXIT
 export GPT_LAUNCH_STATUS=$status OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# its own process group (set -m): DeepSpeed's runner may die of the signal while its
+# launcher still waits for the ranks' checkpoint, so the whole group is waited for
+set -m
 "${cmd[@]}" &
 child=$!
-trap 'kill -s TERM "$child" 2>/dev/null || true' TERM USR1 INT
+set +m
+trap 'kill -s TERM -- "-$child" 2>/dev/null || true' TERM USR1 INT
 rc=0
 while :; do
   wait "$child" && rc=0 || rc=$?
   kill -0 "$child" 2>/dev/null || break
 done
+while kill -0 -- "-$child" 2>/dev/null; do sleep 1; done
 if [ -s "$status" ]; then
   exit "$(head -n 1 "$status")"
 fi

@@ -180,3 +180,143 @@ def test_hung_node_fails_the_other_within_the_timeout(char_shards: Path, tmp_pat
     line = next(x for x in log.splitlines() if x.startswith("watchdog:"))
     assert "rank 0 of 2, step " in line and ("parallel.timeout_s=15" in line or "timed out" in line.lower()), line
     assert elapsed >= 14, f"failed after {elapsed:.1f} s, before the 15 s timeout"
+
+
+def test_kill_during_async_save_leaves_latest_on_the_previous_step(char_shards: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    args = [*ARGS, f"data.dir={char_shards}", f"run.dir={run}", "model.hidden_size=256", "model.ffn_hidden_size=1024"]
+    args += ["train.max_steps=40", "train.save_every=10", "train.async_save=true", "logging.wandb=disabled"]
+    log = tmp_path / "run.log"
+    cmd = [sys.executable, "-m", "pretrain.train", *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
+    writing = run / "checkpoints" / ".step_20.tmp"
+    try:
+        deadline = time.monotonic() + 180
+        while not writing.exists():
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        signal_node(proc, signal.SIGSTOP)  # freeze trainer and writer mid-save, then look
+        assert writing.is_dir() and not (run / "checkpoints" / "step_20").exists()
+        assert (run / "checkpoints" / "latest").read_text().strip() == "step_10"
+    finally:
+        kill_all([proc])
+    before = losses(run)  # what the killed run logged past step 10
+    assert max(before) > 10
+
+    result = run_cli("pretrain.train", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {run / 'checkpoints' / 'step_10'} at step 10" in result.stdout
+    after = losses(run)
+    assert all(abs(after[s] - before[s]) < 1e-6 for s in before), "the resumed run differs from the killed one"
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_40"
+    assert not list((run / "checkpoints").glob(".step_*.tmp"))  # the stale half-written step is gone
+
+
+def test_deepspeed_launcher_preemption_exits_with_the_requeue_code(char_shards: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cmd = ["bash", str(REPO / "launch" / "deepspeed.sh"), "--num-gpus", "2", "--master-port", str(free_port()), "--"]
+    cmd += [*ARGS, f"data.dir={char_shards}", f"run.dir={run}", "parallel.zero_stage=1", "train.max_steps=2000"]
+    cmd += ["train.save_every=0", "logging.wandb=disabled"]
+    log = tmp_path / "ds.log"
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        wait_for_step(run, 5, [proc])
+        signal_node(proc, signal.SIGTERM)
+        code = proc.wait(timeout=120)
+    finally:
+        kill_all([proc])
+    assert code == REQUEUE, log.read_text()[-3000:]
+    stopped = latest_step(run)
+    assert 5 <= stopped < 2000 and last_step(run) == stopped
+
+
+FAKE_SRUN = """#!/usr/bin/env bash
+# records its arguments, then runs the task once per node as slurm would (SLURM_NODEID)
+echo "srun $*" >> "$FAKE_LOG"
+while [ "$1" != bash ]; do shift; done
+for node in $(seq 0 $((SLURM_JOB_NUM_NODES - 1))); do SLURM_NODEID=$node "$@" >> "$FAKE_LOG"; done
+exit "${FAKE_SRUN_RC:-0}"
+"""
+FAKE_SCONTROL = """#!/usr/bin/env bash
+case "$1 $2" in
+  "show hostnames") printf 'gpu-node-a\\ngpu-node-b\\n' ;;
+  *) echo "scontrol $*" >> "$FAKE_LOG" ;;
+esac
+"""
+
+
+def render_sbatch(tmp_path: Path, srun_rc: int) -> tuple[subprocess.CompletedProcess, str]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    fake_log = tmp_path / f"slurm{srun_rc}.log"
+    slurm = {"SLURM_JOB_NUM_NODES": "2", "SLURM_GPUS_ON_NODE": "8", "SLURM_JOB_NODELIST": "gpu-node-[a-b]"}
+    slurm |= {"SLURM_SUBMIT_DIR": str(REPO), "SLURM_JOB_ID": "4242"}
+    slurm |= {"FAKE_LOG": str(fake_log), "FAKE_SRUN_RC": str(srun_rc), "DRY_RUN": "1"}
+    run_env = {**env(), **slurm, "PATH": f"{bin_dir}:{env()['PATH']}"}
+    cmd = ["bash", str(REPO / "launch" / "slurm.sbatch"), "data.dir=/shared/owt", "model=gpt2-small"]
+    result = subprocess.run(cmd, cwd=tmp_path, env=run_env, capture_output=True, text=True, timeout=60)
+    assert fake_log.is_file(), result.stdout + result.stderr
+    return result, fake_log.read_text()
+
+
+def test_sbatch_template_renders_one_torchrun_per_node_and_requeues(tmp_path: Path) -> None:
+    template = (REPO / "launch" / "slurm.sbatch").read_text()
+    assert subprocess.run(["bash", "-n", str(REPO / "launch" / "slurm.sbatch")]).returncode == 0
+    for directive in ("--signal=B:USR1@", "--requeue", "--ntasks-per-node=1"):
+        assert f"#SBATCH {directive}" in template
+
+    result, log = render_sbatch(tmp_path, srun_rc=0)
+    assert result.returncode == 0, result.stderr
+    srun = [line for line in log.splitlines() if line.startswith("srun ")]
+    assert len(srun) == 1 and "--nodes=2 --ntasks-per-node=1" in srun[0]
+    assert "launch/torchrun.sh --nnodes 2 --nproc-per-node 8 --master-addr gpu-node-a --master-port 29500" in srun[0]
+    torchruns = [line for line in log.splitlines() if "torchrun_agent.py" in line]
+    assert len(torchruns) == 2
+    for node, line in enumerate(torchruns):
+        assert f"--nnodes 2 --nproc_per_node 8 --node_rank {node} --master_addr gpu-node-a --master_port 29500" in line
+        assert line.endswith("-m pretrain.train data.dir=/shared/owt model=gpt2-small")
+    assert "scontrol requeue" not in log
+
+    result, log = render_sbatch(tmp_path, srun_rc=REQUEUE)  # the ranks saved after a stop signal
+    assert result.returncode == REQUEUE
+    assert "scontrol requeue 4242" in log
+
+
+def test_stop_request_catches_a_signal_and_rejects_unknown_names() -> None:
+    from data.errors import UserError
+    from pretrain.preemption import StopRequest
+
+    stop = StopRequest(["SIGUSR1"]).install()
+    try:
+        assert stop.agreed() is None
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.05)
+        assert stop.agreed() == "SIGUSR1"
+    finally:
+        stop.uninstall()
+    with pytest.raises(UserError, match="SIGNOPE"):
+        StopRequest(["SIGNOPE"])
+
+
+def test_watchdog_ends_a_stuck_phase_with_rank_step_and_operation() -> None:
+    code = (
+        "import time\nfrom parallel.watchdog import Watchdog\n"
+        "w = Watchdog(0.5, rank=3, world_size=4)\n"
+        "with w.watch('checkpoint save', 7):\n    time.sleep(30)\n"
+    )
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == WATCHDOG_EXIT_CODE
+    assert time.monotonic() - start < 15
+    assert "watchdog: rank 3 of 4, step 7, operation 'checkpoint save': not finished after" in result.stderr
+
+
+def test_async_save_is_refused_for_the_deepspeed_engine(char_shards: Path, tmp_path: Path) -> None:
+    args = [f"data.dir={char_shards}", f"run.dir={tmp_path}", "parallel.engine=deepspeed", "train.async_save=true"]
+    result = run_cli("pretrain.train", *args)
+    assert result.returncode == 2
+    assert "train.async_save=true: only the megatron engine" in result.stderr
