@@ -16,6 +16,7 @@ import json
 import os
 import random
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,12 @@ class CheckpointDir:
         self.keep_last = keep_last
         self._async: Any = None  # megatron-core AsyncCallsQueue, created by the first async save
         self._pending: list[Path] = []
+        self._pruner: threading.Thread | None = None
+
+    def _join_pruner(self) -> None:
+        if self._pruner is not None:
+            self._pruner.join()
+            self._pruner = None
 
     @staticmethod
     def resolve(spec: str | Path) -> Path:
@@ -141,14 +148,20 @@ class CheckpointDir:
         if self._async is None:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
+            from parallel.async_writer import use_writer_process
+
             self._async = AsyncCallsQueue(persistent=False)
+            use_writer_process(self._async)  # staged copy + persistent writer: no fork, no copy-on-write
         self._async.schedule_async_request(request)
         self._pending.append(final)
         return final
 
     def finalize(self, blocking: bool = False) -> list[Path]:
         """Commit the async saves whose writers are done on every rank (a collective while one
-        is pending: call it on all ranks at the same points); returns the committed steps."""
+        is pending: call it on all ranks at the same points); returns the committed steps.
+        ``blocking`` also waits for the deletion of pruned steps (call it before exiting)."""
+        if blocking:
+            self._join_pruner()
         if self._async is None or not self._async.get_num_unfinalized_calls():
             return []
         done = self._async.maybe_finalize_async_calls(blocking=blocking)
@@ -171,7 +184,10 @@ class CheckpointDir:
             marker_tmp.write_text(final.name + "\n")
             os.replace(marker_tmp, self.root / LATEST)
             _fsync_dir(self.root)
-            self._prune()
+            # deleting a large old step takes a while: off the training thread
+            self._join_pruner()
+            self._pruner = threading.Thread(target=self._prune, name="gpt-checkpoint-prune", daemon=True)
+            self._pruner.start()
         _barrier()
 
     def load(self, path: Path, engine: Any, restore_rng: bool) -> dict[str, Any]:
@@ -182,6 +198,7 @@ class CheckpointDir:
         return common
 
     def _prune(self) -> None:
+        """Delete all but the newest ``keep_last`` complete steps (never ``latest`` or a .tmp)."""
         steps = sorted(
             (int(p.name[len(PREFIX) :]), p)
             for p in self.root.glob(f"{PREFIX}*")

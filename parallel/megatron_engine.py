@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -76,6 +77,7 @@ class MegatronEngine:
         micro-batches and data-parallel ranks into the step's totals; ``batch_shape`` gives
         the (sequence length, sequences) of a micro-batch for the pipeline's messages."""
         self.cfg, self.topo = cfg, topo
+        self._save_strategy: Any = None
         self.forward_step, self.batch_shape = forward_step, batch_shape
         self.distributed_optimizer = distributed_optimizer
         train = cfg.train
@@ -211,7 +213,15 @@ class MegatronEngine:
             state = self._sharded_state_dict(is_loading=False)
             state["scheduler"] = self.scheduler.state_dict()
             state["common"] = common
-            return dist_checkpointing.save(state, str(directory), async_sharded_save=async_save)
+            writers = int(self.cfg.train.get("checkpoint_writers", 2))
+            if self._save_strategy is None:  # kept: caches the save plan across saves of the same layout
+                self._save_strategy = TorchDistSaveShardedStrategy(
+                    "torch_dist", 1, thread_count=writers, cached_metadata=True
+                )
+            strategy = self._save_strategy
+            return dist_checkpointing.save(
+                state, str(directory), sharded_strategy=strategy, async_sharded_save=async_save
+            )
 
     def _materialize_optimizer_state(self) -> None:
         """Give a fresh distributed optimizer its Adam state before describing what to load.

@@ -187,6 +187,7 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
             common.update(layout={"tp": topo.tp, "pp": topo.pp, "dp": topo.dp, "vpp": topo.vpp}, labels=task["labels"])
             ckpts.save(step, engine, common, files=(tokenizer_dir / TOKENIZER_FILE,))
         tick = time.perf_counter()
+    ckpts.finalize(blocking=True)  # waits for pruned steps to be deleted
     metrics.close()
     if val is None:  # resumed a finished run
         val = evaluate(engine, val_arrays, micro_eval, topo)
