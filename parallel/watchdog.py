@@ -97,6 +97,10 @@ class Watchdog:
         print(message, file=sys.stderr, flush=True)
         sys.stdout.flush()
         write_launch_status(WATCHDOG_EXIT_CODE)
+        import multiprocessing
+
+        for child in multiprocessing.active_children():  # checkpoint writer, megatron's queue manager
+            child.kill()
         os._exit(WATCHDOG_EXIT_CODE)
 
 

@@ -140,7 +140,7 @@ def _watchdog_case(char_shards: Path, tmp_path: Path, how: signal.Signals) -> tu
     """Stop node 1 (killed or frozen) after a checkpoint; node 0 must fail with the watchdog's message."""
     timeout_s = 15
     run = tmp_path / "run"
-    args = [f"data.dir={char_shards}", f"run.dir={run}", "train.max_steps=240", "train.save_every=20"]
+    args = [f"data.dir={char_shards}", f"run.dir={run}", "train.max_steps=100", "train.save_every=20"]
     args += [f"parallel.timeout_s={timeout_s}", "logging.wandb=disabled"]
     port = free_port()
     nodes = [start_node(i, 2, port, tmp_path / f"node{i}.log", *args) for i in (0, 1)]
@@ -164,7 +164,7 @@ def _watchdog_case(char_shards: Path, tmp_path: Path, how: signal.Signals) -> tu
     finally:
         kill_all([one])
     assert f"at step {complete}" in (tmp_path / "resume.log").read_text()
-    assert last_step(run) == 240
+    assert last_step(run) == 100
     return log, elapsed
 
 
