@@ -27,7 +27,8 @@ node_rank=${NODE_RANK:-${SLURM_NODEID:-}}
 master_port=${MASTER_PORT:-29500}
 master_addr=${MASTER_ADDR:-}
 if [ -z "$master_addr" ] && [ -n "${SLURM_JOB_NODELIST:-}" ] && command -v scontrol >/dev/null; then
-  master_addr=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  hosts=$(scontrol show hostnames "$SLURM_JOB_NODELIST")  # no `| head`: SIGPIPE + pipefail
+  master_addr=${hosts%%$'\n'*}
 fi
 master_addr=${master_addr:-127.0.0.1}
 nproc=${NPROC_PER_NODE:-}

@@ -35,6 +35,7 @@ from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSys
 def _staged(write_buckets: list[Any], buffers: dict[tuple[int, int], torch.Tensor]) -> list[Any]:
     """The buckets with every tensor copied into ``buffers`` (kept across saves: reusing them
     avoids faulting in fresh pages for every save; ``.to('cpu')`` of a host tensor is the tensor itself)."""
+    _check_shared_memory(write_buckets, buffers)
     staged = []
     for b, (file_name, storage_key, (bytes_data, tensor_data)) in enumerate(write_buckets):
         tensors = []
@@ -45,6 +46,29 @@ def _staged(write_buckets: list[Any], buffers: dict[tuple[int, int], torch.Tenso
             tensors.append((item, buffer.copy_(tensor.detach())))
         staged.append((file_name, storage_key, (bytes_data, tensors)))
     return staged
+
+
+def _check_shared_memory(write_buckets: list[Any], buffers: dict[tuple[int, int], torch.Tensor]) -> None:
+    """Refuse early when /dev/shm cannot hold the new buffers: a full tmpfs shows up as a
+    SIGBUS in the middle of a copy, not as an error."""
+    import shutil
+
+    needed = sum(
+        tensor.numel() * tensor.element_size()
+        for b, (_, _, (_, tensor_data)) in enumerate(write_buckets)
+        for i, (_, tensor) in enumerate(tensor_data)
+        if (b, i) not in buffers
+    )
+    try:
+        free = shutil.disk_usage("/dev/shm").free
+    except OSError:
+        return
+    if needed > free:
+        raise RuntimeError(
+            f"train.async_save=true: the checkpoint staging buffers need {needed / 2**20:.0f} MiB of shared "
+            f"memory and /dev/shm has {free / 2**20:.0f} MiB free; enlarge it (docker: --shm-size) "
+            "or set train.async_save=false"
+        )
 
 
 def _write(transform_list: Any, use_msc: bool, rank: int, write_buckets: list[Any], results_queue: Any) -> None:
