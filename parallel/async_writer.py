@@ -1,4 +1,4 @@
-"""Async checkpoint writing from a thread over a staged copy, for megatron-core's async saves.
+"""Async checkpoint writing from a persistent process over a staged copy, for megatron-core's async saves.
 
 megatron-core's default async caller forks a writer per save. On a GPU node that is
 cheap: the forked writer reads pinned host copies. When the state lives in host memory
@@ -10,11 +10,12 @@ move the live parameters into shared memory and write them while training change
 
 This caller instead:
 
-1. **stages** the tensors to write into private copies (one memcpy of the checkpoint,
-   the only part training waits for, like megatron's D2H copy on GPU), and
-2. **writes** them from a daemon thread with megatron-core's own per-bucket writer
-   (``FileSystemWriterAsync.write_preloaded_data``), which releases the GIL during the
-   file writes,
+1. **stages** the tensors to write into shared-memory buffers reused across saves (one
+   memcpy of the checkpoint, the only part training waits for, like megatron's D2H copy
+   on GPU), and
+2. **writes** them from one persistent spawned process with megatron-core's own
+   per-bucket writer (``FileSystemWriterAsync.write_preloaded_data``). A writer thread
+   was measured too: it contends for the GIL (stall ratio 0.59 against 0.20 here).
 
 then reports the results to megatron's finalize step through the same queue as its
 forked writer does. Completion is agreed over ranks by the base class's all-reduce.

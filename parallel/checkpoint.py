@@ -4,9 +4,9 @@ A step is written into ``checkpoints/.step_<N>.tmp`` by every rank (megatron-cor
 ``dist_checkpointing`` shards plus one RNG file per rank), then rank 0 renames it
 to ``step_<N>`` and only then rewrites ``latest``. A crash at any point leaves
 ``latest`` naming the previous complete checkpoint; stale ``.tmp`` directories are
-removed on the next save. An async save (``train.async_save``) writes the shards from
-a forked process while training goes on, and commits at a later step boundary once
-every rank's writer has finished.
+removed on the next save. An async save (``train.async_save``) stages the shards into
+shared memory, a writer process writes them while training goes on, and the step is
+committed at a later step boundary once every rank's writer has finished.
 """
 
 from __future__ import annotations

@@ -208,7 +208,7 @@ class MegatronEngine:
 
     def save(self, directory: Path, common: dict[str, Any], async_save: bool = False) -> Any:
         """Sharded save; with ``async_save`` the shard writing is returned as megatron-core's
-        ``AsyncRequest`` (a forked writer: a copy-on-write snapshot of this step's tensors)."""
+        ``AsyncRequest``, which ``CheckpointDir`` stages and hands to its writer process."""
         with cpu_compat.tensors_pass_as_cuda():
             state = self._sharded_state_dict(is_loading=False)
             state["scheduler"] = self.scheduler.state_dict()
