@@ -163,6 +163,26 @@ def _clip_grad_by_total_norm_fp32(
         torch._foreach_mul_(grads, clip_coeff)
 
 
+def _foreach_l2_norm(_chunk_size: int, _noop: Any, tensor_lists: list, _per_tensor: bool, *_: Any) -> tuple:
+    """megatron's no-Apex/TE stand-in for ``amp_C.multi_tensor_l2norm``, with ``_foreach_norm``.
+
+    megatron's own fallback takes one ``torch.norm`` per tensor, gathers them through
+    ``torch.tensor(list)`` and ``float()`` (a host sync on GPU); this is one foreach kernel
+    and one stack, and the result stays on the grads' device.
+    """
+    norms = torch._foreach_norm(tensor_lists[0])
+    return torch.linalg.vector_norm(torch.stack(norms)).reshape(1).float(), None
+
+
+def _use_foreach_grad_norm() -> None:
+    """Replace megatron's per-tensor grad-norm fallback (used when neither Apex nor TE is there)."""
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads
+
+    if getattr(clip_grads, "l2_norm_impl", None) is utils.local_multi_tensor_l2_norm:
+        clip_grads.l2_norm_impl = _foreach_l2_norm
+
+
 _CUDA_TYPE_NAMES = {
     "torch.FloatTensor": "torch.cuda.FloatTensor",
     "torch.HalfTensor": "torch.cuda.HalfTensor",
@@ -267,6 +287,7 @@ def apply(force: bool = False) -> bool:
         return True
     check_version()
     _fix_torch_adam_reshard_load()
+    _use_foreach_grad_norm()
     if torch.cuda.is_available() and not force:
         return False
     facade = _CpuTorch()

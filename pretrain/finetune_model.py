@@ -58,11 +58,12 @@ class FinetuneGPT(MegatronModule):
         output = self.module(tokens, positions, None, labels=labels)
         if not self.post_process:
             return output
-        hidden = self._hidden  # [L, n·k, h] (or [L/tp, ...] with sequence parallelism)
+        hidden = self._hidden  # [L, n·k, h] (or [L/tp, ...] with sequence parallelism; [n·k, L, h] batch-first)
         if self.config.sequence_parallel:
             hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
         rows = torch.arange(tokens.shape[0], device=tokens.device)
-        final = self.dropout(hidden[extract, rows].float())  # [n·k, h]
+        picked = hidden[rows, extract] if getattr(self.module, "batch_first", False) else hidden[extract, rows]
+        final = self.dropout(picked.float())  # [n·k, h]
         if self.task_type == "similarity":  # both orders, summed (GPT-1)
             final = final.view(-1, k, final.shape[-1]).sum(1)
         scores = self.finetune_head(final.to(self.finetune_head.weight.dtype)).float()

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
@@ -101,6 +102,8 @@ class SDPAttention(DotProductAttention):
     output ([s, b, hidden per partition]), same dropout RNG handling, so TP/SP/PP are unchanged.
     """
 
+    batch_first = False  # set by :class:`GPT` when the whole model runs [b, s, h]
+
     def forward(
         self,
         query: torch.Tensor,
@@ -116,7 +119,10 @@ class SDPAttention(DotProductAttention):
         groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
         if groups > 1:
             key, value = key.repeat_interleave(groups, dim=2), value.repeat_interleave(groups, dim=2)
-        q, k, v = (t.permute(1, 2, 0, 3).contiguous() for t in (query, key, value))  # [b, heads, s, head_dim]
+        if self.batch_first:  # [b, s, heads, head_dim]: views with nanoGPT's strides, no copies
+            q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+        else:  # [s, b, heads, head_dim]: positions b·heads·d apart are slow for SDPA on CPU; copy
+            q, k, v = (t.permute(1, 2, 0, 3).contiguous() for t in (query, key, value))  # [b, heads, s, head_dim]
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         causal = attention_mask is None and mask_type == AttnMaskType.causal
         mask = None if attention_mask is None else ~attention_mask  # megatron: True = masked out
@@ -131,6 +137,8 @@ class SDPAttention(DotProductAttention):
                 q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, scale=self.softmax_scale
             )
         s, b = context.shape[2], context.shape[0]
+        if self.batch_first:
+            return context.transpose(1, 2).reshape(b, s, self.hidden_size_per_partition)
         return context.permute(2, 0, 1, 3).reshape(s, b, self.hidden_size_per_partition)
 
 
@@ -168,15 +176,62 @@ class LocalRowParallelLinear(_FusedBiasAtTp1, tensor_parallel.RowParallelLinear)
         return super().forward(input_)
 
 
+class BatchFirstEmbedding(LanguageModelEmbedding):
+    """Word + position embeddings left in [b, s, h] (megatron transposes to [s, b, h] here)."""
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, tokentype_ids: Any = None) -> torch.Tensor:
+        embeddings = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
+        if self.config.fp32_residual_connection:
+            embeddings = embeddings.float()
+        return self.embedding_dropout(embeddings)
+
+
 class GPT(GPTModel):
-    """megatron-core's ``GPTModel`` with a fused cross-entropy at tp = 1.
+    """megatron-core's ``GPTModel`` with a fused cross-entropy at tp = 1, batch-first when it can.
 
     megatron's vocab-parallel cross-entropy does three all-reduces over the tp group and
     ~10 elementwise passes over the logits even when the group has one rank (~8% of a
     ``model=tiny`` CPU step); ``F.cross_entropy`` is the same loss in one fused kernel.
+
+    megatron lays activations out [s, b, h] because sequence parallelism splits dim 0 and
+    pipeline stages exchange [s, b, h] buffers. Without either (tp = pp = 1) and with
+    :class:`SDPAttention` as the core attention, nothing needs that layout: ``batch_first``
+    keeps the embeddings [b, s, h], so q/k/v reach SDPA as views with contiguous rows and
+    the transposes (and their backward copies) disappear. Layers, norms and MLPs act on the
+    last dimension and do not care. Outputs are the same in both layouts: loss [b, s],
+    logits [b, s, vocab].
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        cfg = self.config
+        attentions = [m for m in self.modules() if isinstance(m, DotProductAttention)]
+        self.batch_first = (
+            cfg.tensor_model_parallel_size == 1
+            and cfg.pipeline_model_parallel_size == 1
+            and cfg.context_parallel_size == 1
+            and not cfg.sequence_parallel
+            and bool(attentions)
+            and all(isinstance(m, SDPAttention) for m in attentions)
+        )
+        if self.batch_first:
+            for m in attentions:
+                m.batch_first = True
+            self.embedding.__class__ = BatchFirstEmbedding
+        if self.post_process and isinstance(self.output_layer, tensor_parallel.ColumnParallelLinear):
+            self.output_layer.__class__ = LocalColumnParallelLinear  # F.linear at tp = 1
+            self.output_layer._set_fused(cfg)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: Any, **kwargs: Any) -> Any:
+        output = super().forward(input_ids, position_ids, attention_mask, **kwargs)
+        if self.batch_first and kwargs.get("labels") is None and self.post_process:
+            return output.transpose(0, 1)  # megatron returned [b, s, V] "transposed" to [s, b, V]
+        return output
+
     def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if self.batch_first:  # logits [b, s, vocab]
+            b, s, vocab = logits.shape
+            return F.cross_entropy(logits.reshape(-1, vocab).float(), labels.reshape(-1), reduction="none").view(b, s)
         if parallel_state.get_tensor_model_parallel_world_size() > 1:
             return super().compute_language_model_loss(labels, logits)
         s, b, vocab = logits.shape  # labels: [b, s]

@@ -57,19 +57,27 @@ def test_loss_is_next_token_cross_entropy_with_tied_embeddings(single_process) -
 
 
 def test_sdpa_core_attention_matches_megatrons(single_process) -> None:  # noqa: ANN001
-    """Same weights (attention has none of its own), same loss and gradients as megatron's kernel."""
+    """Same weights (attention has none of its own), same loss, logits and gradients as megatron's
+    kernel -- which runs megatron's [s, b, h] layout, while the SDPA model runs batch-first."""
     cfg = single_process
     tokens = torch.randint(0, 67, (2, 33))
     results = []
     for attention in ("megatron", "sdpa"):
         cfg.model.attention = attention
         model = build_gpt(cfg.model, 67, transformer_config(cfg.model), seed=3)
+        layout = []
+        model.decoder.register_forward_hook(lambda _m, _i, out, seen=layout: seen.append(tuple(out.shape)))
         loss = model(tokens[:, :-1], position_ids(2, 32), None, labels=tokens[:, 1:]).mean()
         loss.backward()
+        logits = model(tokens[:, :-1], position_ids(2, 32), None).detach()
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-        results.append((loss.detach(), grads, type(model.decoder.layers[0].self_attention.core_attention).__name__))
-    (loss_a, grads_a, kind_a), (loss_b, grads_b, kind_b) = results
-    assert (kind_a, kind_b) == ("DotProductAttention", "SDPAttention")
+        kind = type(model.decoder.layers[0].self_attention.core_attention).__name__
+        results.append((loss.detach(), logits, grads, kind, model.batch_first, layout[0]))
+    (loss_a, logits_a, grads_a, *meta_a), (loss_b, logits_b, grads_b, *meta_b) = results
+    assert meta_a == ["DotProductAttention", False, (32, 2, 128)]
+    assert meta_b == ["SDPAttention", True, (2, 32, 128)]
+    assert logits_a.shape == logits_b.shape == (2, 32, padded_vocab_size(67, cfg.model))
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(logits_b, logits_a, rtol=1e-5, atol=1e-5)
     for name, grad in grads_a.items():
         torch.testing.assert_close(grads_b[name], grad, rtol=1e-4, atol=1e-6)
