@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("eval")
     parser.add_argument("--work", default=None)
     parser.add_argument("--examples", type=int, default=1000, help="labeled train examples for fine-tuning")
-    parser.add_argument("--pretrain-steps", type=int, default=4000)
+    parser.add_argument("--pretrain-steps", type=int, default=12000)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--lr", type=float, default=3e-4, help="fine-tuning peak learning rate")
     parser.add_argument("--seed", type=int, default=1234)
