@@ -62,7 +62,7 @@ class FinetuneGPT(MegatronModule):
         if self.config.sequence_parallel:
             hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
         rows = torch.arange(tokens.shape[0], device=tokens.device)
-        picked = hidden[rows, extract] if getattr(self.module, "batch_first", False) else hidden[extract, rows]
+        picked = hidden[rows, extract] if self.module.batch_first else hidden[extract, rows]
         final = self.dropout(picked.float())  # [n·k, h]
         if self.task_type == "similarity":  # both orders, summed (GPT-1)
             final = final.view(-1, k, final.shape[-1]).sum(1)
