@@ -17,19 +17,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run(args: list[str], log: Path) -> None:
+def run(args: list[str], log: Path, threads: int | None = None) -> None:
     start = time.perf_counter()
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
     with log.open("w") as out:
-        code = subprocess.run([sys.executable, "-m", *args], cwd=REPO, stdout=out, stderr=subprocess.STDOUT).returncode
+        cmd = [sys.executable, "-m", *args]
+        code = subprocess.run(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
     if code:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
         sys.exit(f"{args[0]} failed (exit {code}), see {log}:\n{tail}")
@@ -44,14 +48,19 @@ def main() -> None:
     parser.add_argument("--work", default=None)
     parser.add_argument("--examples", type=int, default=1000, help="labeled train examples for fine-tuning")
     parser.add_argument("--pretrain-steps", type=int, default=12000)
+    parser.add_argument("--dropout", type=float, default=0.1, help="model dropout (pretraining and fine-tuning)")
+    parser.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary trained on TRAIN's texts")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--lr", type=float, default=3e-4, help="fine-tuning peak learning rate")
     parser.add_argument(
         "--seeds",
         type=int,
         nargs="+",
-        default=[1234],
+        default=[1234, 1],
         help="fine-tuning seeds (head init, example sample, order, dropout); accuracies are averaged over them",
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=min(2, os.cpu_count() or 1), help="fine-tuning runs side by side (1 thread each)"
     )
     args = parser.parse_args()
     files = [Path(p).resolve() for p in (args.train, args.validation, args.eval)]
@@ -65,7 +74,8 @@ def main() -> None:
     started = time.perf_counter()
     data = work / "data"
     if not (data / "manifest.json").is_file():
-        prep = [f"input={train}", f"out={data}", "tokenizer=bpe", "vocab_size=2048", "seq_len=64", "overwrite=true"]
+        prep = [f"input={train}", f"out={data}", "tokenizer=bpe", f"vocab_size={args.vocab_size}", "seq_len=64"]
+        prep.append("overwrite=true")
         run(["data.prepare", *prep], work / "prepare.log")
     pretrained = work / "pretrain"
     steps = args.pretrain_steps
@@ -74,7 +84,7 @@ def main() -> None:
             "pretrain.train",
             f"data.dir={data}",
             "model=tiny",
-            "model.dropout=0.1",
+            f"model.dropout={args.dropout}",
             f"run.dir={pretrained}",
             f"train.max_steps={steps}",
             "train.micro_batch=16",
@@ -87,41 +97,45 @@ def main() -> None:
         ],
         work / "pretrain.log",
     )
+    arms = [(scratch, weight) for scratch in (False, True) for weight in (0.0, 0.5)]
+    runs = []  # (arm, seed, name, args)
+    for scratch, weight in arms:
+        for seed in args.seeds:
+            name = f"{'scratch' if scratch else 'pretrained'}-lambda{weight}" + (
+                f"-seed{seed}" if len(args.seeds) > 1 else ""
+            )
+            overrides = [
+                f"init.checkpoint={pretrained}",
+                "task.type=classification",
+                f"task.train={train}",
+                f"task.validation={validation}",
+                f"task.test={evaluation}",
+                f"task.max_train_examples={args.examples}",
+                f"finetune.aux_lm_weight={weight}",
+                f"finetune.from_scratch={str(scratch).lower()}",
+                f"finetune.epochs={args.epochs}",
+                f"train.lr={args.lr}",
+                f"train.seed={seed}",
+                "train.eval_every=1000000",  # validation once, at the end
+                f"run.dir={work / name}",
+                "train.save_every=-1",
+                "logging.wandb=disabled",
+                "logging.progress_bar=false",
+            ]
+            runs.append(((scratch, weight), name, overrides))
+    # independent runs side by side, one thread each: on a few cores that beats one run using all
+    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(lambda r: run(["pretrain.finetune", *r[2]], work / f"{r[1]}.log", threads), runs))
     rows = []
-    for scratch in (False, True):
-        for weight in (0.0, 0.5):
-            results = []
-            for seed in args.seeds:
-                name = f"{'scratch' if scratch else 'pretrained'}-lambda{weight}" + (
-                    f"-seed{seed}" if len(args.seeds) > 1 else ""
-                )
-                run_dir = work / name
-                run(
-                    [
-                        "pretrain.finetune",
-                        f"init.checkpoint={pretrained}",
-                        "task.type=classification",
-                        f"task.train={train}",
-                        f"task.validation={validation}",
-                        f"task.test={evaluation}",
-                        f"task.max_train_examples={args.examples}",
-                        f"finetune.aux_lm_weight={weight}",
-                        f"finetune.from_scratch={str(scratch).lower()}",
-                        f"finetune.epochs={args.epochs}",
-                        f"train.lr={args.lr}",
-                        f"train.seed={seed}",
-                        f"run.dir={run_dir}",
-                        "train.save_every=-1",
-                        "logging.wandb=disabled",
-                        "logging.progress_bar=false",
-                    ],
-                    work / f"{name}.log",
-                )
-                result = json.loads((run_dir / "results.json").read_text())
-                results.append((result["val_acc"], result["test_acc"]))
-            val = sum(r[0] for r in results) / len(results)
-            test = sum(r[1] for r in results) / len(results)
-            rows.append((scratch, weight, val, test, [r[1] for r in results]))
+    for arm in arms:
+        results = []
+        for _, name, _ in (r for r in runs if r[0] == arm):
+            result = json.loads((work / name / "results.json").read_text())
+            results.append((result["val_acc"], result["test_acc"]))
+        val = sum(r[0] for r in results) / len(results)
+        test = sum(r[1] for r in results) / len(results)
+        rows.append((arm[0], arm[1], val, test, [r[1] for r in results]))
     total = time.perf_counter() - started
     seeds = ", ".join(map(str, args.seeds))
     print(f"\n{args.examples} labeled examples, {Path(args.eval).name} as eval set, seeds {seeds}, total {total:.0f}s")

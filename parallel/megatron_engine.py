@@ -17,11 +17,13 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get_standard_config_overrides
+from megatron.core.optimizer.optimizer_config import ParamKey
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 from omegaconf import DictConfig
 
+from data.errors import UserError
 from parallel import cpu_compat
 from parallel.engine import StepResult, lr_scheduler
 from parallel.topology import Topology
@@ -76,6 +78,25 @@ def _lm_batch_shape(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
     """(sequence length, sequences) the model sees for a batch of windows (inputs drop the last token)."""
     rows, width = batch["tokens"].shape
     return width - 1, rows
+
+
+def lr_overrides(opt_config: OptimizerConfig, train: DictConfig) -> dict | None:
+    """megatron's param-group overrides with ``train.lr_mult`` ({name glob: factor}) applied.
+
+    A factor scales a group's peak and final learning rate (the schedule keeps its shape):
+    fine-tuning gives its new head a larger rate than the pretrained body. The standard
+    overrides (no weight decay on biases and norms) are kept.
+    """
+    mults = train.get("lr_mult") or {}
+    if not mults:
+        return None
+    overrides = get_standard_config_overrides(opt_config)
+    for pattern, factor in mults.items():
+        if float(factor) <= 0:
+            raise UserError(f"train.lr_mult.{pattern}={factor}: must be > 0")
+        lrs = {"max_lr": opt_config.lr * float(factor), "min_lr": opt_config.min_lr * float(factor)}
+        overrides[ParamKey(name=str(pattern))] = lrs
+    return overrides
 
 
 class MegatronEngine:
@@ -142,7 +163,7 @@ class MegatronEngine:
             use_distributed_optimizer=ddp_config.use_distributed_optimizer,
         )
         with cpu_compat.tensors_pass_as_cuda():
-            self.optimizer = get_megatron_optimizer(opt_config, self.model)
+            self.optimizer = get_megatron_optimizer(opt_config, self.model, lr_overrides(opt_config, train))
         _fuse_torch_adamw(self.optimizer)
         self.scheduler = lr_scheduler(self.optimizer, train)
         # the schedule calls this after the last micro-batch: DP grad all-reduce (or

@@ -92,6 +92,8 @@ class Topology:
         if "data" in cfg and cfg.data.num_streams % dp:
             raise UserError(f"data.num_streams={cfg.data.num_streams} is not divisible by dp={dp}")
         engine = _check_engine(par, tp, pp)
+        if engine == "deepspeed" and train.get("lr_mult"):
+            raise UserError("train.lr_mult: per-parameter learning rates need parallel.engine=megatron")
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         # DeepSpeed does not all-reduce sequence-parallel LayerNorm grads over tp: TP without SP there
         sp = bool(par.sequence_parallel) and tp > 1 and engine == "megatron"

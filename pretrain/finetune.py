@@ -30,6 +30,8 @@ from pretrain.cli import exit_on_user_error, quiet_third_party, set_rank_threads
 from pretrain.finetune_data import TaskBatches, eval_micro_batches, write_results
 from pretrain.metrics import Metrics
 
+HEAD_PARAMS = "*finetune_head.*"  # the task head's parameter names (under megatron's DDP wrapper)
+
 
 def load_task(cfg: DictConfig, tokenizer: Any, special: SpecialTokens, seq_len: int) -> dict[str, Any]:
     """Encoded train / validation / test examples, the label vocabulary and the sequence length."""
@@ -65,6 +67,11 @@ def engine_config(cfg: DictConfig, pretrained: dict[str, Any], max_steps: int) -
         warmup_steps=int(round(float(cfg.train.warmup_fraction) * max_steps)),
         lr_decay_steps=max_steps,
     )
+    head_mult = float(cfg.finetune.get("head_lr_mult", 1.0))
+    if head_mult <= 0:
+        raise UserError(f"finetune.head_lr_mult={head_mult}: must be > 0")
+    if head_mult != 1.0:
+        train["lr_mult"] = {HEAD_PARAMS: head_mult}
     return OmegaConf.create(
         {
             "model": pretrained["config"]["model"],

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from data.errors import UserError
 from parallel import cpu_compat
 from pretrain.cli import compose
 
@@ -52,3 +53,53 @@ def test_foreach_grad_norm_equals_the_total_l2_norm() -> None:
     assert per_tensor is None and norm.shape == (1,)
     expected = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads]))
     assert norm.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_lr_mult_scales_the_matching_param_group() -> None:
+    from parallel.megatron_engine import MegatronEngine
+    from parallel.topology import Topology
+
+    overrides = ["model=tiny", "data.dir=unused", "train.lr=1e-3", "train.warmup_steps=0", "train.lr_schedule=constant"]
+    cfg = compose(overrides)
+    cfg.train.lr_mult = {"*word_embeddings.*": 10.0}
+    topo = Topology.from_config(cfg, world_size=1, rank=0)
+    topo.init(seed=1)
+    try:
+        engine = MegatronEngine(cfg, topo, 67, distributed_optimizer=False)
+        engine.train_step([{"tokens": torch.randint(0, 67, (4, 65)), "mask": torch.ones(4, 64)}])
+        embedding = engine.model[0].module.embedding.word_embeddings.weight
+        groups = engine.optimizer.chained_optimizers[0].optimizer.param_groups
+        lrs = sorted((any(p is embedding for p in g["params"]), round(g["lr"], 9)) for g in groups)
+        assert lrs == [(False, 1e-3), (False, 1e-3), (True, 1e-2)]  # decayed and undecayed body groups
+        # biases and norms still skip weight decay next to the new group
+        assert sorted({g["weight_decay"] for g in groups}) == [0.0, 0.1]
+        cfg.train.lr_mult = {"*": 0.0}
+        with pytest.raises(UserError, match=r"train.lr_mult.\*=0.0"):
+            MegatronEngine(cfg, topo, 67, distributed_optimizer=False)
+        cfg.parallel.engine = "deepspeed"
+        with pytest.raises(UserError, match="train.lr_mult: .* parallel.engine=megatron"):
+            Topology.from_config(cfg, world_size=1, rank=0)
+    finally:
+        Topology.destroy()
+
+
+def test_head_lr_mult_reaches_the_finetuning_head() -> None:
+    from parallel.megatron_engine import MegatronEngine
+    from parallel.topology import Topology
+    from pretrain.finetune import HEAD_PARAMS
+    from pretrain.finetune_model import FinetuneGPT
+
+    cfg = compose(["model=tiny", "data.dir=unused", "train.lr=1e-3", "train.warmup_steps=0"])
+    cfg.train.lr_mult = {HEAD_PARAMS: 30.0}
+    topo = Topology.from_config(cfg, world_size=1, rank=0)
+    topo.init(seed=1)
+    try:
+        engine = MegatronEngine(cfg, topo, 67, False, lambda gpt: FinetuneGPT(gpt, "classification", 2, 0.1, 1))
+        head = set(map(id, engine.model[0].module.finetune_head.parameters()))
+        groups = engine.optimizer.chained_optimizers[0].optimizer.param_groups
+        by_lr: dict[float, set[int]] = {}
+        for group in groups:
+            by_lr.setdefault(round(group["lr"], 9), set()).update(id(p) for p in group["params"])
+        assert by_lr.keys() == {1e-3, 3e-2} and by_lr[3e-2] == head  # head weight and bias, nothing else
+    finally:
+        Topology.destroy()

@@ -167,6 +167,7 @@ def test_unseen_label_and_cli_errors_are_one_line(trained_runs, tmp_path: Path) 
         (tmp_path / "missing.jsonl", [], "missing.jsonl: not found"),
         (train, ["task.type=regression"], "task.type=regression: expected one of"),
         (train, ["train.global_batch=64"], "fewer than train.global_batch=64"),
+        (train, ["finetune.head_lr_mult=0"], "finetune.head_lr_mult=0.0: must be > 0"),
     ]
     for validation, extra, message in cases:
         result = finetune(trained_runs["tp1"], "classification", train, validation, tmp_path / "run", *extra)
