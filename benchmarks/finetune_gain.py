@@ -75,8 +75,7 @@ def main() -> None:
     data = work / "data"
     if not (data / "manifest.json").is_file():
         prep = [f"input={train}", f"out={data}", "tokenizer=bpe", f"vocab_size={args.vocab_size}", "seq_len=64"]
-        prep.append("overwrite=true")
-        run(["data.prepare", *prep], work / "prepare.log")
+        run(["data.prepare", *prep, "overwrite=true"], work / "prepare.log")
     pretrained = work / "pretrain"
     steps = args.pretrain_steps
     run(
@@ -98,12 +97,10 @@ def main() -> None:
         work / "pretrain.log",
     )
     arms = [(scratch, weight) for scratch in (False, True) for weight in (0.0, 0.5)]
-    runs = []  # (arm, seed, name, args)
+    runs = []  # (arm, run name, gpt-finetune overrides)
     for scratch, weight in arms:
         for seed in args.seeds:
-            name = f"{'scratch' if scratch else 'pretrained'}-lambda{weight}" + (
-                f"-seed{seed}" if len(args.seeds) > 1 else ""
-            )
+            name = f"{'scratch' if scratch else 'pretrained'}-lambda{weight}-seed{seed}"
             overrides = [
                 f"init.checkpoint={pretrained}",
                 "task.type=classification",
@@ -126,11 +123,13 @@ def main() -> None:
     # independent runs side by side, one thread each: on a few cores that beats one run using all
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        list(pool.map(lambda r: run(["pretrain.finetune", *r[2]], work / f"{r[1]}.log", threads), runs))
+        jobs = [pool.submit(run, ["pretrain.finetune", *over], work / f"{name}.log", threads) for _, name, over in runs]
+        for job in jobs:
+            job.result()  # re-raises a failed run's exit
     rows = []
     for arm in arms:
         results = []
-        for _, name, _ in (r for r in runs if r[0] == arm):
+        for name in (name for run_arm, name, _ in runs if run_arm == arm):
             result = json.loads((work / name / "results.json").read_text())
             results.append((result["val_acc"], result["test_acc"]))
         val = sum(r[0] for r in results) / len(results)
