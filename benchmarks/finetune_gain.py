@@ -143,10 +143,22 @@ def main() -> None:
     for scratch, weight, val, test, per_seed in rows:
         each = " / ".join(f"{a:.4f}" for a in per_seed)
         print(f"| {'from scratch' if scratch else 'pretrained'} | {weight} | {val:.4f} | {test:.4f} | {each} |")
-    best_pretrained = max(test for scratch, _, _, test, _ in rows if not scratch)
-    best_scratch = max(test for scratch, _, _, test, _ in rows if scratch)
-    gain = 100 * (best_pretrained - best_scratch)
+    best_pretrained = max((row for row in rows if not row[0]), key=lambda row: row[3])
+    best_scratch = max((row for row in rows if row[0]), key=lambda row: row[3])
+    # the two best arms share seeds (same labeled sample and order): the spread of the
+    # per-seed differences is the gain's noise, which can exceed the gain on a few seeds
+    diffs = [100 * (p - s) for p, s in zip(best_pretrained[4], best_scratch[4], strict=True)]
+    if len(diffs) > 1:
+        print(f"per-seed gain, points: {' / '.join(f'{d:.1f}' for d in diffs)}; {paired_error(diffs)}")
+    gain = 100 * (best_pretrained[3] - best_scratch[3])
     print(f"gain of pretraining (best pretrained - best from scratch, means over seeds), points: {gain:.1f}")
+
+
+def paired_error(diffs: list[float]) -> str:
+    """Standard error of the mean per-seed gain (sample standard deviation / sqrt(seeds))."""
+    mean = sum(diffs) / len(diffs)
+    var = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
+    return f"standard error of the mean gain {(var / len(diffs)) ** 0.5:.1f}"
 
 
 if __name__ == "__main__":
