@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -156,9 +157,7 @@ def main() -> None:
 
 def paired_error(diffs: list[float]) -> str:
     """Standard error of the mean per-seed gain (sample standard deviation / sqrt(seeds))."""
-    mean = sum(diffs) / len(diffs)
-    var = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
-    return f"standard error of the mean gain {(var / len(diffs)) ** 0.5:.1f}"
+    return f"standard error of the mean gain {statistics.stdev(diffs) / len(diffs) ** 0.5:.1f}"
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ def engine_config(cfg: DictConfig, pretrained: dict[str, Any], max_steps: int) -
     if head_mult <= 0:
         raise UserError(f"finetune.head_lr_mult={head_mult}: must be > 0")
     if head_mult != 1.0:
-        train["lr_mult"] = {HEAD_PARAMS: head_mult}
+        train["lr_mult"] = {**(train.get("lr_mult") or {}), HEAD_PARAMS: head_mult}  # keeps the user's
     return OmegaConf.create(
         {
             "model": pretrained["config"]["model"],
