@@ -7,3 +7,8 @@ is a bug and keeps its traceback.
 
 class UserError(Exception):
     """Bad input, bad config or missing files, explained in one line."""
+
+
+class RunError(Exception):
+    """The run cannot go on (disk full, no intact checkpoint, too many skipped steps), explained in
+    one line; exit status 1, and whatever was committed before it stays intact."""

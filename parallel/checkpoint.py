@@ -1,22 +1,30 @@
-"""Run-dir checkpoint layout: ``checkpoints/step_<N>/`` committed atomically, ``latest`` last.
+"""Run-dir checkpoint layout: ``checkpoints/step_<N>/`` committed atomically and verified.
 
 A step is written into ``checkpoints/.step_<N>.tmp`` by every rank (megatron-core
-``dist_checkpointing`` shards plus one RNG file per rank), then rank 0 renames it
-to ``step_<N>`` and only then rewrites ``latest``. A crash at any point leaves
-``latest`` naming the previous complete checkpoint; stale ``.tmp`` directories are
-removed on the next save. An async save (``train.async_save``) stages the shards into
-shared memory, a writer process writes them while training goes on, and the step is
-committed at a later step boundary once every rank's writer has finished.
+``dist_checkpointing`` shards or DeepSpeed's files, plus one RNG file per rank); rank 0
+then writes ``checksums.json`` (sizes and digests the writers computed as they wrote,
+see ``parallel/checksums.py``), renames the directory to ``step_<N>`` — the commit — and
+only then rewrites ``latest``. A crash at any point leaves the previous steps complete;
+a failed save removes its ``.tmp`` at once. ``latest`` is a hint for people: the step a
+run resumes from is the newest ``step_<N>`` that passes verification, and a step that
+fails it is named in one line and skipped for the next older one. An async save
+(``train.async_save``) stages the shards into shared memory, a writer process writes
+them while training goes on, and the step is committed at a later step boundary once
+every rank's writer has finished.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import itertools
 import json
 import os
 import random
 import shutil
+import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +32,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data.errors import UserError
+from data.errors import RunError, UserError
+from parallel import checksums
 
 LATEST = "latest"
 PREFIX = "step_"
@@ -79,13 +88,13 @@ def checkpoint_engine(common: dict[str, Any]) -> str:
 
 
 class CheckpointDir:
-    """``run.dir/checkpoints``: find, save, load and prune step directories."""
+    """``run.dir/checkpoints``: find, verify, save, load and prune step directories."""
 
     def __init__(self, run_dir: str | Path, keep_last: int = 3):
         self.root = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
         self._async: Any = None  # megatron-core AsyncCallsQueue, created by the first async save
-        self._pending: list[Path] = []
+        self._pending: list[tuple[Path, Path]] = []  # (tmp, final) of async saves not yet committed
         self._pruner: threading.Thread | None = None
 
     def _join_pruner(self) -> None:
@@ -93,28 +102,78 @@ class CheckpointDir:
             self._pruner.join()
             self._pruner = None
 
+    def steps(self) -> list[Path]:
+        """Complete step directories (committed by their rename), newest first."""
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.glob(f"{PREFIX}*") if p.is_dir() and p.name[len(PREFIX) :].isdigit()]
+        return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]), reverse=True)
+
+    def latest(self) -> Path | None:
+        """The newest complete step, whatever the ``latest`` hint says (not verified: see :meth:`select`)."""
+        steps = self.steps()
+        return steps[0] if steps else None
+
     @staticmethod
     def resolve(spec: str | Path) -> Path:
-        """``checkpoint=`` as users pass it: a run dir (its ``latest``) or one ``step_<N>`` dir."""
+        """``checkpoint=`` as users pass it: a run dir (its newest intact step) or one ``step_<N>`` dir,
+        verified; a run dir falls back past a step that fails verification, with a warning line."""
         path = Path(spec).expanduser()
         if (path / "checkpoints").is_dir():
-            found = CheckpointDir(path).latest()
+            found, _ = CheckpointDir(path).select()
             if found is None:
                 raise UserError(f"checkpoint={spec}: run dir without a complete checkpoint")
             return found
         if any((path / name).is_file() for name in (TRAIN_STATE, "common.pt", "metadata.json")):
+            problem = _problem(path)
+            if problem:
+                raise UserError(f"checkpoint={spec}: {problem}")
             return path
         raise UserError(f"checkpoint={spec}: not a run dir or a checkpoints/step_<N> dir")
 
-    def latest(self) -> Path | None:
-        """The newest complete checkpoint, or None."""
-        marker = self.root / LATEST
-        if not marker.is_file():
-            return None
-        path = self.root / marker.read_text().strip()
-        if not path.is_dir():
-            raise UserError(f"{marker}: names {path.name}, which does not exist")
-        return path
+    def select(self, older_than: int | None = None) -> tuple[Path | None, list[dict[str, Any]]]:
+        """The newest step that passes verification (every rank checks a share of the files and
+        all agree), and a ``fallback`` event for each newer one skipped. Raises :class:`RunError`
+        when steps exist but none is intact."""
+        events: list[dict[str, Any]] = []
+        steps = [p for p in self.steps() if older_than is None or int(p.name[len(PREFIX) :]) < older_than]
+        for path in steps:
+            problem = _problem(path, distributed=True)
+            if problem is None:
+                return path, events
+            events.append(self.fallback(path, problem))
+        if steps:
+            raise RunError(
+                f"{self.root}: no intact checkpoint left ({events[0]['checkpoint']}: {events[0]['reason']}); "
+                "move the run dir away or pass run.restart=true to start over"
+            )
+        return None, events
+
+    def fallback(self, path: Path, problem: str) -> dict[str, Any]:
+        """Say (rank 0, one line) that ``path`` is skipped, and return its ``metrics.jsonl`` event."""
+        if _rank() == 0:
+            print(f"warning: {path} is not intact ({problem}); trying the next older step", file=sys.stderr, flush=True)
+        return {"event": "fallback", "checkpoint": path.name, "reason": problem}
+
+    def remove_stale(self) -> None:
+        """Rank 0: remove ``.step_<N>.tmp`` dirs a killed or failed save of ours left behind."""
+        if _rank() == 0 and self.root.is_dir():
+            for stale in self.root.glob(f".{PREFIX}*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)
+        _barrier()
+
+    def archive(self, run_dir: Path, names: tuple[str, ...]) -> Path | None:
+        """Rank 0: move this run's checkpoints and ``names`` (run files) into ``restarted-<time>/``
+        (``run.restart=true``): a restart keeps what the earlier run wrote, out of the way."""
+        target = None
+        if _rank() == 0:
+            target = run_dir / time.strftime("restarted-%Y%m%d-%H%M%S")
+            target.mkdir()
+            for name in ("checkpoints", *names):
+                for path in run_dir.glob(name):
+                    os.replace(path, target / path.name)
+        _barrier()
+        return target
 
     def save(
         self, step: int, engine: Any, common: dict[str, Any], files: tuple[Path, ...] = (), async_save: bool = False
@@ -123,27 +182,31 @@ class CheckpointDir:
 
         With ``async_save`` the engine's shards are written by a background process and
         the step is committed (renamed, ``latest`` moved) by :meth:`finalize` once every
-        rank's writer is done; until then ``latest`` names the previous complete step.
+        rank's writer is done; until then the previous step is the newest complete one.
         One save is in flight at a time: a new one first waits for the previous one.
+        A failed write removes its ``.tmp`` at once and raises :class:`RunError` naming the cause.
         """
         self.finalize(blocking=True)
         final = self.root / f"{PREFIX}{step}"
         tmp = self.root / f".{PREFIX}{step}.tmp"
-        if _rank() == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob(f".{PREFIX}*.tmp"):
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp.mkdir()
-        _barrier()
-        request = engine.save(tmp, common, async_save=async_save)  # into an empty dir (megatron checks)
-        if _rank() == 0:
-            for source in files:
-                shutil.copy2(source, tmp / source.name)
-            (tmp / TRAIN_STATE).write_text(json.dumps(common, indent=1))
-        torch.save(rng_state(), tmp / f"rng_rank{_rank()}.pt")
-        if request is None:
-            self._commit(tmp, final)
-            return final
+        try:
+            if _rank() == 0:
+                self.root.mkdir(parents=True, exist_ok=True)
+                for stale in self.root.glob(f".{PREFIX}*.tmp"):
+                    shutil.rmtree(stale, ignore_errors=True)
+                tmp.mkdir()
+            _barrier()
+            request = engine.save(tmp, common, async_save=async_save)  # into an empty dir (megatron checks)
+            if _rank() == 0:
+                for source in files:
+                    shutil.copy2(source, tmp / source.name)
+                (tmp / TRAIN_STATE).write_text(json.dumps(common, indent=1))
+            torch.save(rng_state(), tmp / f"rng_rank{_rank()}.pt")
+            if request is None:
+                self._commit(tmp, final)
+                return final
+        except Exception as exc:
+            raise self._failed(tmp, final, exc) from exc
         request.add_finalize_fn(functools.partial(self._commit, tmp, final))
         if self._async is None:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
@@ -153,8 +216,16 @@ class CheckpointDir:
             self._async = AsyncCallsQueue(persistent=False)
             use_writer_process(self._async)  # staged copy + persistent writer: no fork, no copy-on-write
         self._async.schedule_async_request(request)
-        self._pending.append(final)
+        self._pending.append((tmp, final))
         return final
+
+    def _failed(self, tmp: Path, final: Path, exc: BaseException) -> RunError:
+        """Remove the half-written step now (a restart in place must find room) and say why, in one line."""
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = next((p.name for p in self.steps() if p != final), None)
+        kept = f"; {previous} is intact" if previous else ""
+        return RunError(f"saving {final} failed: {describe_io_error(exc, self.root)}{kept}")
 
     def finalize(self, blocking: bool = False) -> list[Path]:
         """Commit the async saves whose writers are done on every rank (a collective while one
@@ -164,20 +235,35 @@ class CheckpointDir:
             self._join_pruner()
         if self._async is None or not self._async.get_num_unfinalized_calls():
             return []
-        done = self._async.maybe_finalize_async_calls(blocking=blocking)
+        try:
+            done = self._async.maybe_finalize_async_calls(blocking=blocking)
+        except Exception as exc:
+            tmp, final = self._pending[0]
+            raise self._failed(tmp, final, exc) from exc
         committed, self._pending = self._pending[: len(done)], self._pending[len(done) :]
-        return committed
+        return [final for _, final in committed]
 
     @property
     def pending(self) -> bool:
         return bool(self._pending)
 
     def _commit(self, tmp: Path, final: Path) -> None:
-        """Every rank's files are in ``tmp``: rank 0 renames it and then moves ``latest``."""
+        """Every rank's files are in ``tmp``: rank 0 writes the checksums, renames it, then moves ``latest``.
+
+        A step dir of the same number (one that failed verification and was fallen back from)
+        is moved aside to ``step_<N>.superseded-<k>``, never deleted or overwritten.
+        """
         _barrier()
         if _rank() == 0:
+            checksums.write_manifest(tmp)
             if final.exists():
-                shutil.rmtree(final)
+                aside = next(
+                    final.with_name(f"{final.name}.superseded-{k}")
+                    for k in itertools.count(1)
+                    if not final.with_name(f"{final.name}.superseded-{k}").exists()
+                )
+                os.replace(final, aside)
+                print(f"warning: {final.name} existed (not intact); moved to {aside.name}", file=sys.stderr)
             os.replace(tmp, final)
             _fsync_dir(self.root)
             marker_tmp = self.root / f".{LATEST}.tmp"
@@ -198,14 +284,53 @@ class CheckpointDir:
         return common
 
     def _prune(self) -> None:
-        """Delete all but the newest ``keep_last`` complete steps (never ``latest`` or a .tmp)."""
-        steps = sorted(
-            (int(p.name[len(PREFIX) :]), p)
-            for p in self.root.glob(f"{PREFIX}*")
-            if p.is_dir() and p.name[len(PREFIX) :].isdigit()
-        )
-        for _, path in steps[: max(0, len(steps) - self.keep_last)]:
+        """Delete all but the newest ``keep_last`` complete steps (never a .tmp or a superseded step)."""
+        for path in self.steps()[self.keep_last :]:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _problem(path: Path, distributed: bool = False) -> str | None:
+    """What is wrong with a step dir (one line), or None; with ``distributed`` the ranks split
+    the files and agree. A step written before checksums existed loads unverified, with a warning."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed and dist.is_initialized() else (0, 1)
+    try:
+        problems = checksums.verify(path, rank, world)
+    except checksums.CorruptCheckpoint as exc:
+        problems = [str(exc)]
+    if world > 1:
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, problems)
+        problems = None if all(g is None for g in gathered) else sorted(p for g in gathered for p in g or [])
+    if problems is None:
+        if rank == 0:
+            print(f"warning: {path} has no {checksums.MANIFEST} (written before checksums): loading it unverified",
+                  file=sys.stderr, flush=True)
+        return None
+    if problems:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        return problems[0] + more
+    return None
+
+
+def describe_io_error(exc: BaseException, root: Path) -> str:
+    """The OS-level cause of a failed write (``no space left on device`` and the path), found
+    in the exception chain (torch and DCP wrap it), else the free space, else the last line."""
+    seen: list[BaseException] = []
+    todo: list[Any] = [exc]
+    while todo:
+        item = todo.pop()
+        if not isinstance(item, BaseException) or item in seen:
+            continue
+        seen.append(item)
+        if isinstance(item, OSError) and item.errno:
+            where = f" ({item.filename})" if item.filename else ""
+            return f"{os.strerror(item.errno).lower()}{where}"
+        todo += [item.__cause__, item.__context__, *getattr(item, "failures", {}).values(), *item.args]
+    with contextlib.suppress(OSError):
+        if shutil.disk_usage(root if root.exists() else root.parent).free < 64 << 20:
+            return f"no space left on device ({root})"
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[-1] if lines else ''}"[:300]
 
 
 def _fsync_dir(path: Path) -> None:

@@ -20,9 +20,11 @@ that. ``parallel/deepspeed_convert.py`` turns a step into the megatron format th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -32,6 +34,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from omegaconf import DictConfig
 
+from parallel import checksums
 from parallel.engine import StepResult, lr_scheduler
 from parallel.topology import Topology
 from pretrain.model import build_gpt, compute_device, position_ids, transformer_config
@@ -196,20 +199,54 @@ class DeepSpeedEngine:
             dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
         return totals.tolist()
 
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult:
+    def train_step(
+        self, micro_batches: list[dict[str, torch.Tensor]], accept: Callable[[float], bool] | None = None
+    ) -> StepResult:
         totals = torch.zeros(2, dtype=torch.float64, device=compute_device())
         lr = self.optimizer.param_groups[0]["lr"]
-        for batch in micro_batches:
+        for i, batch in enumerate(micro_batches):
             loss, loss_sum, count = self._loss(batch)
             self.engine.backward(loss)  # DeepSpeed divides by the accumulation steps
-            self.engine.step()  # applies the optimizer at the accumulation boundary only
             totals += torch.stack([loss_sum.double(), count.double()])
-        applied = self.engine.was_step_applied()
+            if i < len(micro_batches) - 1:
+                self.engine.step()  # not a boundary: accumulates only
+        loss_sum, tokens = self._reduce(totals)
+        mean = loss_sum / max(tokens, 1.0)
+        skip = accept is not None and not accept(mean)
+        with self._skipping() if skip else contextlib.nullcontext():
+            self.engine.step()  # the accumulation boundary: applies the optimizer unless skipped
+        applied = self.engine.was_step_applied() and not skip
         if applied:
             self.scheduler.step(increment=1)
-        loss_sum, tokens = self._reduce(totals)
         grad_norm = self.engine.get_global_grad_norm()
-        return StepResult(loss_sum / tokens, float(grad_norm or 0.0), lr, skipped=not applied)
+        return StepResult(mean, float(grad_norm or 0.0), lr, skipped=not applied)
+
+    @contextlib.contextmanager
+    def _skipping(self) -> Iterator[None]:
+        """Make DeepSpeed's boundary step discard this step's gradients without an update, through
+        its own overflow path (ZeRO 1-3: it zeroes the partitioned gradients and counts the skip);
+        without ZeRO the wrapped torch optimizer's step is a no-op and the engine zeroes the grads."""
+        opt = self.engine.optimizer
+        if hasattr(opt, "_overflow_check_and_loss_scale_update"):  # ZeRO-3
+            name, original = "_overflow_check_and_loss_scale_update", opt._overflow_check_and_loss_scale_update
+        elif hasattr(opt, "check_overflow") and hasattr(opt, "check_grad_overflow"):  # ZeRO-1/2
+            name, original = "check_overflow", opt.check_overflow
+            checks, opt.check_grad_overflow = opt.check_grad_overflow, True
+        else:
+            name, original = "step", None
+
+        def overflow(*args: Any, **kwargs: Any) -> None:
+            if original is not None:
+                original(*args, **kwargs)  # keeps the ranks' collectives in step
+                opt.overflow = True
+
+        setattr(opt, name, overflow)
+        try:
+            yield
+        finally:
+            del opt.__dict__[name]
+            if name == "check_overflow":
+                opt.check_grad_overflow = checks
 
     @torch.no_grad()
     def eval_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
@@ -228,6 +265,9 @@ class DeepSpeedEngine:
         """DeepSpeed's checkpoint files directly in ``directory`` (tag = its name); always
         synchronous (``train.async_save`` is refused for this engine at config time)."""
         client = {"common": common, "scheduler": self.scheduler.state_dict()}
+        ckpt_engine = self.engine.checkpoint_engine
+        if not hasattr(ckpt_engine.save, "__wrapped__"):  # model / optimizer files hashed as they are written
+            ckpt_engine.save = checksums.hashing_torch_save(ckpt_engine.save)
         self.engine.save_checkpoint(str(directory.parent), tag=directory.name, client_state=client, save_latest=False)
 
     def load(self, directory: Path) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The engine interface the training loop talks to (megatron-core now, DeepSpeed next).
+"""The engine interface the training loop talks to (megatron-core and DeepSpeed).
 
 An engine owns the model, the optimizer and the LR schedule for this rank, and
 hides how micro-batches are scheduled (pipeline or not) and how gradients are
@@ -7,6 +7,7 @@ reduced (DDP, distributed optimizer, ZeRO). The loop only sees global steps.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,8 +27,12 @@ class StepResult:
 class Engine(Protocol):
     """Build is the constructor; everything else is per step or per checkpoint."""
 
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult:
-        """One optimizer step over this rank's micro-batches of the global batch."""
+    def train_step(
+        self, micro_batches: list[dict[str, torch.Tensor]], accept: Callable[[float], bool] | None = None
+    ) -> StepResult:
+        """One optimizer step over this rank's micro-batches of the global batch. ``accept`` (a
+        collective, the same answer on every rank) sees the global-batch loss before the update
+        and may refuse it: the step is then skipped (no update, no schedule step)."""
 
     def eval_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
         """(sum of masked token losses, number of tokens), reduced over data-parallel ranks."""
@@ -48,7 +53,11 @@ class Engine(Protocol):
 def lr_scheduler(optimizer: Any, train: Any) -> Any:
     """megatron-core's ``OptimizerParamScheduler`` from the ``train`` config group, for either
     engine: linear warmup from 0, then cosine / linear / constant decay to ``lr * min_lr_ratio``;
-    weight decay per param group (``wd_mult``). Stepped after each applied optimizer step."""
+    weight decay per param group (``wd_mult``). Stepped after each applied optimizer step.
+
+    On resume the config in effect wins over the checkpoint's schedule (megatron's
+    ``override_opt_param_scheduler``): only the step count is restored and the lr is
+    recomputed at it, so a relaunch with another lr, schedule or max_steps does what it says."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     decay_steps = int(train.lr_decay_steps or train.max_steps)
@@ -65,4 +74,6 @@ def lr_scheduler(optimizer: Any, train: Any) -> Any:
         end_wd=float(train.weight_decay),
         wd_incr_steps=int(train.max_steps),
         wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
     )

@@ -24,7 +24,7 @@ from megatron.core.transformer.module import Float16Module
 from omegaconf import DictConfig
 
 from data.errors import UserError
-from parallel import cpu_compat
+from parallel import checksums, cpu_compat
 from parallel.engine import StepResult, lr_scheduler
 from parallel.topology import Topology
 from pretrain.model import build_gpt, compute_device, position_ids, transformer_config
@@ -48,6 +48,16 @@ def _fuse_torch_adamw(optimizer: Any) -> None:
             continue
         for group in inner.param_groups:
             group["fused"], group["foreach"] = True, False
+
+
+def _param_groups(optimizer: Any) -> list[dict[str, Any]]:
+    return [g for opt in getattr(optimizer, "chained_optimizers", [optimizer]) for g in opt.param_groups]
+
+
+def _group_schedules(optimizer: Any) -> list[dict[str, Any]]:
+    """Each param group's schedule keys as this run configured them (restored after a load)."""
+    keys = ("max_lr", "min_lr", "wd_mult")
+    return [{k: g[k] for k in keys if k in g} for g in _param_groups(optimizer)]
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -210,16 +220,21 @@ class MegatronEngine:
                 dist.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
         return dict(zip(names, totals.tolist(), strict=True))
 
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult:
+    def train_step(
+        self, micro_batches: list[dict[str, torch.Tensor]], accept: Callable[[float], bool] | None = None
+    ) -> StepResult:
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         totals = self.run(micro_batches, forward_only=False)
-        ok, grad_norm, _ = self.optimizer.step()
+        loss = totals["loss_sum"] / max(totals["tokens"], 1.0)
         lr = self.optimizer.param_groups[0]["lr"]
+        if accept is not None and not accept(loss):  # skipped: the grads are zeroed by the next step
+            return StepResult(loss, float("nan"), lr, True, totals)
+        ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(increment=1)
-        return StepResult(totals["loss_sum"] / totals["tokens"], float(grad_norm or 0.0), lr, not ok, totals)
+        return StepResult(loss, float(grad_norm or 0.0), lr, not ok, totals)
 
     @torch.no_grad()
     def eval_totals(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -261,6 +276,7 @@ class MegatronEngine:
                     "torch_dist", 1, thread_count=writers, cached_metadata=True
                 )
             strategy = self._save_strategy
+            checksums.hash_megatron_writes()  # each .distcp file is hashed as it is written
             return dist_checkpointing.save(
                 state, str(directory), sharded_strategy=strategy, async_sharded_save=async_save
             )
@@ -287,8 +303,12 @@ class MegatronEngine:
         else:
             for i, chunk in enumerate(self.model):
                 _unwrap(chunk).load_state_dict(loaded[f"model{i}"])
+        configured = _group_schedules(self.optimizer)
         self.optimizer.load_state_dict(loaded["optimizer"])
         _fuse_torch_adamw(self.optimizer)  # the loaded param_groups carry the saving run's flags
+        # ... and its per-group peak/final lr: the config in effect wins (train.lr, train.lr_mult)
+        for group, values in zip(_param_groups(self.optimizer), configured, strict=True):
+            group.update(values)
         self.scheduler.load_state_dict(loaded["scheduler"])
         return loaded["common"]
 

@@ -11,28 +11,38 @@ from pathlib import Path
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
-from data.errors import UserError
+from data.errors import RunError, UserError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 EXIT_USER_ERROR = 2
+EXIT_RUN_ERROR = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
-def fail(message: str) -> None:
-    """Print one line to stderr and exit with the user-error status."""
+def fail(message: str, code: int = EXIT_USER_ERROR) -> None:
+    """Print one line to stderr and exit (2: the user's input or config; 1: the run cannot go on)."""
     print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_USER_ERROR)
+    sys.exit(code)
 
 
 @contextlib.contextmanager
 def exit_on_user_error() -> Iterator[None]:
-    """Turn :class:`UserError` and missing required keys into a one-line error + exit 2."""
+    """Turn :class:`UserError` and missing required keys into a one-line error + exit 2,
+    :class:`RunError` into one line + exit 1, and a Ctrl-C outside the training loop (which
+    saves first, see ``pretrain/preemption.py``) into one line + exit 130: no tracebacks for
+    anything a user can cause."""
     try:
         yield
     except UserError as exc:
         fail(str(exc))
+    except RunError as exc:
+        fail(str(exc), EXIT_RUN_ERROR)
     except MissingMandatoryValue as exc:
         key = getattr(exc, "full_key", None) or str(exc)
         fail(f"{key}=: required (pass {key}=...)")
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 def quiet_third_party() -> None:

@@ -44,6 +44,7 @@ class Metrics:
         self.every = int(cfg.logging.console_every)
         self.wandb: Any = None
         self.bar: Any = None
+        self.failures = 0
         if not enabled:
             return
         truncate_after(self.path, start_step)
@@ -64,10 +65,15 @@ class Metrics:
     def log(self, record: dict[str, Any], console: bool = False) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
-        if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
-        if "loss" in record:
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            if self.wandb is not None:
+                self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        except Exception as exc:  # logging never costs training: warn once, go on
+            self.failures += 1
+            if self.failures == 1:
+                print(f"warning: logging failed ({type(exc).__name__}: {exc}); training goes on", file=sys.stderr)
+        if record.get("loss") is not None:
             self.bar.update(record["step"] - self.bar.n)
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
         if console or ("loss" in record and record["step"] % self.every == 0):
@@ -107,8 +113,8 @@ def _init_wandb(cfg: DictConfig, run_dir: Path, mode: str) -> Any:
 def plot_losses(run_dir: Path) -> Path | None:
     """``loss.png``: training loss per step and validation loss per evaluation."""
     records = read_metrics(run_dir)
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+    val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
     if not train:
         return None
     import matplotlib

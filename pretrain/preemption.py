@@ -5,13 +5,15 @@ processes of a job step; torchrun forwards the signals it handles to its workers
 rank that gets one only sets a flag. At every step boundary the ranks all-reduce
 (MAX) that flag, so they all see the stop at the same step, save a checkpoint
 together, and exit with ``train.requeue_exit_code`` — the code the sbatch template
-requeues on. Under ``launch/torchrun.sh`` the code is also written to the file named
-by ``GPT_LAUNCH_STATUS``: torchrun reports any failing worker as exit 1, so the
-launcher reads the worker's intended code from there.
+requeues on. Ctrl-C (SIGINT) stops the same way but exits 130, and a second Ctrl-C
+aborts at once (one line, no traceback, no save). Under ``launch/torchrun.sh`` the code
+is also written to the file named by ``GPT_LAUNCH_STATUS``: torchrun reports any failing
+worker as exit 1, so the launcher reads the worker's intended code from there.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from types import FrameType
@@ -21,6 +23,8 @@ import torch.distributed as dist
 
 from data.errors import UserError
 from parallel.watchdog import write_launch_status
+
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT: Ctrl-C, after saving
 
 
 class StopRequest:
@@ -43,9 +47,14 @@ class StopRequest:
         self._previous.clear()
 
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if name == "SIGINT" and self.received == "SIGINT":  # a second Ctrl-C: leave now, no traceback
+            print(f"rank {_rank()}: second SIGINT; aborting without saving", file=sys.stderr, flush=True)
+            os._exit(INTERRUPTED_EXIT_CODE)
         if self.received is None:
-            self.received = signal.Signals(signum).name
-            print(f"rank {_rank()}: got {self.received}; stopping at the next step boundary", flush=True)
+            self.received = name
+            again = " (Ctrl-C again aborts without saving)" if name == "SIGINT" else ""
+            print(f"rank {_rank()}: got {name}; saving at the next step boundary{again}", flush=True)
 
     def agreed(self) -> str | None:
         """The signal some rank got (the highest number if several), the same answer on every

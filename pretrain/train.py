@@ -22,14 +22,17 @@ from data.errors import UserError
 from data.shards import Manifest, check_files, load_manifest
 from data.stream import Layout, TrainLoader, eval_batches
 from data.tokenizer import TOKENIZER_FILE, load_tokenizer
-from parallel.checkpoint import PREFIX, CheckpointDir, checkpoint_engine, read_common
+from parallel.checkpoint import PREFIX, CheckpointDir, read_common
 from parallel.topology import Topology
 from parallel.watchdog import Watchdog
 from pretrain.cli import check_group_choices, exit_on_user_error, quiet_third_party, set_rank_threads
+from pretrain.config_checks import check_logging, check_train
 from pretrain.flops import peak_flops
 from pretrain.metrics import Metrics, truncate_after
 from pretrain.model import flops_per_token
-from pretrain.preemption import StopRequest, exit_for_requeue
+from pretrain.preemption import INTERRUPTED_EXIT_CODE, StopRequest, exit_for_requeue
+from pretrain.resume import check_resume, config_changes, data_identity
+from pretrain.skip_policy import SkipPolicy
 
 
 def build_engine(cfg: DictConfig, topo: Topology, vocab_size: int, saved: dict | None):  # noqa: ANN201 - Engine
@@ -91,37 +94,39 @@ def use_distributed_optimizer(cfg: DictConfig, topo: Topology, saved: dict | Non
     return wanted
 
 
-def check_resume(cfg: DictConfig, checkpoint: Path) -> dict:
-    """Refuse to resume a checkpoint of another model shape or engine into this run; returns its common state."""
-    common = read_common(checkpoint)
-    engine = checkpoint_engine(common)
-    if engine != cfg.parallel.engine:
-        raise UserError(
-            f"run.dir={cfg.run.dir} holds a parallel.engine={engine} checkpoint ({checkpoint.name}); resume it with "
-            f"parallel.engine={engine}, or start a new run.dir (gpt-finetune/gpt-eval load either engine's checkpoints)"
-        )
-    if engine == "deepspeed" and int(common["config"]["parallel"]["zero_stage"]) != int(cfg.parallel.zero_stage):
-        raise UserError(
-            f"run.dir={cfg.run.dir} holds a parallel.zero_stage={common['config']['parallel']['zero_stage']} "
-            f"checkpoint; resume it with that stage (the dp size may change)"
-        )
-    saved = common["config"]["model"]
-    keys = ("num_layers", "num_heads", "hidden_size", "ffn_hidden_size", "seq_len", "vocab_multiple", "tie_embeddings")
-    diff = [k for k in keys if saved.get(k) != cfg.model.get(k)]
-    if diff:
-        saved_shape = ", ".join(f"{k}={saved.get(k)}" for k in diff)
-        raise UserError(
-            f"run.dir={cfg.run.dir} holds a checkpoint of another model ({saved_shape}); "
-            "use a new run.dir or the same model"
-        )
-    return common
+RUN_FILES = ("metrics.jsonl", "config.yaml", "loss.png", "eval.png", "samples_rank*.jsonl")
+
+
+def prepare_run_dir(cfg: DictConfig, ckpts: CheckpointDir, run_dir: Path, rank0: bool) -> None:
+    """Clear what a killed save left (ours), and honour ``run.restart=true``: the earlier run's
+    checkpoints and files move to ``restarted-<time>/`` (nothing is deleted). A relaunch with the
+    flag still set (a requeue) resumes the restarted run instead of starting over again."""
+    ckpts.remove_stale()
+    steps = ckpts.steps()
+    if not cfg.run.get("restart", False) or not steps:
+        return
+    try:
+        restarted = bool(read_common(steps[0])["config"]["run"].get("restart", False))
+    except (OSError, ValueError, KeyError):
+        restarted = False
+    if restarted:
+        if rank0:
+            print(f"run.restart=true: {steps[0].name} was written after a restart (a requeue?): resuming it; "
+                  "move run.dir away to start over again", flush=True)
+        return
+    target = ckpts.archive(run_dir, RUN_FILES)
+    if rank0:
+        print(f"run.restart=true: moved the earlier run's checkpoints and metrics to {target}", flush=True)
 
 
 def train(cfg: DictConfig) -> dict:
+    check_train(cfg)
+    check_logging(cfg)
     topo = Topology.from_config(cfg)
     cfg.data.dir = str(Path(cfg.data.dir).expanduser().resolve())  # config.yaml and checkpoints work from any cwd
     manifest = load_manifest(cfg.data.dir)
     check_files(manifest)
+    identity = data_identity(manifest)
     if manifest.seq_len > cfg.model.seq_len:
         raise UserError(
             f"data.dir={manifest.directory} has seq_len={manifest.seq_len} > model.seq_len={cfg.model.seq_len}"
@@ -133,36 +138,54 @@ def train(cfg: DictConfig) -> dict:
         )
     run_dir = Path(cfg.run.dir)
     ckpts = CheckpointDir(run_dir, int(cfg.train.keep_last))
-    latest = ckpts.latest()
-    saved = check_resume(cfg, latest) if latest is not None else None
     topo.init(int(cfg.train.seed), float(cfg.parallel.timeout_s))
     rank0 = topo.rank == 0
-    # signals first: loader workers and checkpoint writers fork from here and inherit the handler
-    stop = StopRequest(list(cfg.train.preempt_signals)).install()
+    prepare_run_dir(cfg, ckpts, run_dir, rank0)
+    latest, events = ckpts.select()
+    saved = read_common(latest) if latest is not None else None
+    restore_data = check_resume(cfg, saved, latest, identity) if saved is not None else True
+    # signals first: loader workers and checkpoint writers fork from here (and reset them)
+    stop = StopRequest([*cfg.train.preempt_signals, "SIGINT"]).install()
     watchdog = Watchdog(float(cfg.parallel.timeout_s), topo.rank, topo.world_size, enabled=topo.world_size > 1)
     engine = build_engine(cfg, topo, manifest.vocab_size, saved)
     layout = Layout(int(cfg.train.global_batch), int(cfg.train.micro_batch), topo.dp_rank, topo.dp)
     loader = TrainLoader(manifest, layout, int(cfg.train.seed), int(cfg.data.num_streams), int(cfg.data.num_workers))
+    policy = SkipPolicy(cfg.train.get("spike_factor"), int(cfg.train.get("max_skipped", 10)))
     step = 0
-    if latest is not None:
+    while latest is not None:
         with watchdog.watch("checkpoint load", 0):
-            common = ckpts.load(latest, engine, restore_rng=True)
+            common, problem = load_agreed(ckpts, latest, engine)
+        if problem is None:
+            break
+        events.append(ckpts.fallback(latest, problem))
+        latest, more = ckpts.select(older_than=int(latest.name[len(PREFIX) :]))
+        events += more
+    if latest is not None:
         step = int(common["step"])
-        loader.load_state_dict(common["data"])
+        if restore_data:
+            loader.load_state_dict(common["data"])
+        else:
+            events.append({"event": "new_data", "data_dir": identity["data_dir"], "was": saved.get("data_identity")})
+        policy.load_state_dict(common.get("skip_policy"))
+        events += config_changes(cfg, common)
         if rank0:
             print(f"resumed from {latest} at step {step}", flush=True)
+            for event in events:
+                if event["event"] == "config_change":
+                    print(f"resume: {event['key']} {event['old']} -> {event['new']} (the config in effect wins)")
+                elif event["event"] == "new_data":
+                    print(f"resume: data.allow_new=true: continuing on the new shard set {identity['data_dir']}")
     if step >= int(cfg.train.max_steps):
         if rank0:
-            print(
-                f"{latest} is at step {step} >= train.max_steps={cfg.train.max_steps}: nothing to do "
-                "(raise train.max_steps to continue training)",
-                flush=True,
-            )
+            where = f"{latest} is at step {step}" if latest is not None else "train.max_steps=0"
+            print(f"{where}: nothing to do (raise train.max_steps to continue training)", flush=True)
         return {"step": step, "val_loss": None}
     if rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     metrics = Metrics(cfg, run_dir, step, enabled=rank0)
+    for event in events:
+        metrics.log({"step": step, **event}, console=False)
     max_steps, seq_len = int(cfg.train.max_steps), manifest.seq_len
     tokens_per_step = layout.global_batch * seq_len
     # MFU: model FLOPs per token (6N + attention) over all ranks' peak
@@ -170,7 +193,7 @@ def train(cfg: DictConfig) -> dict:
     world_peak = peak_flops(cfg.train.peak_tflops, bool(cfg.train.bf16)) * topo.world_size
     eval_every, save_every = int(cfg.train.eval_every), int(cfg.train.save_every)
     async_save = bool(cfg.train.async_save)
-    val_loss, preempted = None, None
+    val_loss, stopped = None, None
     sample_log = open_sample_log(run_dir, topo, step) if cfg.train.log_samples else None
 
     def save(step: int, asynchronous: bool) -> None:
@@ -180,6 +203,8 @@ def train(cfg: DictConfig) -> dict:
             "config": OmegaConf.to_container(cfg, resolve=True),
             "distributed_optimizer": engine.distributed_optimizer,
             "vocab_size": manifest.vocab_size,
+            "data_identity": identity,
+            "skip_policy": policy.state_dict(),
             "engine": str(cfg.parallel.engine),
             "layout": {"tp": topo.tp, "pp": topo.pp, "dp": topo.dp, "vpp": topo.vpp},
         }
@@ -195,44 +220,49 @@ def train(cfg: DictConfig) -> dict:
 
     tick = time.perf_counter()
     while step < max_steps:
+        policy.step = step + 1
         with watchdog.watch("train step (data, forward/backward, gradient reduction, optimizer)", step + 1):
             micro_batches = [next(loader) for _ in range(layout.micro_batches_per_step)]
-            result = engine.train_step(micro_batches)
+            result = engine.train_step(micro_batches, accept=policy.accept)
         if sample_log is not None:
             ids = [i for batch in micro_batches for i in batch["ids"].tolist()]
             sample_log.write(json.dumps({"step": step + 1, "ids": ids}) + "\n")
         step += 1
         now = time.perf_counter()
-        if not math.isfinite(result.loss):
-            raise RuntimeError(f"step {step}: loss is {result.loss}; lower train.lr or check the data")
-        metrics.log(
-            {
-                "step": step,
-                "loss": result.loss,
-                "lr": result.lr,
-                "grad_norm": result.grad_norm,
-                "tokens": step * tokens_per_step,
-                "tokens_per_s": tokens_per_step / (now - tick),
-                "mfu": model_flops * tokens_per_step / (now - tick) / world_peak,
-                "step_time_s": now - tick,
-            }
-        )
+        record = {
+            "step": step,
+            "loss": result.loss if math.isfinite(result.loss) else None,
+            "lr": result.lr,
+            "grad_norm": result.grad_norm if math.isfinite(result.grad_norm) else None,
+            "tokens": step * tokens_per_step,
+            "tokens_per_s": tokens_per_step / (now - tick),
+            "mfu": model_flops * tokens_per_step / (now - tick) / world_peak,
+            "step_time_s": now - tick,
+            "skipped_steps": policy.total,
+        }
+        if result.skipped:
+            record["skipped"] = policy.reason or "optimizer overflow"
+        metrics.log(record, console=result.skipped)
         if ckpts.pending:
             finalize(step, blocking=False)
+        if policy.consecutive:
+            if policy.consecutive >= policy.max_skipped:
+                finalize(step, blocking=True)  # an in-flight save is of a good state: commit it
+            policy.check()
         last = step == max_steps
+        saved = (save_every > 0 and step % save_every == 0) or (last and save_every >= 0)
+        if saved:  # before evaluation: a failing evaluation never costs the step's checkpoint
+            save(step, asynchronous=async_save and not last)
         if (eval_every and step % eval_every == 0) or last:
             with watchdog.watch("evaluation", step):
                 val_loss = evaluate(cfg, engine, manifest, topo, beat=watchdog.beat)
             if val_loss is not None:
                 metrics.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}, console=True)
-        saved = (save_every > 0 and step % save_every == 0) or (last and save_every >= 0)
-        if saved:
-            save(step, asynchronous=async_save and not last)
         with watchdog.watch("preemption-signal agreement", step):
-            preempted = stop.agreed() if not last else None
-        if preempted is not None:
+            stopped = stop.agreed() if not last else None
+        if stopped is not None:
             if rank0:
-                print(f"step {step}: {preempted}: saving a checkpoint and exiting for requeue", flush=True)
+                print(f"step {step}: {stopped}: saving a checkpoint and exiting", flush=True)
             if not saved:
                 save(step, asynchronous=False)
             break
@@ -243,14 +273,33 @@ def train(cfg: DictConfig) -> dict:
     metrics.close()
     if sample_log is not None:
         sample_log.close()
-    if preempted is not None:
-        return {"step": step, "val_loss": val_loss, "requeue_exit_code": int(cfg.train.requeue_exit_code)}
+    if stopped is not None:
+        code = INTERRUPTED_EXIT_CODE if stopped == "SIGINT" else int(cfg.train.requeue_exit_code)
+        return {"step": step, "val_loss": val_loss, "exit_code": code}
     summary = {"step": step, "val_loss": val_loss}
     if rank0 and val_loss is not None:
         print(f"val_loss {val_loss:.4f} (whole validation split, step {step})", flush=True)
     if rank0 and int(cfg.train.sample_tokens) > 0:
         print_sample(cfg, engine, manifest, topo)
     return summary
+
+
+def load_agreed(ckpts: CheckpointDir, path: Path, engine) -> tuple[dict | None, str | None]:  # noqa: ANN001
+    """Load ``path``; a step that verified but cannot be read (any rank) is reported, not raised,
+    so that every rank falls back to the same older step."""
+    import torch.distributed as dist
+
+    common, problem = None, None
+    try:
+        common = ckpts.load(path, engine, restore_rng=True)
+    except Exception as exc:  # the engine's own error, deep in torch: keep its last line
+        lines = str(exc).strip().splitlines()
+        problem = f"unreadable: {type(exc).__name__}: {lines[-1] if lines else ''}"[:300]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, problem)
+        problem = next((p for p in gathered if p), None)
+    return common, problem
 
 
 def open_sample_log(run_dir: Path, topo: Topology, step: int):  # noqa: ANN201 - text file
@@ -287,8 +336,8 @@ def _hydra_main(cfg: DictConfig) -> None:
     with exit_on_user_error():
         summary = train(cfg)
     Topology.destroy()
-    if "requeue_exit_code" in summary:
-        exit_for_requeue(summary["requeue_exit_code"])
+    if "exit_code" in summary:
+        exit_for_requeue(summary["exit_code"])
 
 
 def main() -> None:
@@ -296,7 +345,8 @@ def main() -> None:
     check_group_choices(sys.argv[1:])
     quiet_third_party()
     torch.set_num_threads(torch.get_num_threads())
-    _hydra_main()
+    with exit_on_user_error():  # a Ctrl-C before the loop's handler exists: one line, exit 130
+        _hydra_main()
 
 
 if __name__ == "__main__":

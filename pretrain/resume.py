@@ -1,0 +1,116 @@
+"""What a resumed run checks and reports against the checkpoint it continues.
+
+A resumed run does what its config says, or refuses in one line; it never silently does
+something else:
+
+- **refused**: another engine or ZeRO stage, another model shape, another tokenizer
+  (its ``tokenizer.json`` hash), another shard set of the same tokenizer unless
+  ``data.allow_new=true`` (continued pretraining: the loader then starts the new set's order);
+- **applied and reported**: changed optimisation settings. The config in effect wins, as
+  with megatron's ``--override-opt_param-scheduler``: the lr schedule is recomputed at the
+  resumed step from the new values; each change is one console line and one
+  ``{"event": "config_change"}`` line in ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from data.errors import UserError
+from data.shards import MANIFEST, Manifest
+from data.tokenizer import TOKENIZER_FILE
+
+SHAPE_KEYS = (
+    "num_layers",
+    "num_heads",
+    "hidden_size",
+    "ffn_hidden_size",
+    "seq_len",
+    "vocab_multiple",
+    "tie_embeddings",
+)
+# applied at resume when changed (the rest of train.* either cannot change or does not matter)
+SCHEDULE_KEYS = (
+    "lr",
+    "min_lr_ratio",
+    "warmup_steps",
+    "lr_decay_steps",
+    "lr_schedule",
+    "max_steps",
+    "weight_decay",
+    "grad_clip",
+    "beta1",
+    "beta2",
+    "global_batch",
+    "micro_batch",
+    "spike_factor",
+    "max_skipped",
+)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def data_identity(manifest: Manifest) -> dict[str, Any]:
+    """The tokenizer and shard set a checkpoint was trained on (recorded in its train state)."""
+    return {
+        "tokenizer": manifest.tokenizer,
+        "vocab_size": manifest.vocab_size,
+        "tokenizer_sha256": _sha256(manifest.directory / TOKENIZER_FILE),
+        "data_sha256": _sha256(manifest.directory / MANIFEST),
+        "data_dir": str(manifest.directory),
+    }
+
+
+def check_resume(cfg: DictConfig, common: dict[str, Any], step_dir: Path, identity: dict[str, Any]) -> bool:
+    """Refuse a checkpoint of another engine, model or tokenizer; returns whether the loader
+    state should be restored (False: ``data.allow_new`` on another shard set)."""
+    engine = str(common.get("engine", "megatron"))
+    run = cfg.run.dir
+    if engine != cfg.parallel.engine:
+        raise UserError(
+            f"run.dir={run} holds a parallel.engine={engine} checkpoint ({step_dir.name}); resume it with "
+            f"parallel.engine={engine}, or start a new run.dir (gpt-finetune/gpt-eval load either engine's checkpoints)"
+        )
+    if engine == "deepspeed" and int(common["config"]["parallel"]["zero_stage"]) != int(cfg.parallel.zero_stage):
+        raise UserError(
+            f"run.dir={run} holds a parallel.zero_stage={common['config']['parallel']['zero_stage']} "
+            f"checkpoint; resume it with that stage (the dp size may change)"
+        )
+    saved = common["config"]["model"]
+    diff = [k for k in SHAPE_KEYS if saved.get(k) != cfg.model.get(k)]
+    if diff:
+        saved_shape = ", ".join(f"{k}={saved.get(k)}" for k in diff)
+        raise UserError(f"run.dir={run} holds a checkpoint of another model ({saved_shape}); use a new run.dir")
+    old = common.get("data_identity") or {}
+    old_vocab = old.get("vocab_size", common.get("vocab_size"))
+    other_tokenizer = old.get("tokenizer_sha256", identity["tokenizer_sha256"]) != identity["tokenizer_sha256"]
+    if other_tokenizer or (old_vocab is not None and int(old_vocab) != identity["vocab_size"]):
+        raise UserError(
+            f"run.dir={run} was trained with another tokenizer ({old.get('tokenizer', '?')}, vocab {old_vocab}, "
+            f"data.dir={old.get('data_dir', '?')}) than data.dir={identity['data_dir']} "
+            f"({identity['tokenizer']}, vocab {identity['vocab_size']}); use a new run.dir"
+        )
+    if old.get("data_sha256", identity["data_sha256"]) != identity["data_sha256"]:
+        if not cfg.data.get("allow_new", False):
+            raise UserError(
+                f"data.dir={identity['data_dir']} is another shard set than the one run.dir={run} was trained on "
+                f"({old.get('data_dir')}); pass data.allow_new=true to continue pretraining on it"
+            )
+        return False
+    return True
+
+
+def config_changes(cfg: DictConfig, common: dict[str, Any]) -> list[dict[str, Any]]:
+    """``config_change`` events for the optimisation settings that differ from the checkpoint's run."""
+    saved = common.get("config", {}).get("train", {})
+    events = []
+    for key in SCHEDULE_KEYS:
+        if key in saved and key in cfg.train and saved[key] != cfg.train[key]:
+            events.append({"event": "config_change", "key": f"train.{key}", "old": saved[key], "new": cfg.train[key]})
+    return events
