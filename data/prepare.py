@@ -8,14 +8,17 @@ training data, the rest validation. Each split is cut into windows of
 ``[i·seq_len, (i+1)·seq_len]``), so every token is predicted exactly once and a
 split of ``T`` tokens yields ``(T - 1) // seq_len`` windows.
 
-Everything is written into a hidden temporary directory and renamed into place at
-the end; a failure leaves ``out`` untouched.
+``out`` is an owned output directory (``data/output_dir.py``): a new or empty directory,
+or one holding only an earlier gpt-prepare output, which ``overwrite=true`` replaces.
+Anything else in it is refused before any work, and never deleted. Everything is written
+into a hidden temporary directory and swapped into place at the end; a failure leaves
+``out`` untouched.
 """
 
 from __future__ import annotations
 
 import glob
-import shutil
+import json
 from pathlib import Path
 
 import hydra
@@ -25,10 +28,27 @@ from tqdm import tqdm
 
 from data.errors import UserError
 from data.jsonl import iter_jsonl
-from data.shards import write_manifest, write_shard
-from data.tokenizer import Tokenizer, train_tokenizer
+from data.output_dir import check_output_dir, owned_output
+from data.shards import FORMAT, MANIFEST, write_manifest, write_shard
+from data.tokenizer import TOKENIZER_FILE, Tokenizer, train_tokenizer
 
 SUFFIXES = (".txt", ".jsonl")
+COMMAND = "gpt-prepare"
+
+
+def legacy_shard_set(out: Path) -> set[str] | None:
+    """A shard set written before gpt-prepare left a marker counts as its own: the names of
+    ``manifest.json``, ``tokenizer.json`` and the ``.tar`` shards the manifest lists."""
+    try:
+        raw = json.loads((out / MANIFEST).read_text())
+        shards = {str(s["file"]) for split in raw["splits"].values() for s in split["shards"]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if raw.get("format") != FORMAT or not (out / TOKENIZER_FILE).is_file():
+        return None
+    if not all(f.endswith(".tar") and "/" not in f for f in shards):
+        return None
+    return {MANIFEST, TOKENIZER_FILE, *shards}
 
 
 def resolve_inputs(spec: str) -> list[Path]:
@@ -104,9 +124,9 @@ def prepare(cfg: DictConfig) -> Path:
     if not cfg.out:
         raise UserError("out=: give the output directory")
     out = Path(cfg.out).expanduser()
-    if (out / "manifest.json").exists() and not cfg.overwrite:
-        raise UserError(f"out={out}: already holds a shard set; pass overwrite=true to replace it")
     files = resolve_inputs(str(cfg.input))
+    inputs = [Path(str(cfg.input)).expanduser(), *files]
+    check_output_dir(out, COMMAND, bool(cfg.overwrite), inputs=inputs, legacy=legacy_shard_set)
     docs = read_documents(files, str(cfg.text_field))
     tokenizer = train_tokenizer(str(cfg.tokenizer), lambda: iter(docs), int(cfg.vocab_size))
     dtype = "uint16" if tokenizer.vocab_size <= 2**16 else "uint32"
@@ -120,11 +140,7 @@ def prepare(cfg: DictConfig) -> Path:
         if len(data) == 0:
             raise UserError(f"input={cfg.input}: the {name} split has fewer than seq_len+1={seq_len + 1} tokens")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-prepare"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with owned_output(out, COMMAND, bool(cfg.overwrite), inputs=inputs, legacy=legacy_shard_set) as tmp:
         tokenizer.save(tmp)
         manifest = {
             "tokenizer": tokenizer.kind,
@@ -142,11 +158,6 @@ def prepare(cfg: DictConfig) -> Path:
             },
         }
         write_manifest(tmp, manifest)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     for name, split in manifest["splits"].items():
         print(f"{name}: {split['num_samples']} windows of {seq_len + 1} tokens in {len(split['shards'])} shards")
     print(f"tokenizer={tokenizer.kind} vocab_size={tokenizer.vocab_size} → {out}")

@@ -21,6 +21,7 @@ import itertools
 import json
 import os
 import random
+import re
 import shutil
 import sys
 import threading
@@ -31,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from data.errors import RunError, UserError
 from parallel import checksums
@@ -205,7 +207,7 @@ class CheckpointDir:
             if request is None:
                 self._commit(tmp, final)
                 return final
-        except Exception as exc:
+        except (Exception, CheckpointException) as exc:  # DCP's exception is a BaseException
             raise self._failed(tmp, final, exc) from exc
         request.add_finalize_fn(functools.partial(self._commit, tmp, final))
         if self._async is None:
@@ -237,7 +239,7 @@ class CheckpointDir:
             return []
         try:
             done = self._async.maybe_finalize_async_calls(blocking=blocking)
-        except Exception as exc:
+        except (Exception, CheckpointException) as exc:
             tmp, final = self._pending[0]
             raise self._failed(tmp, final, exc) from exc
         committed, self._pending = self._pending[: len(done)], self._pending[len(done) :]
@@ -325,7 +327,11 @@ def describe_io_error(exc: BaseException, root: Path) -> str:
         if isinstance(item, OSError) and item.errno:
             where = f" ({item.filename})" if item.filename else ""
             return f"{os.strerror(item.errno).lower()}{where}"
-        todo += [item.__cause__, item.__context__, *getattr(item, "failures", {}).values(), *item.args]
+        found = re.search(r"\[Errno (\d+)\]", str(item))  # a writer process's error, passed on as text
+        if found:
+            return f"{os.strerror(int(found.group(1))).lower()} ({root})"
+        failures = [f for v in getattr(item, "failures", {}).values() for f in (v if isinstance(v, tuple) else (v,))]
+        todo += [item.__cause__, item.__context__, *failures, *item.args]
     with contextlib.suppress(OSError):
         if shutil.disk_usage(root if root.exists() else root.parent).free < 64 << 20:
             return f"no space left on device ({root})"

@@ -14,6 +14,8 @@ def silence_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=r".*`load_state_dict` is deprecated.*")
     warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor|all_gather_into_tensor.*is deprecated.*")
     logging.getLogger("megatron").setLevel(logging.WARNING)
+    # its shard writers' errors reach users through the save's own one-line error (cause and path)
+    logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async").setLevel(logging.CRITICAL)
 
 
 silence_known_warnings()

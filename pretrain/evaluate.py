@@ -3,6 +3,8 @@
 The bundled task templates (``conf/eval_tasks``) read local files only: gpt-eval fills in
 the paths and, for ``sentiment``, the answer choices (the label set of the evaluation
 file), writes the tasks into ``run.dir/tasks`` and runs lm-eval offline on them once per k.
+``run.dir`` must be new, empty or an earlier gpt-eval's (``EVAL_DIR_NAMES``): gpt-eval rewrites
+its own files there and refuses a directory holding anything else, before any work.
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ from omegaconf import DictConfig, ListConfig
 
 from data.errors import UserError
 from data.jsonl import iter_jsonl
+from data.output_dir import check_run_dir
 from pretrain.cli import CONF_DIR
 
 TEMPLATES = CONF_DIR / "eval_tasks"
+# What gpt-eval writes into run.dir (names or glob patterns): a rerun may replace these, nothing else.
+EVAL_DIR_NAMES = ("results.json", "results_k*.json", "results.md", "accuracy_vs_k.png", "tasks", ".hydra")
 
 
 def _read_jsonl(path: Path, fields: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -81,6 +86,17 @@ def perplexity_task(cfg: DictConfig, task_dir: Path) -> None:
 BUILDERS = {"sentiment": sentiment_task, "perplexity": perplexity_task}
 
 
+def fewshot_counts(value: object) -> list[int]:
+    """``num_fewshot`` (an int or a list) as a list of k >= 0, refused in one line otherwise."""
+    shots = list(value) if isinstance(value, ListConfig | list | tuple) else [value]
+    if not shots:
+        raise UserError("num_fewshot=[]: give at least one k (e.g. num_fewshot=[0,1,5])")
+    for k in shots:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise UserError(f"num_fewshot={k}: each k must be an integer >= 0 (in-context examples)")
+    return shots
+
+
 def evaluate(cfg: DictConfig) -> dict[int, dict[str, Any]]:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -88,8 +104,9 @@ def evaluate(cfg: DictConfig) -> dict[int, dict[str, Any]]:
     unknown = [t for t in tasks if t not in BUILDERS]
     if unknown:
         raise UserError(f"tasks={unknown[0]}: unknown (bundled: {', '.join(BUILDERS)})")
-    shots = [int(k) for k in cfg.num_fewshot] if isinstance(cfg.num_fewshot, ListConfig) else [int(cfg.num_fewshot)]
-    run_dir = Path(cfg.run.dir)
+    shots = fewshot_counts(cfg.num_fewshot)
+    run_dir = Path(cfg.run.dir).expanduser()
+    check_run_dir(run_dir, EVAL_DIR_NAMES, command="gpt-eval")
     task_dir = run_dir / "tasks"
     task_dir.mkdir(parents=True, exist_ok=True)
     for task in tasks:

@@ -5,6 +5,10 @@ embeddings), so the export is a pure re-layout of weights; the one non-trivial s
 megatron-core's fused QKV matrix, whose rows are grouped per head as ``[q_h, k_h, v_h]``
 while GPT-2's ``c_attn`` is ``[all q | all k | all v]`` (and GPT-2's ``Conv1D`` stores
 weights transposed). What GPT-2 cannot express is refused, not approximated.
+
+``out`` is an owned output directory (``data/output_dir.py``): new, empty, or an earlier
+gpt-export output (replaced only with ``overwrite=true``); anything else in it is refused
+before the checkpoint is loaded, and the export is swapped in whole at the end.
 """
 
 from __future__ import annotations
@@ -17,7 +21,27 @@ import torch
 from omegaconf import DictConfig
 
 from data.errors import UserError
+from data.output_dir import check_output_dir, owned_output
 from data.tokenizer import BPETokenizer, Tokenizer
+
+COMMAND = "gpt-export"
+# What an export written before gpt-export left a marker may hold (transformers' and ours).
+LEGACY_FILES = frozenset(
+    {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "gpt_pretrain.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    }
+)
+
+
+def legacy_export(out: Path) -> set[str] | None:
+    """An export without a marker is recognised by its ``gpt_pretrain.json``; only transformers' files count."""
+    return set(LEGACY_FILES) if (out / "gpt_pretrain.json").is_file() else None
 
 
 def check_exportable(loaded) -> None:  # noqa: ANN001
@@ -69,8 +93,12 @@ def gpt2_state_dict(loaded) -> dict[str, torch.Tensor]:  # noqa: ANN001
     return {k: v.detach().float().contiguous().clone() for k, v in out.items()}
 
 
-def export(checkpoint: str, out: str | Path) -> Path:
+def export(checkpoint: str, out: str | Path, overwrite: bool = False) -> Path:
     """Write ``out/`` with config.json, model.safetensors and (BPE) tokenizer files."""
+    out = Path(out).expanduser()
+    inputs = [Path(checkpoint).expanduser()]
+    check_output_dir(out, COMMAND, overwrite, inputs=inputs, legacy=legacy_export)  # before any slow import or load
+
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from pretrain.inference import load_model
@@ -100,12 +128,11 @@ def export(checkpoint: str, out: str | Path) -> Path:
     missing = [k for k in missing if k != "lm_head.weight"]  # tied to wte
     if missing or unexpected:
         raise RuntimeError(f"export mapping incomplete: missing {missing}, unexpected {unexpected}")
-    out = Path(out)
-    model.save_pretrained(out, safe_serialization=True)
-    save_tokenizer(loaded.tokenizer, out)
-    (out / "gpt_pretrain.json").write_text(
-        json.dumps({"checkpoint": str(loaded.path), "step": loaded.step, "tokenizer": loaded.tokenizer.kind}, indent=1)
-    )
+    with owned_output(out, COMMAND, overwrite, inputs=inputs, legacy=legacy_export) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        save_tokenizer(loaded.tokenizer, tmp)
+        origin = {"checkpoint": str(loaded.path), "step": loaded.step, "tokenizer": loaded.tokenizer.kind}
+        (tmp / "gpt_pretrain.json").write_text(json.dumps(origin, indent=1))
     return out
 
 
@@ -126,7 +153,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     from pretrain.cli import exit_on_user_error
 
     with exit_on_user_error():
-        out = export(str(cfg.checkpoint), str(cfg.out))
+        out = export(str(cfg.checkpoint), str(cfg.out), bool(cfg.overwrite))
         print(f"exported to {out}")
 
 

@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from data.errors import UserError
+from data.output_dir import RUN_DIR_NAMES, check_run_dir
 from data.tasks import TASK_TYPES, SpecialTokens, batch_arrays, encode_examples, label_vocabulary, read_jsonl
 from data.tokenizer import TOKENIZER_FILE, load_tokenizer
 from parallel.checkpoint import CheckpointDir, read_common
@@ -137,9 +138,11 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
     ecfg = engine_config(cfg, pretrained, max_steps)
     topo = Topology.from_config(ecfg)
     run_dir = Path(cfg.run.dir)
+    check_run_dir(run_dir, (*RUN_DIR_NAMES, "metrics.tmp"), command="gpt-finetune")
     ckpts = CheckpointDir(run_dir, int(cfg.train.keep_last))
-    latest = ckpts.latest()
     topo.init(int(cfg.train.seed), float(cfg.parallel.timeout_s))
+    ckpts.remove_stale()
+    latest, _ = ckpts.select()  # the newest intact step (a corrupt newer one is named and skipped)
     rank0 = topo.rank == 0
     task_type, weight = str(cfg.task.type), float(cfg.finetune.aux_lm_weight)
     seed = int(cfg.train.seed)
@@ -185,14 +188,14 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
         record["epoch"] = batches.epoch
         metrics.log(record)
         last = step == max_steps
-        if step % eval_every == 0 or last:
-            val = evaluate(engine, val_arrays, micro_eval, topo)
-            metrics.log({"step": step, "val_loss": val["loss"], "val_acc": val["acc"], "val_lm_loss": val["lm"]}, True)
-        if (save_every > 0 and step % save_every == 0) or (last and save_every >= 0):
+        if (save_every > 0 and step % save_every == 0) or (last and save_every >= 0):  # before evaluation
             common = {"step": step, "data": batches.state_dict(), "config": OmegaConf.to_container(ecfg)}
             common.update(distributed_optimizer=engine.distributed_optimizer, vocab_size=vocab, engine="megatron")
             common.update(layout={"tp": topo.tp, "pp": topo.pp, "dp": topo.dp, "vpp": topo.vpp}, labels=task["labels"])
             ckpts.save(step, engine, common, files=(tokenizer_dir / TOKENIZER_FILE,))
+        if step % eval_every == 0 or last:
+            val = evaluate(engine, val_arrays, micro_eval, topo)
+            metrics.log({"step": step, "val_loss": val["loss"], "val_acc": val["acc"], "val_lm_loss": val["lm"]}, True)
         tick = time.perf_counter()
     ckpts.finalize(blocking=True)  # waits for pruned steps to be deleted
     metrics.close()

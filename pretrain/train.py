@@ -19,10 +19,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from data.errors import UserError
+from data.output_dir import RUN_DIR_NAMES, check_run_dir
 from data.shards import Manifest, check_files, load_manifest
 from data.stream import Layout, TrainLoader, eval_batches
 from data.tokenizer import TOKENIZER_FILE, load_tokenizer
-from parallel.checkpoint import PREFIX, CheckpointDir, read_common
+from parallel.checkpoint import PREFIX, CheckpointDir, CheckpointException, read_common
 from parallel.topology import Topology
 from parallel.watchdog import Watchdog
 from pretrain.cli import check_group_choices, exit_on_user_error, quiet_third_party, set_rank_threads
@@ -137,6 +138,7 @@ def train(cfg: DictConfig) -> dict:
             f"(parallel.engine={cfg.parallel.engine})"
         )
     run_dir = Path(cfg.run.dir)
+    check_run_dir(run_dir, (*RUN_DIR_NAMES, "metrics.tmp"), command="gpt-pretrain")
     ckpts = CheckpointDir(run_dir, int(cfg.train.keep_last))
     topo.init(int(cfg.train.seed), float(cfg.parallel.timeout_s))
     rank0 = topo.rank == 0
@@ -292,7 +294,7 @@ def load_agreed(ckpts: CheckpointDir, path: Path, engine) -> tuple[dict | None, 
     common, problem = None, None
     try:
         common = ckpts.load(path, engine, restore_rng=True)
-    except Exception as exc:  # the engine's own error, deep in torch: keep its last line
+    except (Exception, CheckpointException) as exc:  # the engine's own error, deep in torch: keep its last line
         lines = str(exc).strip().splitlines()
         problem = f"unreadable: {type(exc).__name__}: {lines[-1] if lines else ''}"[:300]
     if dist.is_initialized() and dist.get_world_size() > 1:

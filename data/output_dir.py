@@ -1,0 +1,234 @@
+"""Owned output directories: a command deletes or overwrites only files it wrote itself.
+
+Why: ``out=`` and ``run.dir=`` are typed by hand, and a typo or a reused name (``out=.``,
+``out=~/thesis``, ``out=`` the corpus directory) must never cost a user their files. So:
+
+- a command that writes a directory leaves a marker in it (``.gpt-prepare.json``,
+  ``.gpt-export.json``) naming the command and listing the files it wrote;
+- a directory that does not exist, or is empty, is always fine;
+- a directory holding anything the marker (or, for outputs written before markers existed,
+  a recognisable layout) does not account for is refused with a one-line :class:`UserError`
+  naming those files, before any work, whatever ``overwrite`` says;
+- this command's own output is refused unless ``overwrite=true``, which then removes exactly
+  the files the marker lists and nothing else;
+- the new output is written into a hidden temporary directory beside ``out`` and swapped in
+  at the end, so a failure (or Ctrl-C) leaves ``out`` as it was.
+
+Run directories of training and evaluation are checked by name instead
+(:func:`check_run_dir`): a run resumes in its own directory, so those files are expected there.
+
+This module is the lowest layer (``data/``): it imports nothing from ``pretrain/`` or ``parallel/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from data.errors import UserError
+
+MARKER_FORMAT = "gpt-owned-output/1"
+
+# What gpt-pretrain / gpt-finetune write into run.dir (names or glob patterns), for check_run_dir.
+RUN_DIR_NAMES = (
+    "config.yaml",
+    "metrics.jsonl",
+    "checkpoints",
+    "loss.png",
+    "eval.png",
+    "results.json",
+    "wandb",
+    "wandb_id",
+    "samples_rank*.jsonl",
+    "restarted-*",
+    ".hydra",
+)
+
+# A callable that recognises a command's output written before markers existed: the names it
+# owns in that directory, or None when the directory is not such an output.
+LegacyOwner = Callable[[Path], "set[str] | None"]
+
+
+def marker_name(command: str) -> str:
+    return f".{command}.json"
+
+
+def _names(paths: list[str], shown: int = 2) -> str:
+    """The first one or two names (hidden ones last), and how many more: messages stay one short line."""
+    paths = sorted(paths, key=lambda p: (p.startswith("."), p))
+    more = f" and {len(paths) - shown} more" if len(paths) > shown else ""
+    return ", ".join(paths[:shown]) + more
+
+
+def listing(directory: Path) -> list[str]:
+    """Every file, link and empty directory under ``directory``, as sorted relative POSIX paths."""
+    found: list[str] = []
+    for root, dirs, files in os.walk(directory):
+        base = Path(root)
+        entries = files + [d for d in dirs if (base / d).is_symlink()]  # os.walk does not descend into links
+        if not entries and not dirs and base != directory:
+            entries = [""]  # an empty directory counts as an entry of its own
+        found += [(base / e).relative_to(directory).as_posix() for e in entries]
+    return sorted(found)
+
+
+def _owned(out: Path, command: str, legacy: LegacyOwner | None) -> set[str] | None:
+    """What ``command`` may replace in ``out``: its marker's list, or a legacy layout's names."""
+    marker = out / marker_name(command)
+    if marker.is_file():
+        try:
+            record = json.loads(marker.read_text())
+            files = {str(f) for f in record["files"]} if record.get("command") == command else None
+        except (OSError, ValueError, KeyError, TypeError):
+            files = None
+        if files is None:
+            raise UserError(f"{marker}: unreadable marker; move the directory away or choose a new or empty one")
+        return files | {marker.name}
+    return legacy(out) if legacy else None
+
+
+def _writer_of(out: Path) -> str:
+    """`` (a gpt-export output)`` when another command's marker explains the files; else empty."""
+    for marker in sorted(out.glob(".gpt-*.json")):
+        with contextlib.suppress(OSError, ValueError, AttributeError, KeyError, TypeError):
+            record = json.loads(marker.read_text())
+            if record.get("format") == MARKER_FORMAT:
+                return f" (a {record['command']} output)"
+    return ""
+
+
+def check_output_dir(
+    out: str | Path,
+    command: str,
+    overwrite: bool,
+    *,
+    key: str = "out",
+    inputs: Iterable[str | Path] = (),
+    legacy: LegacyOwner | None = None,
+) -> set[str]:
+    """Refuse, in one line, an ``out`` that ``command`` may not write; return the names it would replace.
+
+    ``inputs`` are the files the command reads: one inside ``out`` gets its own message, since
+    replacing ``out`` would replace the input.
+    """
+    out = Path(out).expanduser()
+    if not out.exists():
+        ancestor = out.parent
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise UserError(f"{key}={out}: {ancestor} is not a directory")
+        return set()
+    if not out.is_dir():
+        raise UserError(f"{key}={out}: exists and is not a directory; choose a new or empty directory")
+    resolved = out.resolve()
+    for path in inputs:
+        if Path(path).resolve() == resolved or resolved in Path(path).resolve().parents:
+            raise UserError(f"{key}={out}: holds the input {path}; write the output to a new directory outside it")
+    present = listing(out)
+    if not present:
+        return set()
+    owned = _owned(out, command, legacy)
+    if owned is None:
+        raise UserError(
+            f"{key}={out}: holds files {command} did not write ({_names(present)}){_writer_of(out)}; "
+            "choose a new or empty directory"
+        )
+    foreign = [p for p in present if p not in owned]
+    if foreign:
+        raise UserError(
+            f"{key}={out}: holds files {command} did not write ({_names(foreign)}) beside its output; "
+            f"overwrite=true replaces only {command}'s own files, so move those or choose a new or empty directory"
+        )
+    if not overwrite:
+        raise UserError(f"{key}={out}: already holds a {command} output; pass overwrite=true to replace it")
+    return set(present)  # all of them owned; never a listed name that is not actually there
+
+
+def _remove_listed(directory: Path, names: set[str]) -> None:
+    """Remove exactly ``names`` (files, links, empty dirs) under ``directory``, then the dirs left empty."""
+    parents: set[Path] = {directory}
+    for name in sorted(names, key=lambda n: -n.count("/")):
+        path = directory / name
+        parents.update(p for p in path.parents if directory in p.parents)
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.is_dir():
+            with contextlib.suppress(OSError):
+                path.rmdir()  # listed as an empty dir; anything since put in it stays
+    for parent in sorted(parents, key=lambda p: -len(p.parts)):
+        with contextlib.suppress(OSError):
+            parent.rmdir()  # only when empty: whatever we did not list stays
+    if directory.exists():
+        print(f"note: {directory} kept: it holds files that appeared while writing", flush=True)
+
+
+@contextlib.contextmanager
+def owned_output(
+    out: str | Path,
+    command: str,
+    overwrite: bool,
+    *,
+    key: str = "out",
+    inputs: Iterable[str | Path] = (),
+    legacy: LegacyOwner | None = None,
+) -> Iterator[Path]:
+    """Yield a hidden temp dir beside ``out`` to write into; on success mark it and swap it in.
+
+    ``out`` is checked again just before the swap (it may have changed during a long write).
+    The old output, if any, is renamed aside first and only its listed files are then removed,
+    so ``out`` always holds either the old or the new output in full.
+    """
+    out = Path(out).expanduser().resolve()  # out=. or a symlink: the temp dir goes beside the real directory
+    inputs = list(inputs)
+    check_output_dir(out, command, overwrite, key=key, inputs=inputs, legacy=legacy)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}.tmp-{command}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()  # a fresh name (not mkdtemp's mode 0700): out gets the user's usual permissions
+    except OSError as exc:
+        raise UserError(f"{key}={out}: cannot write there ({exc.strerror})") from exc
+    try:
+        yield tmp
+        owned = check_output_dir(out, command, overwrite, key=key, inputs=inputs, legacy=legacy)
+        record = {"format": MARKER_FORMAT, "command": command, "files": listing(tmp)}
+        (tmp / marker_name(command)).write_text(json.dumps(record, indent=1) + "\n")
+        if not out.exists():
+            tmp.rename(out)
+            return
+        old = out.parent / f".{out.name}.old-{command}-{uuid.uuid4().hex[:8]}"
+        out.rename(old)
+        try:
+            tmp.rename(out)
+        except OSError:
+            old.rename(out)
+            raise
+        _remove_listed(old, owned)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # our own temp dir, left only when the write failed
+
+
+def check_run_dir(path: str | Path, own_names: Iterable[str], *, key: str = "run.dir", command: str = "a run") -> None:
+    """Refuse, in one line, a run dir that holds entries other than those a run writes.
+
+    ``own_names`` are names or glob patterns of top-level entries (``checkpoints``,
+    ``samples_rank*.jsonl``); anything else there is someone else's, and a run writing
+    ``config.yaml`` or ``results.json`` beside it could overwrite it.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise UserError(f"{key}={path}: exists and is not a directory")
+    patterns = list(own_names)
+    foreign = sorted(e.name for e in path.iterdir() if not any(fnmatch.fnmatchcase(e.name, p) for p in patterns))
+    if foreign:
+        raise UserError(
+            f"{key}={path}: holds files {command} does not write ({_names(foreign)}); choose a new or empty directory"
+        )
