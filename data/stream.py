@@ -20,6 +20,7 @@ dp=1 without losing or repeating a sample.
 from __future__ import annotations
 
 import itertools
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -174,6 +175,15 @@ class TrainStream(IterableDataset):
             yield {"tokens": np.stack(rows), "ids": np.asarray(ids, dtype=np.int64)}
 
 
+def _ignore_stop_signals(_worker: int) -> None:
+    """A scheduler signals every process of a job (slurm's SIGTERM / SIGUSR1, a terminal's
+    SIGINT): a worker that died of it would fail the trainer before its preemption checkpoint.
+    The trainer decides; its workers exit with it (torch checks, and so does the fork hook of
+    ``parallel/process_hygiene.py``)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _as_is(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """DataLoader collate for already-batched numpy micro-batches (no conversion in the worker)."""
     return batch
@@ -208,7 +218,12 @@ class TrainLoader:
             dataset = TrainStream(self.manifest, self.layout, self.seed, self.num_streams, self.epoch, self.position)
             if self.num_workers:
                 loader = DataLoader(
-                    dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is, prefetch_factor=8
+                    dataset,
+                    batch_size=None,
+                    num_workers=self.num_workers,
+                    collate_fn=_as_is,
+                    prefetch_factor=8,
+                    worker_init_fn=_ignore_stop_signals,
                 )
                 self._iterator = iter(loader)
             else:

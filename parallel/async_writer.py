@@ -74,8 +74,11 @@ def _check_shared_memory(write_buckets: list[Any], buffers: dict[tuple[int, int]
 
 def _write(transform_list: Any, use_msc: bool, rank: int, write_buckets: list[Any], results_queue: Any) -> None:
     """What ``FileSystemWriterAsync.write_preloaded_data_multiproc`` does, without forking."""
+    from parallel.checksums import hash_megatron_writes
+
     results: dict[int, Any] | Exception = {}
     try:
+        hash_megatron_writes()  # this process writes the shards: it hashes them as it writes
         for index, bucket in enumerate(write_buckets):
             local: queue.Queue = queue.Queue()
             count: queue.Queue = queue.Queue()
@@ -91,11 +94,16 @@ def _write(transform_list: Any, use_msc: bool, rank: int, write_buckets: list[An
     results_queue.put(results)
 
 
-def _writer_loop(requests: Any, done: Any, parent: int) -> None:
-    """The writer process: write each staged request, report, repeat; leave with the trainer."""
+def _writer_loop(requests: Any, done: Any, parent: int, from_main_thread: bool = True) -> None:
+    """The writer process: write each staged request, report, repeat; leave with the trainer
+    (at once when it is killed, even mid-write: ``die_with_parent``; between writes, by the
+    ``getppid`` check below)."""
     import os
     import signal
 
+    from parallel.process_hygiene import die_with_parent
+
+    die_with_parent(parent, from_main_thread)
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):  # the trainer decides when to stop
         signal.signal(sig, signal.SIG_IGN)
     while os.getppid() == parent:
@@ -132,8 +140,13 @@ class ProcessAsyncCaller(AsyncCaller):
             args[1] = async_req.preload_fn()
         staged = _staged(args[1], self.buffers)
         if self.process is None:
+            import threading
+
+            from_main = threading.current_thread() is threading.main_thread()
             self.process = self._ctx.Process(
-                target=_writer_loop, args=(self.requests, self.done, self._parent), name="gpt-checkpoint-writer"
+                target=_writer_loop,
+                args=(self.requests, self.done, self._parent, from_main),
+                name="gpt-checkpoint-writer",
             )
             self.process.daemon = True
             self.process.start()

@@ -28,7 +28,7 @@ import xxhash
 MANIFEST = "checksums.json"
 SIDECAR = ".xxh3"
 ALGORITHM = "xxh3_64"
-_CHUNK = 16 << 20
+_CHUNK = 1 << 20
 
 
 class HashingFile:
@@ -109,16 +109,19 @@ def hashing_torch_save(save: Callable[..., Any]) -> Callable[[Any, str], None]:
 
 
 def file_digest(path: str | os.PathLike) -> str:
+    """Read through one reused buffer (a fresh ``bytes`` per chunk halves the throughput)."""
     digest = xxhash.xxh3_64()
-    with open(path, "rb") as stream:
-        while chunk := stream.read(_CHUNK):
-            digest.update(chunk)
+    buffer = bytearray(_CHUNK)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as stream:
+        while count := stream.readinto(buffer):
+            digest.update(view[:count])
     return digest.hexdigest()
 
 
 def _files(directory: Path) -> Iterator[Path]:
     for path in sorted(directory.rglob("*")):
-        if path.is_file() and path.name != MANIFEST and not path.name.endswith(SIDECAR):
+        if path.is_file() and path.name not in (MANIFEST, f".{MANIFEST}.tmp") and not path.name.endswith(SIDECAR):
             yield path
 
 

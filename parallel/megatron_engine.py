@@ -24,7 +24,7 @@ from megatron.core.transformer.module import Float16Module
 from omegaconf import DictConfig
 
 from data.errors import UserError
-from parallel import checksums, cpu_compat
+from parallel import checksums, cpu_compat, process_hygiene
 from parallel.engine import StepResult, lr_scheduler
 from parallel.topology import Topology
 from pretrain.model import build_gpt, compute_device, position_ids, transformer_config
@@ -277,6 +277,7 @@ class MegatronEngine:
                 )
             strategy = self._save_strategy
             checksums.hash_megatron_writes()  # each .distcp file is hashed as it is written
+            process_hygiene.patch_megatron_results_queue()  # its Manager process dies with this one
             return dist_checkpointing.save(
                 state, str(directory), sharded_strategy=strategy, async_sharded_save=async_save
             )

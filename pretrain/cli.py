@@ -77,3 +77,6 @@ def set_rank_threads() -> None:
     set ``OMP_NUM_THREADS``; a single process keeps torch's default (all cores)."""
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from parallel import process_hygiene
+
+    process_hygiene.install()  # helper processes (writers, loader workers, megatron's Manager) die with this one
