@@ -36,7 +36,7 @@ class StopRequest:
         self._previous: dict[int, object] = {}
 
     def install(self) -> StopRequest:
-        """Catch the signals from now on (before loader workers fork, so they inherit it)."""
+        """Catch the signals from now on (forked helpers ignore them: ``parallel/process_hygiene.py``)."""
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
