@@ -111,11 +111,6 @@ class CheckpointDir:
         found = [p for p in self.root.glob(f"{PREFIX}*") if p.is_dir() and p.name[len(PREFIX) :].isdigit()]
         return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]), reverse=True)
 
-    def latest(self) -> Path | None:
-        """The newest complete step, whatever the ``latest`` hint says (not verified: see :meth:`select`)."""
-        steps = self.steps()
-        return steps[0] if steps else None
-
     @staticmethod
     def resolve(spec: str | Path) -> Path:
         """``checkpoint=`` as users pass it: a run dir (its newest intact step) or one ``step_<N>`` dir,
@@ -159,10 +154,13 @@ class CheckpointDir:
 
     def remove_stale(self) -> None:
         """Rank 0: remove ``.step_<N>.tmp`` dirs a killed or failed save of ours left behind."""
-        if _rank() == 0 and self.root.is_dir():
-            for stale in self.root.glob(f".{PREFIX}*.tmp"):
-                shutil.rmtree(stale, ignore_errors=True)
+        if _rank() == 0:
+            self._remove_tmp_dirs()
         _barrier()
+
+    def _remove_tmp_dirs(self) -> None:
+        for stale in self.root.glob(f".{PREFIX}*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
 
     def archive(self, run_dir: Path, names: tuple[str, ...]) -> Path | None:
         """Rank 0: move this run's checkpoints and ``names`` (run files) into ``restarted-<time>/``
@@ -194,8 +192,7 @@ class CheckpointDir:
         try:
             if _rank() == 0:
                 self.root.mkdir(parents=True, exist_ok=True)
-                for stale in self.root.glob(f".{PREFIX}*.tmp"):
-                    shutil.rmtree(stale, ignore_errors=True)
+                self._remove_tmp_dirs()
                 tmp.mkdir()
             _barrier()
             request = engine.save(tmp, common, async_save=async_save)  # into an empty dir (megatron checks)
@@ -335,6 +332,11 @@ def describe_io_error(exc: BaseException, root: Path) -> str:
     with contextlib.suppress(OSError):
         if shutil.disk_usage(root if root.exists() else root.parent).free < 64 << 20:
             return f"no space left on device ({root})"
+    return one_line(exc)
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception raised deep in torch or megatron, as one line: its type and last line."""
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[-1] if lines else ''}"[:300]
 

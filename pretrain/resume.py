@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from data.errors import UserError
 from data.shards import MANIFEST, Manifest
 from data.tokenizer import TOKENIZER_FILE
+from parallel.checkpoint import checkpoint_engine
 
 SHAPE_KEYS = (
     "num_layers",
@@ -70,7 +71,7 @@ def data_identity(manifest: Manifest) -> dict[str, Any]:
 def check_resume(cfg: DictConfig, common: dict[str, Any], step_dir: Path, identity: dict[str, Any]) -> bool:
     """Refuse a checkpoint of another engine, model or tokenizer; returns whether the loader
     state should be restored (False: ``data.allow_new`` on another shard set)."""
-    engine = str(common.get("engine", "megatron"))
+    engine = checkpoint_engine(common)
     run = cfg.run.dir
     if engine != cfg.parallel.engine:
         raise UserError(

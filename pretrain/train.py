@@ -23,7 +23,7 @@ from data.output_dir import RUN_DIR_NAMES, check_run_dir
 from data.shards import Manifest, check_files, load_manifest
 from data.stream import Layout, TrainLoader, eval_batches
 from data.tokenizer import TOKENIZER_FILE, load_tokenizer
-from parallel.checkpoint import PREFIX, CheckpointDir, CheckpointException, read_common
+from parallel.checkpoint import PREFIX, CheckpointDir, CheckpointException, one_line, read_common
 from parallel.topology import Topology
 from parallel.watchdog import Watchdog
 from pretrain.cli import check_group_choices, exit_on_user_error, quiet_third_party, set_rank_threads
@@ -146,7 +146,7 @@ def train(cfg: DictConfig) -> dict:
     latest, events = ckpts.select()
     saved = read_common(latest) if latest is not None else None
     restore_data = check_resume(cfg, saved, latest, identity) if saved is not None else True
-    # signals first: loader workers and checkpoint writers fork from here (and reset them)
+    # before the engine and loader start helpers (forked helpers ignore these: process_hygiene)
     stop = StopRequest([*cfg.train.preempt_signals, "SIGINT"]).install()
     watchdog = Watchdog(float(cfg.parallel.timeout_s), topo.rank, topo.world_size, enabled=topo.world_size > 1)
     engine = build_engine(cfg, topo, manifest.vocab_size, saved)
@@ -247,9 +247,8 @@ def train(cfg: DictConfig) -> dict:
         metrics.log(record, console=result.skipped)
         if ckpts.pending:
             finalize(step, blocking=False)
-        if policy.consecutive:
-            if policy.consecutive >= policy.max_skipped:
-                finalize(step, blocking=True)  # an in-flight save is of a good state: commit it
+        if policy.consecutive >= policy.max_skipped:
+            finalize(step, blocking=True)  # an in-flight save is of a good state: commit it
             policy.check()
         last = step == max_steps
         saved = (save_every > 0 and step % save_every == 0) or (last and save_every >= 0)
@@ -294,9 +293,8 @@ def load_agreed(ckpts: CheckpointDir, path: Path, engine) -> tuple[dict | None, 
     common, problem = None, None
     try:
         common = ckpts.load(path, engine, restore_rng=True)
-    except (Exception, CheckpointException) as exc:  # the engine's own error, deep in torch: keep its last line
-        lines = str(exc).strip().splitlines()
-        problem = f"unreadable: {type(exc).__name__}: {lines[-1] if lines else ''}"[:300]
+    except (Exception, CheckpointException) as exc:  # DCP's exception is a BaseException
+        problem = f"unreadable: {one_line(exc)}"
     if dist.is_initialized() and dist.get_world_size() > 1:
         gathered: list = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, problem)
