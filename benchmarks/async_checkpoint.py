@@ -46,12 +46,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    from conf.cli import compose, quiet_third_party
     from data.shards import load_manifest
     from data.stream import Layout, TrainLoader
     from parallel.checkpoint import CheckpointDir
     from parallel.megatron_engine import MegatronEngine
     from parallel.topology import Topology
-    from pretrain.cli import compose, quiet_third_party
 
     quiet_third_party()
     data = prepared_shards(args.data)

@@ -196,11 +196,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    from conf.cli import compose, quiet_third_party
     from parallel import checksums
     from parallel.checkpoint import CheckpointDir
     from parallel.megatron_engine import MegatronEngine
     from parallel.topology import Topology
-    from pretrain.cli import compose, quiet_third_party
 
     quiet_third_party()
     cfg = compose([f"model={args.model}", "parallel.tp=1", "train.micro_batch=1", "train.global_batch=1"])

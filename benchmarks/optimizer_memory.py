@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def worker(model: str, out: Path) -> None:
     import torch
 
+    from conf.cli import compose, quiet_third_party
     from parallel.megatron_engine import MegatronEngine
     from parallel.topology import Topology
-    from pretrain.cli import compose, quiet_third_party
 
     quiet_third_party()
     world = int(os.environ["WORLD_SIZE"])

@@ -40,9 +40,9 @@ def bare_loop(data: Path, steps: int, skip: int, kind: str) -> float:
     """Median tokens/s of a plain loop (no DDP, no megatron optimizer) over ``kind``'s model:
     ``nanogpt`` (plain PyTorch) or ``gptmodel`` (this project's megatron-core GPTModel)."""
     from benchmarks.nanogpt_reference import NanoGPT
+    from conf.cli import compose, quiet_third_party
     from data.shards import load_manifest, read_shard
     from parallel.topology import Topology
-    from pretrain.cli import compose, quiet_third_party
     from pretrain.model import build_gpt, position_ids, transformer_config
 
     quiet_third_party()

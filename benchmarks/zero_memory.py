@@ -63,11 +63,11 @@ def census(engine) -> dict[str, int]:  # noqa: ANN001 - parallel.deepspeed_engin
 def worker(data: str, stage: int, steps: int, out: str) -> None:
     import torch.distributed as dist
 
+    from conf.cli import compose, quiet_third_party
     from data.shards import load_manifest
     from data.stream import Layout, TrainLoader
     from parallel.deepspeed_engine import DeepSpeedEngine
     from parallel.topology import Topology
-    from pretrain.cli import compose, quiet_third_party
 
     quiet_third_party()
     overrides = [f"data.dir={data}", "model=tiny", "train.micro_batch=4", "train.global_batch=8"]

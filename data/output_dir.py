@@ -31,7 +31,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from data.errors import UserError
+from conf.errors import UserError
 
 MARKER_FORMAT = "gpt-owned-output/1"
 

@@ -26,7 +26,7 @@ import numpy as np
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from data.errors import UserError
+from conf.errors import UserError
 from data.jsonl import iter_jsonl
 from data.output_dir import check_output_dir, owned_output
 from data.shards import FORMAT, MANIFEST, write_manifest, write_shard
@@ -166,7 +166,7 @@ def prepare(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base=None, config_path="../conf", config_name="prepare")
 def _hydra_main(cfg: DictConfig) -> None:
-    from pretrain.cli import exit_on_user_error
+    from conf.cli import exit_on_user_error
 
     with exit_on_user_error():
         prepare(cfg)

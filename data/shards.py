@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
-from data.errors import UserError
+from conf.errors import UserError
 
 MANIFEST = "manifest.json"
 FORMAT = "gpt-shards/1"

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data.errors import UserError
+from conf.errors import UserError
 from data.shards import Manifest, read_shard
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from data.errors import UserError
+from conf.errors import UserError
 from data.jsonl import iter_jsonl
 from data.tokenizer import Tokenizer
 

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from data.errors import UserError
+from conf.errors import UserError
 
 EOT = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from data.errors import RunError, UserError
+from conf.errors import RunError, UserError
 from parallel import checksums
 
 LATEST = "latest"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from data.errors import UserError
+from conf.errors import UserError
 from parallel.checkpoint import TRAIN_STATE, CheckpointDir, checkpoint_engine, read_common
 
 MEGATRON_VIEW = "megatron"
@@ -94,7 +94,7 @@ def convert(step_dir: Path) -> Path:
 
 
 def main() -> None:
-    from pretrain.cli import exit_on_user_error, quiet_third_party
+    from conf.cli import exit_on_user_error, quiet_third_party
 
     if len(sys.argv) != 2:
         sys.exit("usage: python -m parallel.deepspeed_convert RUN_OR_STEP_DIR")

@@ -23,7 +23,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 from omegaconf import DictConfig
 
-from data.errors import UserError
+from conf.errors import UserError
 from parallel import checksums, cpu_compat, process_hygiene
 from parallel.engine import StepResult, lr_scheduler
 from parallel.topology import Topology

@@ -13,7 +13,7 @@ otherwise: they are reparented to init and go on holding memory, files and ports
 * multiprocessing's resource tracker, which exits by itself once every process holding
   its pipe is gone (the trainer and the spawned helpers above): nothing to do for it.
 
-:func:`install` (called once per trainer process, by ``pretrain.cli.set_rank_threads``):
+:func:`install` (called once per trainer process, by ``the commands' main()``):
 
 * registers an after-fork hook: a forked child dies with its parent, does not run the
   trainer's handlers, and *ignores* the stop signals the trainer catches (SIGTERM, SIGUSR1,

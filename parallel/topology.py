@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig
 
-from data.errors import UserError
+from conf.errors import UserError
 
 
 def _check_engine(par: DictConfig, tp: int, pp: int) -> str:

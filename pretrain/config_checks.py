@@ -13,7 +13,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from data.errors import UserError
+from conf.errors import UserError
 
 
 def _number(cfg: DictConfig, key: str, kind: type = float) -> float:

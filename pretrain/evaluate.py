@@ -17,10 +17,10 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, ListConfig
 
-from data.errors import UserError
+from conf.cli import CONF_DIR
+from conf.errors import UserError
 from data.jsonl import iter_jsonl
 from data.output_dir import check_run_dir
-from pretrain.cli import CONF_DIR
 
 TEMPLATES = CONF_DIR / "eval_tasks"
 # What gpt-eval writes into run.dir (names or glob patterns): a rerun may replace these, nothing else.
@@ -176,14 +176,14 @@ def write_report(run_dir: Path, by_k: dict[int, dict[str, Any]]) -> None:
 
 @hydra.main(version_base=None, config_path="../conf", config_name="eval")
 def _hydra_main(cfg: DictConfig) -> None:
-    from pretrain.cli import exit_on_user_error
+    from conf.cli import exit_on_user_error
 
     with exit_on_user_error():
         evaluate(cfg)
 
 
 def main() -> None:
-    from pretrain.cli import quiet_third_party
+    from conf.cli import quiet_third_party
 
     quiet_third_party()
     _hydra_main()

@@ -20,7 +20,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from data.errors import UserError
+from conf.errors import UserError
 from data.output_dir import check_output_dir, owned_output
 from data.tokenizer import BPETokenizer, Tokenizer
 
@@ -150,7 +150,7 @@ def save_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
 
 @hydra.main(version_base=None, config_path="../conf", config_name="export")
 def _hydra_main(cfg: DictConfig) -> None:
-    from pretrain.cli import exit_on_user_error
+    from conf.cli import exit_on_user_error
 
     with exit_on_user_error():
         out = export(str(cfg.checkpoint), str(cfg.out), bool(cfg.overwrite))
@@ -158,7 +158,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    from pretrain.cli import quiet_third_party
+    from conf.cli import quiet_third_party
 
     quiet_third_party()
     _hydra_main()

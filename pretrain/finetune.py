@@ -20,14 +20,15 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from data.errors import UserError
+from conf.cli import exit_on_user_error, quiet_third_party, set_rank_threads
+from conf.errors import UserError
 from data.output_dir import RUN_DIR_NAMES, check_run_dir
 from data.tasks import TASK_TYPES, SpecialTokens, batch_arrays, encode_examples, label_vocabulary, read_jsonl
 from data.tokenizer import TOKENIZER_FILE, load_tokenizer
+from parallel import process_hygiene
 from parallel.checkpoint import CheckpointDir, read_common
 from parallel.deepspeed_convert import model_checkpoint
 from parallel.topology import Topology
-from pretrain.cli import exit_on_user_error, quiet_third_party, set_rank_threads
 from pretrain.finetune_data import TaskBatches, eval_micro_batches, write_results
 from pretrain.metrics import Metrics
 
@@ -221,6 +222,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     set_rank_threads()
+    process_hygiene.install()  # helper processes (writers, loader workers, megatron's Manager) die with this one
     quiet_third_party()
     _hydra_main()
 

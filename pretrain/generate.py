@@ -11,7 +11,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from data.errors import UserError
+from conf.errors import UserError
 
 
 @torch.no_grad()
@@ -88,7 +88,7 @@ def generate_text(loaded, prompt: str, max_new_tokens: int, temperature: float, 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="generate")
 def _hydra_main(cfg: DictConfig) -> None:
-    from pretrain.cli import exit_on_user_error
+    from conf.cli import exit_on_user_error
 
     with exit_on_user_error():
         max_new_tokens, temperature, top_k, seed = sampling_args(cfg)  # before the checkpoint: see the module doc
@@ -99,7 +99,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    from pretrain.cli import quiet_third_party
+    from conf.cli import quiet_third_party
 
     quiet_third_party()
     _hydra_main()

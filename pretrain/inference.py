@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from data.errors import UserError
+from conf.errors import UserError
 from data.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from parallel.checkpoint import read_common
 from parallel.deepspeed_convert import model_checkpoint

@@ -26,7 +26,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
 from omegaconf import DictConfig
 
-from data.errors import UserError
+from conf.errors import UserError
 
 
 def padded_vocab_size(vocab_size: int, model_cfg: DictConfig) -> int:

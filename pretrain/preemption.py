@@ -21,7 +21,7 @@ from types import FrameType
 import torch
 import torch.distributed as dist
 
-from data.errors import UserError
+from conf.errors import UserError
 from parallel.watchdog import write_launch_status
 
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT: Ctrl-C, after saving

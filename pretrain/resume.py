@@ -20,7 +20,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from data.errors import UserError
+from conf.errors import UserError
 from data.shards import MANIFEST, Manifest
 from data.tokenizer import TOKENIZER_FILE
 from parallel.checkpoint import checkpoint_engine

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from data.errors import RunError
+from conf.errors import RunError
 
 WINDOW = 50
 MIN_HISTORY = 10

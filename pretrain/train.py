@@ -18,15 +18,16 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from data.errors import UserError
+from conf.cli import check_group_choices, exit_on_user_error, quiet_third_party, set_rank_threads
+from conf.errors import UserError
 from data.output_dir import RUN_DIR_NAMES, check_run_dir
 from data.shards import Manifest, check_files, load_manifest
 from data.stream import Layout, TrainLoader, eval_batches
 from data.tokenizer import TOKENIZER_FILE, load_tokenizer
+from parallel import process_hygiene
 from parallel.checkpoint import PREFIX, CheckpointDir, CheckpointException, one_line, read_common
 from parallel.topology import Topology
 from parallel.watchdog import Watchdog
-from pretrain.cli import check_group_choices, exit_on_user_error, quiet_third_party, set_rank_threads
 from pretrain.config_checks import check_logging, check_train
 from pretrain.flops import peak_flops
 from pretrain.metrics import Metrics, truncate_after
@@ -342,6 +343,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     set_rank_threads()
+    process_hygiene.install()  # helper processes (writers, loader workers, megatron's Manager) die with this one
     check_group_choices(sys.argv[1:])
     quiet_third_party()
     torch.set_num_threads(torch.get_num_threads())

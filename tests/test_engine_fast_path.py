@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.errors import UserError
+from conf.cli import compose
+from conf.errors import UserError
 from parallel import cpu_compat
-from pretrain.cli import compose
 
 
 def _fused_flags(engine) -> list[tuple[bool, bool]]:  # noqa: ANN001

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from data.errors import UserError
+from conf.errors import UserError
 from tests.conftest import run_cli
 
 

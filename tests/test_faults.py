@@ -243,8 +243,8 @@ def test_a_corrupt_validation_shard_fails_after_the_checkpoint(char_shards: Path
 
 
 def test_bad_values_are_one_line_errors(char_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from data.errors import UserError
-    from pretrain.cli import compose
+    from conf.cli import compose
+    from conf.errors import UserError
     from pretrain.config_checks import check_logging, check_train
 
     bad = ["train.lr=-1", "train.lr=0", "train.max_steps=-5", "train.min_lr_ratio=2", "train.beta2=1"]

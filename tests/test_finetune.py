@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from data.errors import UserError
+from conf.errors import UserError
 from data.tasks import SpecialTokens, encode_examples, label_vocabulary, read_jsonl
 from data.tokenizer import load_tokenizer
 from tests.conftest import run_cli

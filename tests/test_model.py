@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.cli import compose
+from conf.cli import compose
 from pretrain.model import build_gpt, flops_per_token, padded_vocab_size, position_ids, transformer_config
 
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from data.errors import UserError
+from conf.cli import compose
+from conf.errors import UserError
 from data.output_dir import check_output_dir, check_run_dir, listing, marker_name, owned_output
 from data.prepare import prepare
 from data.shards import load_manifest
-from pretrain.cli import compose
 from tests.conftest import TINYSHAKESPEARE, prepare_cfg, run_cli
 
 THESIS = b"\\documentclass{article} % a year of work\n"

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from data.errors import UserError
+from conf.cli import compose
+from conf.errors import UserError
 from parallel.topology import Topology
-from pretrain.cli import compose
 from tests.conftest import prepare_cfg, run_cli
 from tests.distributed import layout_args, losses, torchrun
 

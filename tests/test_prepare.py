@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data.errors import UserError
+from conf.errors import UserError
 from data.prepare import prepare
 from data.shards import load_manifest, read_shard
 from data.tokenizer import load_tokenizer

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from data.errors import UserError
+from conf.errors import UserError
 from data.shards import load_manifest
 from data.stream import GlobalOrder, Layout, TrainLoader, eval_batches
 

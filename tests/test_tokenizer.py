@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from data.errors import UserError
+from conf.errors import UserError
 from data.tokenizer import EOT, load_tokenizer, train_tokenizer
 
 TEXTS = ["To be, or not to be: that is the question.", "Héllo wörld — ünïcode ✓"]

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
-from data.errors import RunError, UserError
+from conf.errors import RunError, UserError
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent
 EXIT_USER_ERROR = 2
 EXIT_RUN_ERROR = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
@@ -46,10 +48,17 @@ def exit_on_user_error() -> Iterator[None]:
 
 
 def quiet_third_party() -> None:
-    """Silence third-party warnings that are noise here (kept as a callable for scripts)."""
-    import pretrain
-
-    pretrain.silence_known_warnings()
+    """Warnings that say nothing actionable on this project's paths: megatron-core's notes that
+    Apex / Transformer Engine are absent (expected on CPU), and torch's deprecation of the
+    ShardedTensor API that megatron-core's dist_checkpointing still uses."""
+    warnings.filterwarnings("ignore", module=r"megatron\..*")
+    warnings.filterwarnings("ignore", message=r".*(Apex|apex|Transformer Engine|TransformerEngine).*")
+    warnings.filterwarnings("ignore", message=r".*Please use DTensor instead.*")
+    warnings.filterwarnings("ignore", message=r".*`load_state_dict` is deprecated.*")
+    warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor|all_gather_into_tensor.*is deprecated.*")
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    # its shard writers' errors reach users through the save's own one-line error (cause and path)
+    logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async").setLevel(logging.CRITICAL)
 
 
 def check_group_choices(argv: list[str], groups: tuple[str, ...] = ("model",)) -> None:
@@ -77,6 +86,3 @@ def set_rank_threads() -> None:
     set ``OMP_NUM_THREADS``; a single process keeps torch's default (all cores)."""
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from parallel import process_hygiene
-
-    process_hygiene.install()  # helper processes (writers, loader workers, megatron's Manager) die with this one
