@@ -1,0 +1,272 @@
+"""Every third-party attribute this project patches, wraps or mimics, in one table.
+
+A patch of upstream code is only right for the upstream code it was written against.
+Each row names the attribute (``"module:qualname"``), what of its signature the patch
+relies on, and which module of ours patches it; :func:`problems` checks the rows against
+what is installed (``tests/unit/test_cpu_compat.py`` walks the whole table; :func:`apply`
+of this package checks its own rows before patching), so a megatron-core, DeepSpeed or
+torch upgrade fails with the target's name instead of silently running half-patched code.
+
+This module imports nothing of megatron or DeepSpeed until a row is checked.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Target:
+    """One patched (or relied-on) third-party attribute.
+
+    ``params``: parameter names the patch relies on, in signature order (a subsequence of
+    the installed signature; all of it with ``exact``, for a stand-in that must accept
+    exactly what callers pass); ``None`` for a non-callable (a module global, an instance
+    attribute). ``uses``: global / attribute names the upstream code must still reference
+    (the patch changes or mirrors what they do). ``how``: replace (ours stands in), wrap
+    (ours calls the original), scoped (replaced within a ``with`` block or one call),
+    global (a module global rebound), override (a subclass method), call / read (relied on).
+    """
+
+    target: str
+    params: tuple[str, ...] | None
+    patched_by: str
+    how: str
+    exact: bool = False
+    uses: tuple[str, ...] = ()
+
+
+# Modules whose global ``torch`` the CPU facade replaces: they only use CUDA to place small
+# buffers/flags or to synchronise.
+FACADE_MODULES = (
+    "megatron.core.utils",
+    "megatron.core.tensor_parallel.mappings",
+    "megatron.core.tensor_parallel.layers",
+    "megatron.core.transformer.utils",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.p2p_communication",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.dist_checkpointing.strategies.async_utils",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.dist_checkpointing.strategies.fully_parallel",
+    "megatron.core.dist_checkpointing.exchange_utils",
+)
+
+SHIMS = "parallel.cpu_compat.shims"
+VERSION_FIXES = "parallel.cpu_compat.version_fixes"
+_CHECKSUMS = "parallel.checksums"
+_WRITER = "parallel.async_writer"
+_DISTOPT = "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer"
+_FS_ASYNC = "megatron.core.dist_checkpointing.strategies.filesystem_async"
+_ASYNC_UTILS = "megatron.core.dist_checkpointing.strategies.async_utils"
+_CLIP_PARAMS = ("parameters", "max_norm", "total_norm", "use_decoupled_grad")
+_ZERO3 = "deepspeed.runtime.zero.stage3:DeepSpeedZeroOptimizer_Stage3"
+_ZERO12 = "deepspeed.runtime.zero.stage_1_and_2:DeepSpeedZeroOptimizer"
+
+TARGETS: tuple[Target, ...] = (
+    # version fixes (cpu_compat/version_fixes.py)
+    Target(
+        f"{_DISTOPT}._set_main_param_and_optimizer_states",
+        ("self", "model_param", "tensors"),
+        VERSION_FIXES,
+        "replace",
+        exact=True,
+        uses=("model_param_group_index_map", "use_precision_aware_optimizer_no_fp8_or_ds_fp8"),
+    ),
+    Target(f"{_DISTOPT}.load_state_dict", ("self", "state_dict"), VERSION_FIXES, "wrap", exact=True),
+    Target("megatron.core.optimizer.distrib_optimizer:HAVE_APEX_OR_TE", None, VERSION_FIXES, "read"),
+    Target("megatron.core.optimizer.clip_grads:l2_norm_impl", None, VERSION_FIXES, "global"),
+    Target(
+        "megatron.core.utils:local_multi_tensor_l2_norm",
+        ("chunk_size", "noop_flag", "tensor_lists", "per_tensor"),
+        VERSION_FIXES,
+        "replace",
+    ),
+    # CPU-only shims (cpu_compat/shims.py)
+    *(Target(f"{name}:torch", None, SHIMS, "global") for name in FACADE_MODULES),
+    Target("megatron.core.optimizer.clip_grads:clip_grad_by_total_norm_fp32", _CLIP_PARAMS, SHIMS, "replace", True),
+    Target("megatron.core.optimizer.optimizer:clip_grad_by_total_norm_fp32", _CLIP_PARAMS, SHIMS, "replace", True),
+    Target(
+        "megatron.core.tensor_parallel.random:CudaRNGStatesTracker",
+        ("use_cudagraphable_rng", "is_inference_rng_tracker"),
+        SHIMS,
+        "replace",
+    ),
+    Target("megatron.core.tensor_parallel.random:initialize_rng_tracker", ("force_reset",), SHIMS, "call"),
+    Target("torch:Tensor.type", None, SHIMS, "scoped"),
+    Target("torch:Tensor.cuda", None, SHIMS, "scoped"),
+    # checkpoint checksums (checksums.py; the DeepSpeed wrapper is installed by deepspeed_engine.py)
+    Target(f"{_FS_ASYNC}:FileSystemWriterAsync.write_preloaded_data", (), _CHECKSUMS, "global", uses=("open",)),
+    Target(
+        "deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine:TorchCheckpointEngine.save",
+        ("self", "state_dict", "path"),
+        _CHECKSUMS,
+        "wrap",
+        exact=True,
+    ),
+    # the results-queue Manager dies with the trainer (process_hygiene.py)
+    Target(
+        f"{_FS_ASYNC}:_get_write_results_queue",
+        (),
+        "parallel.process_hygiene",
+        "replace",
+        exact=True,
+        uses=("_results_queue", "mp", "Manager"),
+    ),
+    Target(f"{_FS_ASYNC}:_results_queue", None, "parallel.process_hygiene", "read"),
+    Target(f"{_FS_ASYNC}:mp", None, "parallel.process_hygiene", "read"),
+    # the persistent checkpoint writer (async_writer.py)
+    Target(f"{_ASYNC_UTILS}:AsyncCallsQueue._get_async_caller", ("self",), _WRITER, "replace", True),
+    Target(f"{_ASYNC_UTILS}:AsyncCaller.schedule_async_call", ("self", "async_req"), _WRITER, "override", True),
+    Target(
+        f"{_ASYNC_UTILS}:AsyncCaller.is_current_async_call_done",
+        ("self", "blocking", "no_dist"),
+        _WRITER,
+        "override",
+        exact=True,
+    ),
+    Target(f"{_ASYNC_UTILS}:AsyncCaller.close", ("self", "abort"), _WRITER, "override", exact=True),
+    Target(f"{_ASYNC_UTILS}:AsyncCaller.sync_all_async_calls", ("self", "is_alive"), _WRITER, "call"),
+    Target(f"{_ASYNC_UTILS}:AsyncRequest", ("async_fn", "async_fn_args", "preload_fn"), _WRITER, "read"),
+    Target(  # called positionally, once per bucket
+        f"{_FS_ASYNC}:FileSystemWriterAsync.write_preloaded_data",
+        ("transform_list", "local_proc_idx", "write_bucket", "results_queue", "count_queue", "use_fsync", "kwargs"),
+        _WRITER,
+        "call",
+        exact=True,
+    ),
+    Target(  # mimicked by async_writer._write, which reads the request's partial of it
+        f"{_FS_ASYNC}:FileSystemWriterAsync.write_preloaded_data_multiproc",
+        ("transform_list", "use_msc", "rank", "write_buckets", "global_results_queue"),
+        _WRITER,
+        "call",
+        exact=True,
+    ),
+    # DeepSpeed engine: instance-level wraps and the scoped skipped-step override (deepspeed_engine.py)
+    Target("deepspeed.runtime.engine:DeepSpeedEngine.module_state_dict", (), "parallel.deepspeed_engine", "wrap"),
+    Target(f"{_ZERO3}._overflow_check_and_loss_scale_update", (), "parallel.deepspeed_engine", "scoped"),
+    Target(f"{_ZERO3}.overflow", None, "parallel.deepspeed_engine", "scoped"),
+    Target(f"{_ZERO12}.check_overflow", (), "parallel.deepspeed_engine", "scoped"),
+    Target(f"{_ZERO12}.check_grad_overflow", None, "parallel.deepspeed_engine", "scoped"),
+    Target(f"{_ZERO12}.overflow", None, "parallel.deepspeed_engine", "scoped"),
+    Target("torch.optim:Optimizer.step", (), "parallel.deepspeed_engine", "scoped"),
+)
+
+_DISTRIBUTIONS = {"megatron": "megatron-core", "deepspeed": "deepspeed", "torch": "torch"}
+
+
+class InstanceAttribute:
+    """What :func:`resolve` returns for an attribute a class's ``__init__`` assigns."""
+
+    def __init__(self, owner: type, name: str):
+        self.owner, self.name = owner, name
+
+
+def _assigned_in_init(cls: type, name: str) -> bool:
+    for klass in cls.__mro__:
+        init = vars(klass).get("__init__")
+        code = getattr(inspect.unwrap(init), "__code__", None) if init is not None else None
+        if code is not None and name in code.co_names:
+            return True
+    return False
+
+
+def resolve(target: str) -> Any:
+    """The object ``"module:qualname"`` names now (ours, where a patch is in place)."""
+    module_name, _, qualname = target.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    parts = qualname.split(".")
+    for i, part in enumerate(parts):
+        if hasattr(obj, part):
+            obj = getattr(obj, part)
+        elif i == len(parts) - 1 and isinstance(obj, type) and _assigned_in_init(obj, part):
+            return InstanceAttribute(obj, part)
+        else:
+            raise AttributeError(f"{module_name} has no {'.'.join(parts[: i + 1])!r}")
+    return obj
+
+
+def is_ours(obj: Any) -> bool:
+    return str(getattr(obj, "__module__", "") or "").startswith("parallel.")
+
+
+def upstream(obj: Any) -> Any:
+    """Through our replacements (they keep the original as ``__wrapped__``) to upstream's object."""
+    while is_ours(obj) and hasattr(obj, "__wrapped__"):
+        obj = obj.__wrapped__
+    return obj
+
+
+def _names(obj: Any, follow_wrapped: bool = True) -> tuple[str, ...] | None:
+    try:
+        return tuple(inspect.signature(obj, follow_wrapped=follow_wrapped).parameters)
+    except (TypeError, ValueError):
+        return None
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for dist in _DISTRIBUTIONS.values():
+        try:
+            found[dist] = version(dist)
+        except PackageNotFoundError:
+            found[dist] = "not installed"
+    return found
+
+
+def _problem(row: Target) -> str | None:
+    try:
+        live = resolve(row.target)
+    except (ImportError, AttributeError) as exc:
+        return f"is gone ({exc})"
+    obj = upstream(live)
+    if row.params is not None:
+        names = _names(obj)
+        if names is None:
+            return "has no signature to check"
+        remaining = iter(names)
+        if (names != row.params) if row.exact else not all(p in remaining for p in row.params):
+            relation = "exactly" if row.exact else "in this order"
+            return f"has parameters {names}; the patch relies on {row.params} ({relation})"
+        if row.exact and is_ours(live) and live is not obj and _names(live, follow_wrapped=False) != row.params:
+            return f"our replacement takes {_names(live, follow_wrapped=False)}, not {row.params}"
+    if row.uses and not is_ours(obj):  # upstream code unreachable when replaced without __wrapped__
+        code = getattr(inspect.unwrap(obj), "__code__", None)
+        missing = [name for name in row.uses if code is None or name not in code.co_names]
+        if missing:
+            return f"no longer references {missing} (the patch changes or mirrors what it does with them)"
+    return None
+
+
+def problems(rows: tuple[Target, ...] = TARGETS) -> list[str]:
+    """One line per row that no longer matches the installed packages (empty: all match)."""
+    found = []
+    for row in rows:
+        problem = _problem(row)
+        if problem is not None:
+            dist = _DISTRIBUTIONS.get(row.target.partition(":")[0].split(".")[0], "")
+            installed = versions()
+            where = f"megatron-core {installed['megatron-core']}"
+            if dist and dist != "megatron-core":
+                where += f", {dist} {installed[dist]}"
+            found.append(
+                f"{row.target} (patched by {row.patched_by}) {problem} with {where}: re-check the patch "
+                "against upstream and update parallel/cpu_compat/targets.py"
+            )
+    return found
+
+
+def verify(patched_by: tuple[str, ...]) -> None:
+    """Raise, naming every mismatch, unless the rows of the given modules of ours all match."""
+    found = problems(tuple(row for row in TARGETS if row.patched_by in patched_by))
+    if found:
+        raise RuntimeError("cpu_compat: patch targets changed upstream:\n  " + "\n  ".join(found))

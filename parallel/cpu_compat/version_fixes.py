@@ -1,0 +1,87 @@
+"""Fixes of megatron-core code for the pinned version range, applied on CPU and GPU alike.
+
+They concern the path megatron-core takes without Apex or Transformer Engine (torch's
+AdamW, its pure-PyTorch grad-norm fallback), which is not CPU-specific: a GPU install
+without those takes it too. Each is idempotent and checks it still faces the code it was
+written for (the rows of :mod:`parallel.cpu_compat.targets`); replacements keep the
+original as ``__wrapped__``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def _fix_torch_adam_reshard_load() -> None:
+    """Two megatron-core 0.16 bugs on the torch-AdamW path (no Apex/TE), CPU or GPU.
+
+    Version fix, not a shim: the bugs are in megatron's optimizer-state bookkeeping, on any device.
+
+    1. Loading a ``fully_reshardable`` distributed-optimizer checkpoint copies every
+       entry of the optimizer state, but torch's AdamW keeps ``step`` there and the
+       checkpoint (rightly) carries it in the param groups: ``KeyError: 'step'``. Copy
+       only the tensors the checkpoint provides.
+    2. ``DistributedOptimizer.load_state_dict`` gives every parameter the *same* ``step``
+       tensor; torch's AdamW increments it in place once per parameter, so after a
+       resume Adam's bias correction runs N times too fast. Give each its own copy.
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    cls = distrib_optimizer.DistributedOptimizer
+    original = cls._set_main_param_and_optimizer_states
+    if getattr(original, "_gpt_fixed", False) or getattr(distrib_optimizer, "HAVE_APEX_OR_TE", True):
+        return
+
+    def set_states(self: Any, model_param: torch.nn.Parameter, tensors: dict[str, torch.Tensor]) -> None:
+        if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            return original(self, model_param, tensors)
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        destination = {"param": main_param, **self.optimizer.state[main_param]}
+        for key, value in tensors.items():
+            destination[key].copy_(value)
+
+    original_load = cls.load_state_dict
+
+    def load_state_dict(self: Any, state_dict: dict[str, Any]) -> None:
+        original_load(self, state_dict)
+        for state in self.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+
+    set_states._gpt_fixed = True  # type: ignore[attr-defined]
+    set_states.__wrapped__ = original  # type: ignore[attr-defined]
+    load_state_dict.__wrapped__ = original_load  # type: ignore[attr-defined]
+    cls._set_main_param_and_optimizer_states = set_states
+    cls.load_state_dict = load_state_dict
+
+
+def _foreach_l2_norm(_chunk_size: int, _noop: Any, tensor_lists: list, _per_tensor: bool, *_: Any) -> tuple:
+    """megatron's no-Apex/TE stand-in for ``amp_C.multi_tensor_l2norm``, with ``_foreach_norm``.
+
+    megatron's own fallback takes one ``torch.norm`` per tensor, gathers them through
+    ``torch.tensor(list)`` and ``float()`` (a host sync on GPU); this is one foreach kernel
+    and one stack, and the result stays on the grads' device.
+    """
+    norms = torch._foreach_norm(tensor_lists[0])
+    return torch.linalg.vector_norm(torch.stack(norms)).reshape(1).float(), None
+
+
+def _use_foreach_grad_norm() -> None:
+    """Replace megatron's per-tensor grad-norm fallback (used when neither Apex nor TE is there).
+
+    Version fix, not a shim: megatron takes that fallback on any device without Apex/TE.
+    """
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads
+
+    if getattr(clip_grads, "l2_norm_impl", None) is utils.local_multi_tensor_l2_norm:
+        clip_grads.l2_norm_impl = _foreach_l2_norm
+
+
+def apply() -> None:
+    """Apply every fix once (each is idempotent)."""
+    _fix_torch_adam_reshard_load()
+    _use_foreach_grad_norm()
