@@ -49,9 +49,11 @@ def main() -> None:
     from conf.cli import compose, quiet_third_party
     from data.shards import load_manifest
     from data.stream import Layout, TrainLoader
+    from parallel import cpu_compat
     from parallel.checkpoint import CheckpointDir
-    from parallel.megatron_engine import MegatronEngine
     from parallel.topology import Topology
+    from parallel.train_state import TrainState
+    from pretrain.tasks.lm import build_engine
 
     quiet_third_party()
     data = prepared_shards(args.data)
@@ -61,9 +63,10 @@ def main() -> None:
     overrides += [f"train.checkpoint_writers={args.writers}"]
     cfg = compose(overrides)
     topo = Topology.from_config(cfg)
+    cpu_compat.apply()
     topo.init(1337)
     manifest = load_manifest(data)
-    engine = MegatronEngine(cfg, topo, manifest.vocab_size, False)
+    engine = build_engine(cfg, topo, manifest.vocab_size)
     loader = TrainLoader(manifest, Layout(8, 8, 0, 1), 1337, 12)
     params = sum(p.numel() for p in engine.unwrapped_model().parameters())
     ckpts = CheckpointDir(tempfile.mkdtemp(prefix="async-ckpt-"), keep_last=1)
@@ -78,7 +81,8 @@ def main() -> None:
 
     def save(asynchronous: bool) -> float:
         start = time.perf_counter()
-        ckpts.save(step, engine, {"step": step, "data": loader.state_dict()}, async_save=asynchronous)
+        state = TrainState(step=step, config={}, vocab_size=manifest.vocab_size, data=loader.state_dict())
+        ckpts.save(step, engine, state, async_save=asynchronous)
         return time.perf_counter() - start
 
     for _ in range(3):

@@ -197,21 +197,23 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from conf.cli import compose, quiet_third_party
-    from parallel import checksums
+    from parallel import checksums, cpu_compat
     from parallel.checkpoint import CheckpointDir
-    from parallel.megatron_engine import MegatronEngine
     from parallel.topology import Topology
+    from parallel.train_state import TrainState
+    from pretrain.tasks.lm import build_engine
 
     quiet_third_party()
     cfg = compose([f"model={args.model}", "parallel.tp=1", "train.micro_batch=1", "train.global_batch=1"])
     topo = Topology.from_config(cfg)
+    cpu_compat.apply()
     topo.init(1337)
-    engine = MegatronEngine(cfg, topo, args.vocab, False)
+    engine = build_engine(cfg, topo, args.vocab)
     params = sum(p.numel() for p in engine.unwrapped_model().parameters())
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, args.vocab, (1, 65), generator=generator)
     engine.train_step([{"tokens": tokens, "mask": torch.ones(1, 64)}])  # Adam moments exist from here on
-    common = {"step": 1, "engine": "megatron", "benchmark": "checkpoint_verify"}
+    common = TrainState(step=1, config={}, vocab_size=args.vocab, task={"benchmark": "checkpoint_verify"})
 
     if args.dir:
         Path(args.dir).mkdir(parents=True, exist_ok=True)

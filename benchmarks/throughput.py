@@ -53,6 +53,9 @@ def bare_loop(data: Path, steps: int, skip: int, kind: str) -> float:
         torch.manual_seed(1337)
         model = NanoGPT(manifest.vocab_size, SEQ, m.num_layers, m.hidden_size, m.num_heads, m.ffn_hidden_size)
     else:
+        from parallel import cpu_compat
+
+        cpu_compat.apply()
         Topology.from_config(cfg, world_size=1, rank=0).init(seed=1337)
         model = build_gpt(cfg.model, manifest.vocab_size, transformer_config(cfg.model))
     rows = torch.cat(

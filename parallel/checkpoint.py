@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
-import json
 import os
 import random
 import re
@@ -36,10 +35,10 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from conf.errors import RunError, UserError
 from parallel import checksums
+from parallel.train_state import TRAIN_STATE, TrainState
 
 LATEST = "latest"
 PREFIX = "step_"
-TRAIN_STATE = "train_state.json"  # the engine-independent common state (step, data, config, layout)
 
 
 def _barrier() -> None:
@@ -72,21 +71,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
-
-
-def read_common(step_dir: Path) -> dict[str, Any]:
-    """A step's common state without building an engine: ``train_state.json``, or the
-    megatron ``common.pt`` of checkpoints written before that file existed."""
-    state = step_dir / TRAIN_STATE
-    if state.is_file():
-        return json.loads(state.read_text())
-    from megatron.core import dist_checkpointing
-
-    return dist_checkpointing.load_common_state_dict(str(step_dir))["common"]
-
-
-def checkpoint_engine(common: dict[str, Any]) -> str:
-    return str(common.get("engine", "megatron"))
 
 
 class CheckpointDir:
@@ -176,7 +160,7 @@ class CheckpointDir:
         return target
 
     def save(
-        self, step: int, engine: Any, common: dict[str, Any], files: tuple[Path, ...] = (), async_save: bool = False
+        self, step: int, engine: Any, state: TrainState, files: tuple[Path, ...] = (), async_save: bool = False
     ) -> Path:
         """Write step ``step``; ``files`` (e.g. the tokenizer) are copied in so the step dir stands alone.
 
@@ -195,18 +179,18 @@ class CheckpointDir:
                 self._remove_tmp_dirs()
                 tmp.mkdir()
             _barrier()
-            request = engine.save(tmp, common, async_save=async_save)  # into an empty dir (megatron checks)
+            handle = engine.save(tmp, state.to_dict(), async_save=async_save)  # into an empty dir (megatron checks)
             if _rank() == 0:
                 for source in files:
                     shutil.copy2(source, tmp / source.name)
-                (tmp / TRAIN_STATE).write_text(json.dumps(common, indent=1))
+                state.write(tmp)
             torch.save(rng_state(), tmp / f"rng_rank{_rank()}.pt")
-            if request is None:
+            if handle is None:
                 self._commit(tmp, final)
                 return final
         except (Exception, CheckpointException) as exc:  # DCP's exception is a BaseException
             raise self._failed(tmp, final, exc) from exc
-        request.add_finalize_fn(functools.partial(self._commit, tmp, final))
+        handle.on_done(functools.partial(self._commit, tmp, final))
         if self._async is None:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
@@ -214,7 +198,7 @@ class CheckpointDir:
 
             self._async = AsyncCallsQueue(persistent=False)
             use_writer_process(self._async)  # staged copy + persistent writer: no fork, no copy-on-write
-        self._async.schedule_async_request(request)
+        handle.schedule(self._async)
         self._pending.append((tmp, final))
         return final
 
@@ -275,12 +259,12 @@ class CheckpointDir:
             self._pruner.start()
         _barrier()
 
-    def load(self, path: Path, engine: Any, restore_rng: bool) -> dict[str, Any]:
-        common = engine.load(path)
+    def load(self, path: Path, engine: Any, restore_rng: bool) -> TrainState:
+        state = TrainState.from_dict(engine.load(path))
         rng_file = path / f"rng_rank{_rank()}.pt"
         if restore_rng and rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=False))
-        return common
+        return state
 
     def _prune(self) -> None:
         """Delete all but the newest ``keep_last`` complete steps (never a .tmp or a superseded step)."""

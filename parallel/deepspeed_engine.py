@@ -14,7 +14,7 @@ with the same numbers:
 Checkpoints are DeepSpeed's own (``save_checkpoint``) inside the run dir's ``step_<N>``
 directory. Resuming at another data-parallel size converts the step to a DeepSpeed
 *universal* checkpoint (``ds_to_universal``, once, into ``step_<N>/universal``) and loads
-that. ``parallel/deepspeed_convert.py`` turns a step into the megatron format that
+that. ``pretrain/deepspeed_convert.py`` turns a step into the megatron format that
 ``gpt-finetune``, ``gpt-eval``, ``gpt-generate`` and ``gpt-export`` load.
 """
 
@@ -34,10 +34,10 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from omegaconf import DictConfig
 
-from parallel import checksums
-from parallel.engine import StepResult, lr_scheduler
-from parallel.topology import Topology
-from pretrain.model import build_gpt, compute_device, position_ids, transformer_config
+from parallel import checksums, cpu_compat
+from parallel.engine import ModelSpec, StepResult, layout_config, lr_scheduler
+from parallel.topology import Topology, compute_device
+from parallel.train_state import TrainState
 
 UNIVERSAL = "universal"
 
@@ -80,7 +80,7 @@ def _mpu() -> Any:
     )
 
 
-def deepspeed_config(cfg: DictConfig, topo: Topology, num_params: int, load_universal: bool = False) -> dict[str, Any]:
+def deepspeed_config(cfg: DictConfig, topo: Topology, num_params: int) -> dict[str, Any]:
     """The DeepSpeed JSON config, derived from the Hydra config (nothing else to keep in sync).
 
     Bucket sizes follow the model (as the HF integration's "auto" does) instead of DeepSpeed's
@@ -120,7 +120,6 @@ def deepspeed_config(cfg: DictConfig, topo: Topology, num_params: int, load_univ
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,  # torch AdamW on offloaded state: no CPUAdam build
-        "checkpoint": {"load_universal": load_universal},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
@@ -142,29 +141,28 @@ def param_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
 class DeepSpeedEngine:
     """One ``deepspeed.DeepSpeedEngine`` over this rank's GPT, behind the trainer's interface."""
 
-    distributed_optimizer = False  # megatron's ZeRO-1 flag; ZeRO here is parallel.zero_stage
-
-    def __init__(self, cfg: DictConfig, topo: Topology, vocab_size: int, saved: dict | None = None):
+    def __init__(self, cfg: DictConfig, topo: Topology, spec: ModelSpec):
         deepspeed = import_deepspeed()
         self.cfg, self.topo = cfg, topo
+        self.forward_step = spec.forward_step
         train = cfg.train
-        saved_dp = None if saved is None else saved.get("layout", {}).get("dp")
-        self.universal = saved_dp is not None and int(saved_dp) != topo.dp
-        self.config = transformer_config(cfg.model, topo, bf16=bool(train.bf16))
-        model = build_gpt(cfg.model, vocab_size, self.config, seed=int(train.seed)).to(compute_device())
+        self.config = layout_config(spec.config, topo, bool(train.bf16))
+        with cpu_compat.tensors_pass_as_cuda():
+            model = spec.build(self.config, None).to(compute_device())
         groups = [group for group in param_groups(model) if group["params"]]
         self._multipliers = [{"wd_mult": g["wd_mult"], "lr_mult": g["lr_mult"]} for g in groups]
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model,
             model_parameters=groups,
-            config=deepspeed_config(cfg, topo, sum(p.numel() for p in model.parameters()), self.universal),
+            config=deepspeed_config(cfg, topo, sum(p.numel() for p in model.parameters())),
             mpu=_mpu() if topo.tp > 1 else None,
             dist_init_required=False,
         )
-        if int(cfg.parallel.zero_stage) == 3 and model.share_embeddings_and_output_weights:
+        gpt = getattr(model, "module", model)  # a task model keeps its GPT as ``.module``
+        if int(cfg.parallel.zero_stage) == 3 and gpt.share_embeddings_and_output_weights and gpt.post_process:
             # the output layer multiplies by the embedding's weight, which ZeRO-3 would
             # otherwise have released after the embedding's own forward
-            deepspeed.zero.register_external_parameter(model.output_layer, model.shared_embedding_or_output_weight())
+            deepspeed.zero.register_external_parameter(gpt.output_layer, gpt.shared_embedding_or_output_weight())
         self._save_extra_state_as_tensors()
         self.scheduler = lr_scheduler(self.optimizer, train)
 
@@ -183,35 +181,41 @@ class DeepSpeedEngine:
 
         self.engine.module_state_dict = module_state_dict
 
-    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(mean masked token loss, its sum, its token count) of one micro-batch."""
-        device = compute_device()
-        tokens = batch["tokens"].to(device, non_blocking=True)
-        mask = batch["mask"].to(device, non_blocking=True)
-        inputs, labels = tokens[:, :-1], tokens[:, 1:]
-        per_token = self.engine(inputs, position_ids(*inputs.shape).to(device), None, labels=labels)
-        loss_sum = (per_token.float() * mask).sum()
-        count = mask.sum()
-        return loss_sum / count.clamp(min=1), loss_sum.detach(), count
+    def _forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(mean loss of one micro-batch, its named sums) through the task's forward step, the
+        same function megatron's schedule calls."""
+        output, loss_func = self.forward_step(iter([batch]), self.engine)
+        return loss_func(output)
 
     def _reduce(self, totals: torch.Tensor) -> list[float]:
         if self.topo.world_size > 1:
             dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
         return totals.tolist()
 
+    def _sum(self, totals: dict[str, torch.Tensor] | None, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        values = {k: torch.as_tensor(v, device=compute_device()).detach().double() for k, v in sums.items()}
+        return values if totals is None else {k: totals[k] + values[k] for k in totals}
+
+    def _reduce(self, totals: dict[str, torch.Tensor]) -> dict[str, float]:
+        names = sorted(totals)
+        flat = torch.stack([totals[n] for n in names])
+        if self.topo.world_size > 1:
+            dist.all_reduce(flat, group=parallel_state.get_data_parallel_group())
+        return dict(zip(names, flat.tolist(), strict=True))
+
     def train_step(
         self, micro_batches: list[dict[str, torch.Tensor]], accept: Callable[[float], bool] | None = None
     ) -> StepResult:
-        totals = torch.zeros(2, dtype=torch.float64, device=compute_device())
+        totals = None
         lr = self.optimizer.param_groups[0]["lr"]
         for i, batch in enumerate(micro_batches):
-            loss, loss_sum, count = self._loss(batch)
+            loss, sums = self._forward(batch)
             self.engine.backward(loss)  # DeepSpeed divides by the accumulation steps
-            totals += torch.stack([loss_sum.double(), count.double()])
+            totals = self._sum(totals, sums)
             if i < len(micro_batches) - 1:
                 self.engine.step()  # not a boundary: accumulates only
-        loss_sum, tokens = self._reduce(totals)
-        mean = loss_sum / max(tokens, 1.0)
+        reduced = self._reduce(totals)
+        mean = reduced["loss_sum"] / max(reduced["tokens"], 1.0)
         skip = accept is not None and not accept(mean)
         with self._skipping() if skip else contextlib.nullcontext():
             self.engine.step()  # the accumulation boundary: applies the optimizer unless skipped
@@ -219,7 +223,7 @@ class DeepSpeedEngine:
         if applied:
             self.scheduler.step(increment=1)
         grad_norm = self.engine.get_global_grad_norm()
-        return StepResult(mean, float(grad_norm or 0.0), lr, skipped=not applied)
+        return StepResult(mean, float(grad_norm or 0.0), lr, skipped=not applied, totals=reduced)
 
     @contextlib.contextmanager
     def _skipping(self) -> Iterator[None]:
@@ -249,31 +253,32 @@ class DeepSpeedEngine:
                 opt.check_grad_overflow = checks
 
     @torch.no_grad()
-    def eval_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
+    def eval_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         self.engine.eval()
         try:
-            totals = torch.zeros(2, dtype=torch.float64, device=compute_device())
+            totals = None
             for batch in micro_batches:
-                _, loss_sum, count = self._loss(batch)
-                totals += torch.stack([loss_sum.double(), count.double()])
+                totals = self._sum(totals, self._forward(batch)[1])
         finally:
             self.engine.train()
-        loss_sum, tokens = self._reduce(totals)
-        return loss_sum, tokens
+        return self._reduce(totals)
 
-    def save(self, directory: Path, common: dict[str, Any], async_save: bool = False) -> None:
+    def save(self, directory: Path, state: dict[str, Any], async_save: bool = False) -> None:
         """DeepSpeed's checkpoint files directly in ``directory`` (tag = its name); always
         synchronous (``train.async_save`` is refused for this engine at config time)."""
-        client = {"common": common, "scheduler": self.scheduler.state_dict()}
+        client = {"common": state, "scheduler": self.scheduler.state_dict()}
         ckpt_engine = self.engine.checkpoint_engine
         if not hasattr(ckpt_engine.save, "__wrapped__"):  # model / optimizer files hashed as they are written
             ckpt_engine.save = checksums.hashing_torch_save(ckpt_engine.save)
         self.engine.save_checkpoint(str(directory.parent), tag=directory.name, client_state=client, save_latest=False)
 
     def load(self, directory: Path) -> dict[str, Any]:
-        # a universal checkpoint lives in step_<N>/universal, a plain one is step_<N> itself
-        load_dir, tag = (directory, UNIVERSAL) if self.universal else (directory.parent, directory.name)
-        if self.universal:
+        # saved at another dp: through a universal checkpoint (step_<N>/universal), else step_<N> itself
+        saved_dp = TrainState.read(directory).layout.get("dp")
+        universal = saved_dp is not None and int(saved_dp) != self.topo.dp
+        self.engine._config.load_universal_checkpoint = universal  # read by every load path of DeepSpeed
+        load_dir, tag = (directory, UNIVERSAL) if universal else (directory.parent, directory.name)
+        if universal:
             universal_checkpoint(directory)
         path, client = self.engine.load_checkpoint(str(load_dir), tag=tag, load_lr_scheduler_states=False)
         if path is None:

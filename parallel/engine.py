@@ -1,12 +1,16 @@
-"""The engine interface the training loop talks to (megatron-core and DeepSpeed).
+"""The engine boundary: what the Trainer may ask of an engine (megatron-core or DeepSpeed).
 
-An engine owns the model, the optimizer and the LR schedule for this rank, and
-hides how micro-batches are scheduled (pipeline or not) and how gradients are
-reduced (DDP, distributed optimizer, ZeRO). The loop only sees global steps.
+An engine owns the model, the optimizer and the LR schedule for this rank, and hides how
+micro-batches are scheduled (pipeline or not) and how gradients are reduced (DDP,
+distributed optimizer, ZeRO). It knows nothing of the model or of the task: it receives a
+:class:`ModelSpec` (how to build one chunk of the model, and the task's forward step with
+its loss) and the layout. Both engines take the same constructor arguments
+(:data:`EngineFactory`), and the Trainer uses nothing but the :class:`Engine` protocol.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,18 +18,51 @@ from typing import Any, Protocol
 
 import torch
 
+ENGINES = {
+    "megatron": "parallel.megatron_engine:MegatronEngine",
+    "deepspeed": "parallel.deepspeed_engine:DeepSpeedEngine",
+}
+
+# megatron-core's ``forward_step_func``: (iterator of micro-batches, model) → (output, loss_func), where
+# ``loss_func(output) → (mean loss of the micro-batch, {name: sum})``; the named sums are added over
+# micro-batches and ranks into the step's totals (``loss_sum`` / ``tokens`` give the step's loss).
+ForwardStep = Callable[[Any, torch.nn.Module], tuple[Any, Callable[[Any], tuple[torch.Tensor, dict]]]]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything model- or task-specific an engine needs, supplied from above (``pretrain/``).
+
+    ``config`` is megatron-core's ``TransformerConfig`` with the model's fields only; the engine
+    fills in the layout (tp, pp, vpp, sequence parallelism, dtypes) before calling ``build``.
+    """
+
+    config: Any  # megatron.core.transformer.TransformerConfig
+    build: Callable[[Any, int | None], torch.nn.Module]  # (layout-complete config, vp_stage) → one chunk, on CPU
+    forward_step: ForwardStep
+    batch_shape: Callable[[dict[str, torch.Tensor]], tuple[int, int]]  # micro-batch → (seq length, sequences)
+
 
 @dataclass
 class StepResult:
-    loss: float  # mean token loss over the global batch
+    loss: float  # mean loss over the global batch
     grad_norm: float
     lr: float
     skipped: bool = False
     totals: dict[str, float] = field(default_factory=dict)  # the loss function's named sums
 
 
+class SaveHandle(Protocol):
+    """A save whose files are still being written in the background (opaque to the Trainer):
+    the checkpoint dir registers its commit with ``on_done`` and hands it to the writer queue."""
+
+    def on_done(self, fn: Callable[[], None]) -> None: ...
+
+    def schedule(self, queue: Any) -> None: ...
+
+
 class Engine(Protocol):
-    """Build is the constructor; everything else is per step or per checkpoint."""
+    """The constructor builds; everything else is per step or per checkpoint."""
 
     def train_step(
         self, micro_batches: list[dict[str, torch.Tensor]], accept: Callable[[float], bool] | None = None
@@ -34,20 +71,29 @@ class Engine(Protocol):
         collective, the same answer on every rank) sees the global-batch loss before the update
         and may refuse it: the step is then skipped (no update, no schedule step)."""
 
-    def eval_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
-        """(sum of masked token losses, number of tokens), reduced over data-parallel ranks."""
+    def eval_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """The loss function's named sums over these micro-batches, in eval mode, reduced over
+        data-parallel (and pipeline) ranks."""
 
-    def save(self, directory: Path, common: dict[str, Any], async_save: bool = False) -> Any:
-        """Write model + optimizer + schedule (+ ``common``) into an existing empty directory.
-
-        With ``async_save`` (megatron engine) returns megatron-core's ``AsyncRequest`` for
-        the shard writing, to be scheduled and finalized by the caller; else None."""
+    def save(self, directory: Path, state: dict[str, Any], async_save: bool = False) -> SaveHandle | None:
+        """Write model + optimizer + schedule (+ the train state) into an existing empty directory;
+        with ``async_save`` returns the handle of the background write, else None."""
 
     def load(self, directory: Path) -> dict[str, Any]:
-        """Restore model + optimizer + schedule from ``directory``; returns ``common``."""
+        """Restore model + optimizer + schedule from ``directory``; returns the saved train state."""
 
     def unwrapped_model(self) -> torch.nn.Module:
-        """The first model chunk without wrappers (for generation)."""
+        """The first model chunk without wrappers (for sampling)."""
+
+
+# (cfg, topology, model spec) → Engine: the one constructor signature of both engines
+EngineFactory = Callable[[Any, Any, ModelSpec], Engine]
+
+
+def engine_class(name: str) -> EngineFactory:
+    """The engine named by ``parallel.engine``, imported only when used (DeepSpeed is slow to import)."""
+    module, _, attr = ENGINES[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def lr_scheduler(optimizer: Any, train: Any) -> Any:
@@ -76,4 +122,28 @@ def lr_scheduler(optimizer: Any, train: Any) -> Any:
         wd_incr_style="constant",
         use_checkpoint_opt_param_scheduler=False,
         override_opt_param_scheduler=True,
+    )
+
+
+def layout_config(config: Any, topo: Any, bf16: bool) -> Any:
+    """The model's ``TransformerConfig`` with this rank's layout and precision filled in: the one
+    place where parallelism reaches the model (megatron-core reads it in every layer)."""
+    import dataclasses
+
+    return dataclasses.replace(
+        config,
+        tensor_model_parallel_size=topo.tp,
+        pipeline_model_parallel_size=topo.pp,
+        virtual_pipeline_model_parallel_size=topo.vpp if topo.vpp > 1 else None,
+        sequence_parallel=topo.sequence_parallel,
+        # gloo matches messages between two ranks in order; with pp=2 (next == prev) a
+        # batched send of activations and gradients can be received swapped
+        batch_p2p_comm=torch.cuda.is_available(),
+        # same full-weight init at every tp: a tp=2 run starts where a tp=1 run does
+        use_cpu_initialization=True,
+        # bf16: megatron-core mixed precision (bf16 params and compute, fp32 main weights
+        # and grads in the optimizer), the same path on CPU and GPU
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        bf16=bf16,
     )

@@ -25,9 +25,8 @@ from omegaconf import DictConfig
 
 from conf.errors import UserError
 from parallel import checksums, cpu_compat, process_hygiene
-from parallel.engine import StepResult, lr_scheduler
-from parallel.topology import Topology
-from pretrain.model import build_gpt, compute_device, position_ids, transformer_config
+from parallel.engine import ModelSpec, StepResult, layout_config, lr_scheduler
+from parallel.topology import Topology, compute_device
 
 
 def _fuse_torch_adamw(optimizer: Any) -> None:
@@ -67,29 +66,6 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def _forward_step(data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
-    """One micro-batch through this stage; the loss is the masked mean token loss."""
-    batch = next(data_iterator)
-    device = compute_device()
-    tokens = batch["tokens"].to(device, non_blocking=True)
-    inputs, labels = tokens[:, :-1], tokens[:, 1:]
-    output = model(inputs, position_ids(*inputs.shape).to(device), None, labels=labels)
-
-    def loss_func(per_token: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        mask = batch["mask"].to(device, non_blocking=True)
-        loss_sum = (per_token.float() * mask).sum()
-        count = mask.sum()
-        return loss_sum / count, {"loss_sum": loss_sum.detach(), "tokens": count}
-
-    return output, loss_func
-
-
-def _lm_batch_shape(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
-    """(sequence length, sequences) the model sees for a batch of windows (inputs drop the last token)."""
-    rows, width = batch["tokens"].shape
-    return width - 1, rows
-
-
 def lr_overrides(opt_config: OptimizerConfig, train: DictConfig) -> dict | None:
     """megatron's param-group overrides with ``train.lr_mult`` ({name glob: factor}) applied.
 
@@ -109,39 +85,39 @@ def lr_overrides(opt_config: OptimizerConfig, train: DictConfig) -> dict | None:
     return overrides
 
 
+class _AsyncSave:
+    """The engine's :class:`~parallel.engine.SaveHandle`: megatron-core's ``AsyncRequest``."""
+
+    def __init__(self, request: Any):
+        self._request = request
+
+    def on_done(self, fn: Callable[[], None]) -> None:
+        self._request.add_finalize_fn(fn)
+
+    def schedule(self, queue: Any) -> None:
+        queue.schedule_async_request(self._request)
+
+
 class MegatronEngine:
     """Model chunks, optimizer and LR schedule for this rank, built from the config."""
 
-    def __init__(
-        self,
-        cfg: DictConfig,
-        topo: Topology,
-        vocab_size: int,
-        distributed_optimizer: bool,
-        wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
-        forward_step: Callable[[Any, torch.nn.Module], tuple[Any, Callable]] = _forward_step,
-        batch_shape: Callable[[dict[str, torch.Tensor]], tuple[int, int]] = _lm_batch_shape,
-    ):
-        """``wrap`` puts each built GPT chunk into a task model (fine-tuning heads);
-        ``forward_step`` is the megatron-core schedule's step for that model; its loss
-        function returns ``(loss, {name: tensor})`` and the named values are summed over
-        micro-batches and data-parallel ranks into the step's totals; ``batch_shape`` gives
-        the (sequence length, sequences) of a micro-batch for the pipeline's messages."""
+    def __init__(self, cfg: DictConfig, topo: Topology, spec: ModelSpec):
+        """``spec.build`` makes each model chunk (one per virtual pipeline stage) on the CPU;
+        ``spec.forward_step`` is megatron-core's schedule step, whose loss function returns
+        ``(loss, {name: tensor})``: the named values are summed over micro-batches and ranks
+        into the step's totals; ``spec.batch_shape`` gives the (sequence length, sequences)
+        of a micro-batch for the pipeline's messages. ``parallel.distributed_optimizer`` is
+        a resolved bool here (the Trainer resolves ``auto``)."""
         self.cfg, self.topo = cfg, topo
         self._save_strategy: Any = None
-        self.forward_step, self.batch_shape = forward_step, batch_shape
-        self.distributed_optimizer = distributed_optimizer
+        self.forward_step, self.batch_shape = spec.forward_step, spec.batch_shape
+        distributed_optimizer = bool(cfg.parallel.distributed_optimizer)
         train = cfg.train
         bf16 = bool(train.bf16)
-        self.config = transformer_config(cfg.model, topo, bf16=bf16)
+        self.config = layout_config(spec.config, topo, bf16)
         vpp = topo.vpp if topo.vpp > 1 else None
         with cpu_compat.tensors_pass_as_cuda():
-            chunks = [
-                build_gpt(cfg.model, vocab_size, self.config, vp_stage=i if vpp else None, seed=int(train.seed))
-                for i in range(vpp or 1)
-            ]
-            if wrap is not None:
-                chunks = [wrap(chunk) for chunk in chunks]
+            chunks = [spec.build(self.config, i if vpp else None) for i in range(vpp or 1)]
             # built on the CPU (same weights at every layout), trained where the compute is
             chunks = [chunk.to(compute_device()) for chunk in chunks]
         if bool(train.get("compile", False)):
@@ -237,7 +213,7 @@ class MegatronEngine:
         return StepResult(loss, float(grad_norm or 0.0), lr, not ok, totals)
 
     @torch.no_grad()
-    def eval_totals(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    def eval_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         """The loss functions' named values over these micro-batches, in eval mode."""
         for chunk in self.model:
             chunk.eval()
@@ -246,10 +222,6 @@ class MegatronEngine:
         finally:
             for chunk in self.model:
                 chunk.train()
-
-    def eval_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
-        totals = self.eval_totals(micro_batches)
-        return totals["loss_sum"], totals["tokens"]
 
     def _sharded_state_dict(self, is_loading: bool) -> dict[str, Any]:
         state: dict[str, Any] = {}
@@ -263,13 +235,14 @@ class MegatronEngine:
         state["optimizer"] = self.optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=metadata)
         return state
 
-    def save(self, directory: Path, common: dict[str, Any], async_save: bool = False) -> Any:
-        """Sharded save; with ``async_save`` the shard writing is returned as megatron-core's
-        ``AsyncRequest``, which ``CheckpointDir`` stages and hands to its writer process."""
+    def save(self, directory: Path, state: dict[str, Any], async_save: bool = False) -> _AsyncSave | None:
+        """Sharded save; with ``async_save`` the shard writing is returned as a handle over
+        megatron-core's ``AsyncRequest``, which ``CheckpointDir`` hands to its writer process."""
         with cpu_compat.tensors_pass_as_cuda():
+            train_state = state
             state = self._sharded_state_dict(is_loading=False)
             state["scheduler"] = self.scheduler.state_dict()
-            state["common"] = common
+            state["common"] = train_state
             writers = int(self.cfg.train.get("checkpoint_writers", 2))
             if self._save_strategy is None:  # kept: caches the save plan across saves of the same layout
                 self._save_strategy = TorchDistSaveShardedStrategy(
@@ -278,9 +251,10 @@ class MegatronEngine:
             strategy = self._save_strategy
             checksums.hash_megatron_writes()  # each .distcp file is hashed as it is written
             process_hygiene.patch_megatron_results_queue()  # its Manager process dies with this one
-            return dist_checkpointing.save(
+            request = dist_checkpointing.save(
                 state, str(directory), sharded_strategy=strategy, async_sharded_save=async_save
             )
+        return _AsyncSave(request) if async_save else None
 
     def _materialize_optimizer_state(self) -> None:
         """Give a fresh distributed optimizer its Adam state before describing what to load.

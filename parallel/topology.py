@@ -112,9 +112,6 @@ class Topology:
         import torch.distributed as dist
         from megatron.core import parallel_state, tensor_parallel
 
-        from parallel import cpu_compat
-
-        cpu_compat.apply()
         if not dist.is_initialized():
             if torch.cuda.is_available():
                 torch.cuda.set_device(self.local_rank)
@@ -144,3 +141,8 @@ class Topology:
         parallel_state.destroy_model_parallel()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def compute_device() -> torch.device:
+    """Where this rank computes: its GPU (set by :meth:`Topology.init`) when there is one, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

@@ -22,7 +22,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import sharded_state_dict_default
 
-from pretrain.model import compute_device
+from parallel.topology import compute_device
 
 HEAD = "finetune_head"
 
@@ -72,7 +72,9 @@ class FinetuneGPT(MegatronModule):
         return output, scores
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None:  # type: ignore[override]
-        """Loads what :meth:`sharded_state_dict` describes (GPT keys unprefixed, head keys under ``finetune_head.``)."""
+        """Loads what :meth:`sharded_state_dict` describes (GPT keys unprefixed, head keys under ``finetune_head.``),
+        or this module's own ``state_dict`` (GPT keys under ``module.``: DeepSpeed's checkpoints)."""
+        state_dict = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state_dict.items()}
         head = {k[len(HEAD) + 1 :]: v for k, v in state_dict.items() if k.startswith(f"{HEAD}.")}
         self.module.load_state_dict({k: v for k, v in state_dict.items() if not k.startswith(f"{HEAD}.")}, strict)
         if self.post_process:

@@ -2,7 +2,7 @@
 
 megatron-core's ``dist_checkpointing`` reshards on load, so a checkpoint written at any
 (tp, pp, dp) loads into a tp=pp=1 model; only the model weights are read. DeepSpeed runs
-are read through their converted megatron view (``parallel/deepspeed_convert.py``).
+are read through their converted megatron view (``pretrain/deepspeed_convert.py``).
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from conf.errors import UserError
 from data.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
-from parallel.checkpoint import read_common
-from parallel.deepspeed_convert import model_checkpoint
+from parallel import cpu_compat
 from parallel.topology import Topology
+from parallel.train_state import TrainState
+from pretrain.deepspeed_convert import model_checkpoint
 from pretrain.model import build_gpt, position_ids, transformer_config
 
 
@@ -55,15 +56,16 @@ def load_model(spec: str | Path) -> LoadedModel:
     from megatron.core import dist_checkpointing
 
     path = model_checkpoint(spec)  # a DeepSpeed step is converted to megatron's format once
-    common = read_common(path)
-    cfg = OmegaConf.create(common["config"])
+    state = TrainState.read(path)
+    cfg = OmegaConf.create(state.config)
     cfg.parallel.tp = cfg.parallel.pp = cfg.parallel.vpp = 1
     tokenizer_dir = path if (path / TOKENIZER_FILE).is_file() else Path(cfg.data.dir)
     tokenizer = load_tokenizer(tokenizer_dir)
-    vocab_size = int(common.get("vocab_size", tokenizer.vocab_size))
+    vocab_size = state.vocab_size
+    cpu_compat.apply()  # megatron-core on a CPU-only machine
     topo = Topology.from_config(cfg, world_size=1, rank=0)
     topo.init(int(cfg.train.seed))
-    model = build_gpt(cfg.model, vocab_size, transformer_config(cfg.model, topo), seed=int(cfg.train.seed))
+    model = build_gpt(cfg.model, vocab_size, transformer_config(cfg.model), seed=int(cfg.train.seed))
     sharded = {"model": model.sharded_state_dict()}
     try:
         loaded = dist_checkpointing.load(sharded, str(path))
@@ -71,4 +73,4 @@ def load_model(spec: str | Path) -> LoadedModel:
         raise UserError(f"checkpoint={spec}: cannot load the model from {path} ({exc})") from exc
     model.load_state_dict(loaded["model"])
     model.eval()
-    return LoadedModel(model, cfg, tokenizer, vocab_size, int(common["step"]), path)
+    return LoadedModel(model, cfg, tokenizer, vocab_size, state.step, path)

@@ -1,9 +1,9 @@
 """The GPT decoder as a megatron-core ``GPTModel``: the only module that knows megatron's model API.
 
 Pre-LN decoder blocks with learned absolute positions and tied input/output
-embeddings (GPT-1/GPT-2). Parallelism reaches the model only through
-megatron-core's ``TransformerConfig`` (tp, pp, sequence parallel), filled in from
-the topology by :func:`transformer_config`.
+embeddings (GPT-1/GPT-2). Parallelism reaches the model only through megatron-core:
+its ``TransformerConfig`` (the engine fills in tp, pp and sequence parallelism) and
+``parallel_state`` (which pipeline stage this chunk is).
 """
 
 from __future__ import annotations
@@ -35,16 +35,13 @@ def padded_vocab_size(vocab_size: int, model_cfg: DictConfig) -> int:
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
-def transformer_config(model_cfg: DictConfig, parallel: Any = None, bf16: bool = False) -> TransformerConfig:
-    """megatron-core config from the ``model`` group and the topology (tp/pp/vpp/sp)."""
+def transformer_config(model_cfg: DictConfig) -> TransformerConfig:
+    """megatron-core's config from the ``model`` group alone; the engine adds the layout
+    (``parallel.engine.layout_config``), so a single process can use this one as it is."""
     if model_cfg.hidden_size % model_cfg.num_heads:
         raise UserError(
             f"model.hidden_size={model_cfg.hidden_size} is not divisible by model.num_heads={model_cfg.num_heads}"
         )
-    tp = getattr(parallel, "tp", 1)
-    pp = getattr(parallel, "pp", 1)
-    vpp = getattr(parallel, "vpp", None)
-    sp = bool(getattr(parallel, "sequence_parallel", False)) and tp > 1
     return TransformerConfig(
         num_layers=int(model_cfg.num_layers),
         hidden_size=int(model_cfg.hidden_size),
@@ -54,20 +51,7 @@ def transformer_config(model_cfg: DictConfig, parallel: Any = None, bf16: bool =
         attention_dropout=float(model_cfg.dropout),
         init_method_std=float(model_cfg.init_std),
         layernorm_epsilon=float(model_cfg.layernorm_eps),
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        virtual_pipeline_model_parallel_size=vpp if vpp and vpp > 1 else None,
-        sequence_parallel=sp,
-        # gloo matches messages between two ranks in order; with pp=2 (next == prev) a
-        # batched send of activations and gradients can be received swapped
-        batch_p2p_comm=torch.cuda.is_available(),
-        # same full-weight init at every tp: a tp=2 run starts where a tp=1 run does
-        use_cpu_initialization=True,
-        # bf16: megatron-core mixed precision (bf16 params and compute, fp32 main weights
-        # and grads in the optimizer), the same path on CPU and GPU
-        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
-        params_dtype=torch.bfloat16 if bf16 else torch.float32,
-        bf16=bf16,
+        use_cpu_initialization=True,  # the same initial weights whatever the device
         # fusions that need CUDA kernels or Apex
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
@@ -151,7 +135,7 @@ class _FusedBiasAtTp1:
     """
 
     def _set_fused(self, config: TransformerConfig) -> None:
-        self.fused_tp1 = parallel_state.get_tensor_model_parallel_world_size() == 1 and not config.sequence_parallel
+        self.fused_tp1 = config.tensor_model_parallel_size == 1 and not config.sequence_parallel
 
 
 class LocalColumnParallelLinear(_FusedBiasAtTp1, tensor_parallel.ColumnParallelLinear):
@@ -232,7 +216,7 @@ class GPT(GPTModel):
         if self.batch_first:  # logits [b, s, vocab]
             b, s, vocab = logits.shape
             return F.cross_entropy(logits.reshape(-1, vocab).float(), labels.reshape(-1), reduction="none").view(b, s)
-        if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        if self.config.tensor_model_parallel_size > 1:
             return super().compute_language_model_loss(labels, logits)
         s, b, vocab = logits.shape  # labels: [b, s]
         flat = labels.transpose(0, 1).reshape(-1)
@@ -345,11 +329,6 @@ def build_gpt(
     pp_rank = parallel_state.get_pipeline_model_parallel_rank() if parallel_state.model_parallel_is_initialized() else 0
     torch.manual_seed(seed + 100 * pp_rank + 7)
     return model
-
-
-def compute_device() -> torch.device:
-    """Where this rank computes: its GPU (set by the topology) when there is one, else the CPU."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def position_ids(batch: int, seq_len: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from conf.errors import UserError
 from data.shards import MANIFEST, Manifest
 from data.tokenizer import TOKENIZER_FILE
-from parallel.checkpoint import checkpoint_engine
+from parallel.train_state import TrainState
 
 SHAPE_KEYS = (
     "num_layers",
@@ -68,28 +68,34 @@ def data_identity(manifest: Manifest) -> dict[str, Any]:
     }
 
 
-def check_resume(cfg: DictConfig, common: dict[str, Any], step_dir: Path, identity: dict[str, Any]) -> bool:
-    """Refuse a checkpoint of another engine, model or tokenizer; returns whether the loader
-    state should be restored (False: ``data.allow_new`` on another shard set)."""
-    engine = checkpoint_engine(common)
+def check_resume(cfg: DictConfig, state: TrainState, step_dir: Path) -> None:
+    """Refuse a checkpoint of another engine, ZeRO stage or model shape (any task)."""
+    engine = state.engine
     run = cfg.run.dir
     if engine != cfg.parallel.engine:
         raise UserError(
             f"run.dir={run} holds a parallel.engine={engine} checkpoint ({step_dir.name}); resume it with "
             f"parallel.engine={engine}, or start a new run.dir (gpt-finetune/gpt-eval load either engine's checkpoints)"
         )
-    if engine == "deepspeed" and int(common["config"]["parallel"]["zero_stage"]) != int(cfg.parallel.zero_stage):
+    saved_stage = state.config.get("parallel", {}).get("zero_stage", 0)
+    if engine == "deepspeed" and int(saved_stage) != int(cfg.parallel.zero_stage):
         raise UserError(
-            f"run.dir={run} holds a parallel.zero_stage={common['config']['parallel']['zero_stage']} "
-            f"checkpoint; resume it with that stage (the dp size may change)"
+            f"run.dir={run} holds a parallel.zero_stage={saved_stage} checkpoint; resume it with that stage "
+            "(the dp size may change)"
         )
-    saved = common["config"]["model"]
+    saved = state.model
     diff = [k for k in SHAPE_KEYS if saved.get(k) != cfg.model.get(k)]
     if diff:
         saved_shape = ", ".join(f"{k}={saved.get(k)}" for k in diff)
         raise UserError(f"run.dir={run} holds a checkpoint of another model ({saved_shape}); use a new run.dir")
-    old = common.get("data_identity") or {}
-    old_vocab = old.get("vocab_size", common.get("vocab_size"))
+
+
+def check_data(cfg: DictConfig, state: TrainState, identity: dict[str, Any]) -> bool:
+    """Refuse a checkpoint trained with another tokenizer, or on another shard set unless
+    ``data.allow_new``; returns whether the loader state is to be restored."""
+    run = cfg.run.dir
+    old = state.data_identity or {}
+    old_vocab = old.get("vocab_size", state.vocab_size)
     other_tokenizer = old.get("tokenizer_sha256", identity["tokenizer_sha256"]) != identity["tokenizer_sha256"]
     if other_tokenizer or (old_vocab is not None and int(old_vocab) != identity["vocab_size"]):
         raise UserError(
@@ -107,9 +113,9 @@ def check_resume(cfg: DictConfig, common: dict[str, Any], step_dir: Path, identi
     return True
 
 
-def config_changes(cfg: DictConfig, common: dict[str, Any]) -> list[dict[str, Any]]:
+def config_changes(cfg: DictConfig, state: TrainState) -> list[dict[str, Any]]:
     """``config_change`` events for the optimisation settings that differ from the checkpoint's run."""
-    saved = common.get("config", {}).get("train", {})
+    saved = state.config.get("train", {})
     events = []
     for key in SCHEDULE_KEYS:
         if key in saved and key in cfg.train and saved[key] != cfg.train[key]:

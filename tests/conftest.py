@@ -15,6 +15,14 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 TINYSHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def megatron_on_cpu() -> None:
+    """In-process tests build engines as the commands do: with the CPU compatibility layer applied."""
+    from parallel import cpu_compat
+
+    cpu_compat.apply()
+
+
 def prepare_cfg(**overrides: object) -> object:
     base = OmegaConf.load(REPO / "conf" / "prepare.yaml")
     base.pop("defaults")

@@ -8,22 +8,24 @@ the tokenizer; no optimizer state), once, atomically. :func:`model_checkpoint` i
 call: it returns the step dir itself for megatron runs and the converted view for DeepSpeed
 ones, converting in a child process (its own single-process group, whatever the caller's).
 
-    python -m parallel.deepspeed_convert RUN_OR_STEP_DIR   # prints the converted directory
+    python -m pretrain.deepspeed_convert RUN_OR_STEP_DIR   # prints the converted directory
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch.distributed as dist
 
 from conf.errors import UserError
-from parallel.checkpoint import TRAIN_STATE, CheckpointDir, checkpoint_engine, read_common
+from parallel.checkpoint import CheckpointDir
+from parallel.train_state import TRAIN_STATE, TrainState
 
 MEGATRON_VIEW = "megatron"
 
@@ -31,15 +33,15 @@ MEGATRON_VIEW = "megatron"
 def model_checkpoint(spec: str | Path) -> Path:
     """``checkpoint=spec`` (run dir or step dir) as a megatron-format step dir, converting if needed."""
     path = CheckpointDir.resolve(spec)
-    if checkpoint_engine(read_common(path)) != "deepspeed":
+    if TrainState.read(path).engine != "deepspeed":
         return path
     out = path / MEGATRON_VIEW
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
     if rank == 0 and not out.is_dir():
         repo = Path(__file__).resolve().parent.parent
         env = {**os.environ, "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"}
         result = subprocess.run(
-            [sys.executable, "-m", "parallel.deepspeed_convert", str(path)],
+            [sys.executable, "-m", "pretrain.deepspeed_convert", str(path)],
             cwd=repo,
             env=env,
             capture_output=True,
@@ -50,6 +52,12 @@ def model_checkpoint(spec: str | Path) -> Path:
             raise UserError(f"checkpoint={spec}: converting the DeepSpeed checkpoint {path} failed: {last}")
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+    elif rank > 0:  # before the process groups exist: wait for rank 0's conversion (renamed when complete)
+        deadline = time.monotonic() + 600
+        while not out.is_dir():
+            if time.monotonic() > deadline:
+                raise UserError(f"checkpoint={spec}: rank 0 did not finish converting {path} within 600 s")
+            time.sleep(0.5)
     return out
 
 
@@ -59,20 +67,22 @@ def convert(step_dir: Path) -> Path:
     from megatron.core import dist_checkpointing
     from omegaconf import OmegaConf
 
+    from parallel import cpu_compat
     from parallel.deepspeed_engine import import_deepspeed
     from parallel.topology import Topology
     from pretrain.model import build_gpt, transformer_config
 
-    common = read_common(step_dir)
-    layout = common.get("layout", {})
+    state = TrainState.read(step_dir)
+    layout = state.layout
     if int(layout.get("tp", 1)) > 1:
         raise UserError(f"{step_dir}: DeepSpeed checkpoints saved at tp={layout['tp']} cannot be converted (tp=1 only)")
-    cfg = OmegaConf.create(common["config"])
+    cfg = OmegaConf.create(state.config)
     cfg.parallel.update(tp=1, pp=1, vpp=1, engine="megatron", zero_stage=0, offload="none")
     import_deepspeed()
+    cpu_compat.apply()
     topo = Topology.from_config(cfg, world_size=1, rank=0)
     topo.init(int(cfg.train.seed))
-    model = build_gpt(cfg.model, int(common["vocab_size"]), transformer_config(cfg.model, topo), seed=0)
+    model = build_gpt(cfg.model, state.vocab_size, transformer_config(cfg.model), seed=0)
     state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
     missing, unexpected = model.load_state_dict(state, strict=False)
     # megatron's TE-compatibility "_extra_state" entries are not parameters DeepSpeed saves
@@ -82,10 +92,12 @@ def convert(step_dir: Path) -> Path:
     out, tmp = step_dir / MEGATRON_VIEW, step_dir / f".{MEGATRON_VIEW}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    converted = {**common, "engine": "megatron", "config": OmegaConf.to_container(cfg), "converted_from": "deepspeed"}
-    converted["distributed_optimizer"] = False
-    dist_checkpointing.save({"model": model.sharded_state_dict(), "common": converted}, str(tmp))
-    (tmp / TRAIN_STATE).write_text(json.dumps(converted, indent=1))
+    converted = dataclasses.replace(
+        state, engine="megatron", config=OmegaConf.to_container(cfg), converted_from="deepspeed",
+        distributed_optimizer=False,
+    )
+    dist_checkpointing.save({"model": model.sharded_state_dict(), "common": converted.to_dict()}, str(tmp))
+    converted.write(tmp)
     for name in os.listdir(step_dir):
         if name.endswith(".json") and name != TRAIN_STATE:  # tokenizer.json
             shutil.copy2(step_dir / name, tmp / name)
@@ -97,11 +109,11 @@ def main() -> None:
     from conf.cli import exit_on_user_error, quiet_third_party
 
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m parallel.deepspeed_convert RUN_OR_STEP_DIR")
+        sys.exit("usage: python -m pretrain.deepspeed_convert RUN_OR_STEP_DIR")
     quiet_third_party()
     with exit_on_user_error():
         path = CheckpointDir.resolve(sys.argv[1])
-        if checkpoint_engine(read_common(path)) != "deepspeed":
+        if TrainState.read(path).engine != "deepspeed":
             raise UserError(f"{path}: not a DeepSpeed checkpoint (megatron checkpoints load as they are)")
         print(path / MEGATRON_VIEW if (path / MEGATRON_VIEW).is_dir() else convert(path))
 

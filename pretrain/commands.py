@@ -1,0 +1,47 @@
+"""What the training commands share around the Trainer: explicit process setup and exit codes.
+
+Kept apart from the command modules so that their ``--help`` imports neither torch nor
+megatron-core: everything here is imported once a run starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from omegaconf import DictConfig
+
+
+def start_training(cfg: DictConfig, make_task: Callable[[DictConfig], Any]) -> dict:
+    """Validate ``cfg``, set up this process (in this order), build the task and run it."""
+    import torch
+
+    from conf.cli import quiet_third_party
+    try:
+        from conf.schema import validate
+    except ImportError:  # TEMP until conf/schema.py lands
+        from pretrain.config_checks import check_logging, check_train
+
+        def validate(cfg: DictConfig) -> None:
+            check_train(cfg)
+            check_logging(cfg)
+    from parallel import cpu_compat, process_hygiene
+    from pretrain.trainer import Trainer
+
+    validate(cfg)  # every config error is one line, before any file or process group
+    process_hygiene.install()  # helper processes (writers, loader workers, megatron's Manager) die with this one
+    quiet_third_party()
+    cpu_compat.apply()  # megatron-core on a CPU-only machine (a no-op with CUDA; version fixes always)
+    torch.set_num_threads(torch.get_num_threads())
+    task = make_task(cfg)
+    return Trainer(cfg).run(task)
+
+
+def finish_command(summary: dict) -> None:
+    """Tear the process groups down; a stopped run leaves with its requeue / interrupt code."""
+    from parallel.topology import Topology
+    from pretrain.preemption import exit_for_requeue
+
+    Topology.destroy()
+    if "exit_code" in summary:
+        exit_for_requeue(summary["exit_code"])

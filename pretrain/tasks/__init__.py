@@ -1,0 +1,66 @@
+"""Tasks: what the one :class:`~pretrain.trainer.Trainer` trains.
+
+A task supplies the model (a :class:`~parallel.engine.ModelSpec`: how to build it and its
+forward step with the loss), its batches (with an exact, dp-independent state), what it
+logs per step, its evaluation, and what it checks and records in a checkpoint. Pretraining
+(:mod:`pretrain.tasks.lm`: L1 over shards) and fine-tuning (:mod:`pretrain.tasks.finetune`:
+L3 = L2 + λ·L1 over labeled examples) are the two tasks; everything else (resume, saves,
+preemption, watchdog, skip policy, metrics) is the Trainer's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from omegaconf import DictConfig
+
+from parallel.engine import Engine, ModelSpec, StepResult
+from parallel.topology import Topology
+from parallel.train_state import TrainState
+
+
+class Task(Protocol):
+    command: str  # the console script (named in run-dir errors)
+    vocab_size: int  # of the model the task builds (its tokenizer's, plus added tokens)
+    files: tuple[Path, ...]  # copied into every step dir (the tokenizer), so a step stands alone
+
+    def configure(self, cfg: DictConfig) -> None:
+        """Fill in the config in effect (e.g. the pretrained model's shape, derived max_steps)
+        before the topology is derived: config.yaml and the checkpoints record the result."""
+
+    def check_resume(self, cfg: DictConfig, state: TrainState, step_dir: Path) -> bool:
+        """Refuse (one line) a checkpoint this task cannot continue; returns whether its
+        loader state is to be restored."""
+
+    def model_spec(self, cfg: DictConfig, resuming: bool) -> ModelSpec:
+        """The model and its loss; ``resuming``: the weights come from the run's checkpoint."""
+
+    def start(self, cfg: DictConfig, topo: Topology, step: int) -> None:
+        """Open the batches (and any per-run files) for this rank."""
+
+    def next_batches(self) -> list[dict[str, torch.Tensor]]:
+        """This rank's micro-batches of the next global batch."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def checkpoint_extras(self) -> dict[str, Any]:
+        """What the task records in the train state (``TrainState.data_identity`` / ``.task``)."""
+
+    def step_record(self, result: StepResult, step_time: float, step: int) -> dict[str, Any]:
+        """The task's fields of a step's ``metrics.jsonl`` line."""
+
+    def cadence(self, cfg: DictConfig) -> tuple[int, int]:
+        """(evaluate every N steps, save every N steps); 0 = only at the end, -1 = never."""
+
+    def evaluate(self, engine: Engine, topo: Topology, beat: Callable[[], None]) -> dict[str, float]:
+        """The task's evaluation on the current weights, as ``metrics.jsonl`` fields."""
+
+    def finish(
+        self, engine: Engine, topo: Topology, step: int, last_eval: dict[str, float] | None, trained: bool
+    ) -> dict:
+        """After the last step, or at once (``trained`` false) when the run was already done: final outputs."""

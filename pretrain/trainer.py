@@ -1,0 +1,249 @@
+"""The one training loop: ``Trainer(cfg).run(task)`` for pretraining and fine-tuning alike.
+
+It owns, in this order: topology → run dir and checkpoints (verified, with fallback) →
+resume guards → preemption and watchdog → engine → the task's batches → the step loop
+(skip policy, metrics, checkpoint before evaluation, preemption agreement) → the task's
+final outputs. A task (``pretrain/tasks/``) supplies only the model and its loss, the
+batches, what it logs and how it evaluates.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from conf.errors import UserError
+from data.output_dir import RUN_DIR_NAMES, check_run_dir
+from parallel.checkpoint import PREFIX, CheckpointDir, CheckpointException, one_line
+from parallel.engine import Engine, engine_class
+from parallel.topology import Topology
+from parallel.train_state import TrainState
+from parallel.watchdog import Watchdog
+from pretrain.metrics import Metrics
+from pretrain.preemption import INTERRUPTED_EXIT_CODE, StopRequest
+from pretrain.resume import check_resume, config_changes
+from pretrain.skip_policy import SkipPolicy
+from pretrain.tasks import Task
+
+RUN_FILES = ("metrics.jsonl", "config.yaml", "loss.png", "eval.png", "samples_rank*.jsonl", "results.json")
+
+
+def resolve_distributed_optimizer(cfg: DictConfig, topo: Topology, saved: TrainState | None) -> bool:
+    """``parallel.distributed_optimizer`` (true / false / auto) as a bool.
+
+    ``auto`` is what the checkpoint being resumed used (its optimizer state only loads
+    into the same kind of optimizer, at any tp/pp/dp), else dp > 1 on the megatron engine:
+    the distributed optimizer shards Adam state over dp but costs a share of every step at dp = 1.
+    """
+    value = str(cfg.parallel.distributed_optimizer).lower()
+    previous = None if saved is None else saved.distributed_optimizer
+    if cfg.parallel.engine != "megatron":
+        return False  # ZeRO is parallel.zero_stage there
+    if value == "auto":
+        return bool(previous) if previous is not None else topo.dp > 1
+    if value not in ("true", "false"):
+        raise UserError(f"parallel.distributed_optimizer={value}: expected true, false or auto")
+    wanted = value == "true"
+    if previous is not None and wanted != previous:
+        raise UserError(
+            f"parallel.distributed_optimizer={value}, but the checkpoint in run.dir={cfg.run.dir} was written "
+            f"with distributed_optimizer={str(previous).lower()}: pass that value (or auto)"
+        )
+    return wanted
+
+
+def prepare_run_dir(cfg: DictConfig, ckpts: CheckpointDir, run_dir: Path, rank0: bool) -> None:
+    """Clear what a killed save left (ours), and honour ``run.restart=true``: the earlier run's
+    checkpoints and files move to ``restarted-<time>/`` (nothing is deleted). A relaunch with the
+    flag still set (a requeue) resumes the restarted run instead of starting over again."""
+    ckpts.remove_stale()
+    steps = ckpts.steps()
+    if not cfg.run.get("restart", False) or not steps:
+        return
+    try:
+        restarted = bool(TrainState.read(steps[0]).config["run"].get("restart", False))
+    except (OSError, ValueError, KeyError):
+        restarted = False
+    if restarted:
+        if rank0:
+            print(f"run.restart=true: {steps[0].name} was written after a restart (a requeue?): resuming it; "
+                  "move run.dir away to start over again", flush=True)
+        return
+    target = ckpts.archive(run_dir, RUN_FILES)
+    if rank0:
+        print(f"run.restart=true: moved the earlier run's checkpoints and metrics to {target}", flush=True)
+
+
+def load_agreed(ckpts: CheckpointDir, path: Path, engine: Engine) -> tuple[TrainState | None, str | None]:
+    """Load ``path``; a step that verified but cannot be read (any rank) is reported, not raised,
+    so that every rank falls back to the same older step."""
+    import torch.distributed as dist
+
+    state, problem = None, None
+    try:
+        state = ckpts.load(path, engine, restore_rng=True)
+    except (Exception, CheckpointException) as exc:  # DCP's exception is a BaseException
+        problem = f"unreadable: {one_line(exc)}"
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, problem)
+        problem = next((p for p in gathered if p), None)
+    return state, problem
+
+
+class Trainer:
+    """Runs one task under the config in effect; returns the task's summary (``exit_code`` when stopped)."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+
+    def run(self, task: Task) -> dict[str, Any]:
+        cfg = self.cfg
+        with open_dict(cfg):
+            task.configure(cfg)
+        if cfg.train.async_save and cfg.parallel.engine != "megatron":
+            raise UserError(
+                "train.async_save=true: only the megatron engine saves asynchronously "
+                f"(parallel.engine={cfg.parallel.engine})"
+            )
+        topo = Topology.from_config(cfg)
+        run_dir = Path(cfg.run.dir)
+        check_run_dir(run_dir, (*RUN_DIR_NAMES, "metrics.tmp", "results.json"), command=task.command)
+        ckpts = CheckpointDir(run_dir, int(cfg.train.keep_last))
+        topo.init(int(cfg.train.seed), float(cfg.parallel.timeout_s))
+        rank0 = topo.rank == 0
+        prepare_run_dir(cfg, ckpts, run_dir, rank0)
+        latest, events = ckpts.select()
+        saved = TrainState.read(latest) if latest is not None else None
+        restore_data = True
+        if saved is not None:
+            check_resume(cfg, saved, latest)
+            restore_data = task.check_resume(cfg, saved, latest)
+        with open_dict(cfg):
+            cfg.parallel.distributed_optimizer = resolve_distributed_optimizer(cfg, topo, saved)
+        # before the engine and loader start helpers (forked helpers ignore these: process_hygiene)
+        stop = StopRequest([*cfg.train.preempt_signals, "SIGINT"]).install()
+        watchdog = Watchdog(float(cfg.parallel.timeout_s), topo.rank, topo.world_size, enabled=topo.world_size > 1)
+        engine = engine_class(str(cfg.parallel.engine))(cfg, topo, task.model_spec(cfg, resuming=saved is not None))
+        task.start(cfg, topo, 0)
+        policy = SkipPolicy(cfg.train.get("spike_factor"), int(cfg.train.get("max_skipped", 10)))
+        step, state = 0, None
+        while latest is not None:
+            with watchdog.watch("checkpoint load", 0):
+                state, problem = load_agreed(ckpts, latest, engine)
+            if problem is None:
+                break
+            events.append(ckpts.fallback(latest, problem))
+            latest, more = ckpts.select(older_than=int(latest.name[len(PREFIX) :]))
+            events += more
+        if latest is not None and state is not None:
+            step = state.step
+            if restore_data:
+                task.load_state_dict(state.data)
+            else:
+                events.append({"event": "new_data", "data_dir": cfg.data.dir, "was": state.data_identity})
+            policy.load_state_dict(state.skip_policy)
+            events += config_changes(cfg, state)
+            if rank0:
+                print(f"resumed from {latest} at step {step}", flush=True)
+                for event in events:
+                    if event["event"] == "config_change":
+                        print(f"resume: {event['key']} {event['old']} -> {event['new']} (the config in effect wins)")
+                    elif event["event"] == "new_data":
+                        print(f"resume: data.allow_new=true: continuing on the new shard set {cfg.data.dir}")
+        max_steps = int(cfg.train.max_steps)
+        if step >= max_steps:
+            if rank0:
+                where = f"{latest} is at step {step}" if latest is not None else "train.max_steps=0"
+                print(f"{where}: nothing to do (raise train.max_steps to continue training)", flush=True)
+            stop.uninstall()
+            watchdog.close()
+            return task.finish(engine, topo, step, None, trained=False)
+        if rank0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        metrics = Metrics(cfg, run_dir, step, enabled=rank0)
+        for event in events:
+            metrics.log({"step": step, **event}, console=False)
+        if hasattr(task, "open_sample_log"):
+            task.open_sample_log(run_dir, step)
+        eval_every, save_every = task.cadence(cfg)
+        async_save = bool(cfg.train.async_save)
+        last_eval, stopped = None, None
+
+        def save(step: int, asynchronous: bool) -> None:
+            state = TrainState(
+                step=step,
+                config=OmegaConf.to_container(cfg, resolve=True),
+                vocab_size=task.vocab_size,
+                engine=str(cfg.parallel.engine),
+                layout={"tp": topo.tp, "pp": topo.pp, "dp": topo.dp, "vpp": topo.vpp},
+                distributed_optimizer=bool(cfg.parallel.distributed_optimizer),
+                data=task.state_dict(),
+                skip_policy=policy.state_dict(),
+                **task.checkpoint_extras(),
+            )
+            with watchdog.watch("checkpoint save", step):
+                path = ckpts.save(step, engine, state, task.files, async_save=asynchronous)
+            if not asynchronous:
+                metrics.log({"step": step, "checkpoint": str(path)}, console=False)
+
+        def finalize(step: int, blocking: bool) -> None:
+            with watchdog.watch("async checkpoint commit", step):
+                for path in ckpts.finalize(blocking=blocking):
+                    metrics.log({"step": int(path.name[len(PREFIX) :]), "checkpoint": str(path)}, console=False)
+
+        tick = time.perf_counter()
+        while step < max_steps:
+            policy.step = step + 1
+            with watchdog.watch("train step (data, forward/backward, gradient reduction, optimizer)", step + 1):
+                result = engine.train_step(task.next_batches(), accept=policy.accept)
+            step += 1
+            now = time.perf_counter()
+            record = {
+                "step": step,
+                "loss": result.loss if math.isfinite(result.loss) else None,
+                "lr": result.lr,
+                "grad_norm": result.grad_norm if math.isfinite(result.grad_norm) else None,
+                **task.step_record(result, now - tick, step),
+                "step_time_s": now - tick,
+                "skipped_steps": policy.total,
+            }
+            if result.skipped:
+                record["skipped"] = policy.reason or "optimizer overflow"
+            metrics.log(record, console=result.skipped)
+            if ckpts.pending:
+                finalize(step, blocking=False)
+            if policy.consecutive >= policy.max_skipped:
+                finalize(step, blocking=True)  # an in-flight save is of a good state: commit it
+                policy.check()
+            last = step == max_steps
+            saved_now = (save_every > 0 and step % save_every == 0) or (last and save_every >= 0)
+            if saved_now:  # before evaluation: a failing evaluation never costs the step's checkpoint
+                save(step, asynchronous=async_save and not last)
+            if (eval_every > 0 and step % eval_every == 0) or last:
+                with watchdog.watch("evaluation", step):
+                    last_eval = task.evaluate(engine, topo, watchdog.beat)
+                if last_eval:
+                    metrics.log({"step": step, **last_eval}, console=True)
+            with watchdog.watch("preemption-signal agreement", step):
+                stopped = stop.agreed() if not last else None
+            if stopped is not None:
+                if rank0:
+                    print(f"step {step}: {stopped}: saving a checkpoint and exiting", flush=True)
+                if not saved_now:
+                    save(step, asynchronous=False)
+                break
+            tick = time.perf_counter()
+        finalize(step, blocking=True)
+        stop.uninstall()
+        watchdog.close()
+        metrics.close()
+        if stopped is not None:
+            code = INTERRUPTED_EXIT_CODE if stopped == "SIGINT" else int(cfg.train.requeue_exit_code)
+            return {"step": step, "exit_code": code, **(last_eval or {})}
+        return task.finish(engine, topo, step, last_eval, trained=True)
