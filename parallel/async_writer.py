@@ -4,8 +4,8 @@ megatron-core's default async caller forks a writer per save. On a GPU node that
 cheap: the forked writer reads pinned host copies. When the state lives in host memory
 (CPU training, or CPU offload), the fork shares every page of the trainer
 copy-on-write, and the next optimizer step pays a page fault and a 4 KiB copy for
-each page it writes: measured here, +0.38 s on a 0.74 s step of a 25M-parameter
-model, more than half of a synchronous save. Its persistent (spawned) caller would
+each page it writes, which costs more than half of a synchronous save on a CPU
+(``benchmarks/async_checkpoint.py``, figures in ``benchmarks/README.md``). Its persistent (spawned) caller would
 move the live parameters into shared memory and write them while training changes them.
 
 This caller instead:
@@ -15,7 +15,7 @@ This caller instead:
    on GPU), and
 2. **writes** them from one persistent spawned process with megatron-core's own
    per-bucket writer (``FileSystemWriterAsync.write_preloaded_data``). A writer thread
-   was measured too: it contends for the GIL (stall ratio 0.59 against 0.20 here).
+   was measured too: it contends for the GIL (``benchmarks/README.md``).
 
 then reports the results to megatron's finalize step through the same queue as its
 forked writer does. Completion is agreed over ranks by the base class's all-reduce.

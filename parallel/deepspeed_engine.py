@@ -45,7 +45,7 @@ UNIVERSAL = "universal"
 def import_deepspeed():  # noqa: ANN201 - the deepspeed module
     """Import DeepSpeed without its op builds.
 
-    ``init_distributed`` would compile the shared-memory comm op (~4.5 min on this CPU, and a
+    ``init_distributed`` would compile the shared-memory comm op (minutes on a CPU machine, and a
     killed build leaves a lock that hangs later runs); gloo/NCCL through torch.distributed is
     what this engine uses anyway.
     """

@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
 from conf.errors import UserError
 from data.output_dir import check_output_dir, owned_output
 from data.tokenizer import BPETokenizer, Tokenizer
+
+if TYPE_CHECKING:  # torch is imported once a model is loaded: --help stays fast
+    import torch
 
 COMMAND = "gpt-export"
 # What an export written before gpt-export left a marker may hold (transformers' and ours).
@@ -45,6 +48,8 @@ def legacy_export(out: Path) -> set[str] | None:
 
 
 def check_exportable(loaded) -> None:  # noqa: ANN001
+    import torch
+
     config = loaded.model.config
     if not bool(loaded.cfg.model["tie_embeddings"]):
         raise UserError("model.tie_embeddings=false: GPT-2 ties input and output embeddings; refusing to export")

@@ -1,7 +1,7 @@
 """Model FLOPs utilisation: achieved training FLOP/s over the device's matmul peak.
 
 The peak is ``train.peak_tflops`` when given (a datasheet number, e.g. 989 for H100 bf16
-dense), else measured here with a short square-matmul benchmark in the training dtype, so
+dense), else measured at start with a short square-matmul benchmark in the training dtype, so
 that MFU on a CPU is relative to what this CPU's BLAS actually reaches.
 """
 

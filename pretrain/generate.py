@@ -8,53 +8,9 @@ checkpoint is also missing, and no model is loaded for a command that cannot run
 from __future__ import annotations
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
 from conf.errors import UserError
-
-
-@torch.no_grad()
-def sample(
-    model: torch.nn.Module,
-    prompt: list[int],
-    max_new_tokens: int,
-    context: int,
-    vocab_size: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    seed: int = 0,
-) -> list[int]:
-    """Continue ``prompt`` by ``max_new_tokens`` tokens; ``temperature=0`` is greedy.
-
-    Logits of vocabulary padding (ids >= vocab_size) are masked out. No KV cache:
-    the window of the last ``context`` tokens is re-run for each token, which is
-    what a small CPU model needs and keeps this independent of megatron's
-    inference engine.
-    """
-    from pretrain.model import position_ids  # here, not at the top: argument errors need no megatron import
-
-    was_training = model.training
-    model.eval()
-    generator = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
-    ids = list(prompt)
-    try:
-        for _ in range(max_new_tokens):
-            window = torch.tensor([ids[-context:]], device=device)
-            logits = model(window, position_ids(*window.shape).to(device), None)[0, -1, :vocab_size].float().cpu()
-            if temperature <= 0:
-                ids.append(int(logits.argmax()))
-                continue
-            logits = logits / temperature
-            if top_k:
-                kth = torch.topk(logits, min(top_k, vocab_size)).values[-1]
-                logits[logits < kth] = -float("inf")
-            probs = torch.softmax(logits, dim=-1)
-            ids.append(int(torch.multinomial(probs, 1, generator=generator)))
-    finally:
-        model.train(was_training)
-    return ids[len(prompt) :]
 
 
 def _integer(key: str, value: object) -> int:
@@ -82,6 +38,8 @@ def generate_text(loaded, prompt: str, max_new_tokens: int, temperature: float, 
     ids = loaded.tokenizer.encode(prompt) if prompt else [loaded.tokenizer.eot_id]
     if len(ids) > loaded.context:
         raise UserError(f"prompt is {len(ids)} tokens, longer than the model's context of {loaded.context}")
+    from pretrain.sampling import sample
+
     new = sample(loaded.model, ids, max_new_tokens, loaded.context, loaded.vocab_size, temperature, top_k, seed)
     return loaded.tokenizer.decode((ids if prompt else []) + new)
 

@@ -15,8 +15,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from pretrain.generate import sample
 from pretrain.inference import LoadedModel
+from pretrain.sampling import sample
 
 
 @register_model("gpt-pretrain")

@@ -174,7 +174,7 @@ class GPT(GPTModel):
     """megatron-core's ``GPTModel`` with a fused cross-entropy at tp = 1, batch-first when it can.
 
     megatron's vocab-parallel cross-entropy does three all-reduces over the tp group and
-    ~10 elementwise passes over the logits even when the group has one rank (~8% of a
+    ~10 elementwise passes over the logits even when the group has one rank (a visible share of a
     ``model=tiny`` CPU step); ``F.cross_entropy`` is the same loss in one fused kernel.
 
     megatron lays activations out [s, b, h] because sequence parallelism splits dim 0 and

@@ -197,7 +197,7 @@ class PretrainTask:
         if topo.world_size > 1:
             print("(sample skipped in a multi-process run: use gpt-generate on the checkpoint)")
             return
-        from pretrain.generate import sample
+        from pretrain.sampling import sample
 
         cfg = self.cfg
         tokenizer = load_tokenizer(self.manifest.directory)
