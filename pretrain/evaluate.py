@@ -51,17 +51,25 @@ def sentiment_task(cfg: DictConfig, task_dir: Path) -> None:
     fewshot = Path(spec.fewshot_path or path).resolve()
     _read_jsonl(fewshot, (text, label))
     target_map = json.dumps({c: i for i, c in enumerate(choices)})
-    yaml = (TEMPLATES / "sentiment.yaml").read_text()
-    for key, value in {
-        "__EVAL_PATH__": str(path),
-        "__FEWSHOT_PATH__": str(fewshot),
-        "__TEXT__": text,
-        "__LABEL__": label,
-        "__CHOICES__": json.dumps(choices),
-        "__TARGET_MAP__": target_map,
-    }.items():
-        yaml = yaml.replace(key, value)
-    (task_dir / "sentiment.yaml").write_text(yaml)
+    task = _template("sentiment")
+    task["dataset_kwargs"]["data_files"] = {"validation": str(path), "train": str(fewshot)}
+    task["doc_to_text"] = "Review: {{" + text + "}}\nSentiment:"  # lm-eval's Jinja over the JSONL fields
+    task["doc_to_choice"] = choices
+    task["doc_to_target"] = "{{ " + target_map + "[" + label + "] }}"
+    _write_task(task, task_dir / "sentiment.yaml")
+
+
+def _template(name: str) -> dict[str, Any]:
+    """A bundled lm-eval task (``conf/eval_tasks/NAME.yaml``) as data, to be filled in by field."""
+    import yaml
+
+    return yaml.safe_load((TEMPLATES / f"{name}.yaml").read_text())
+
+
+def _write_task(task: dict[str, Any], path: Path) -> None:
+    import yaml
+
+    path.write_text(yaml.safe_dump(task, sort_keys=False, allow_unicode=True))
 
 
 def perplexity_task(cfg: DictConfig, task_dir: Path) -> None:
@@ -79,8 +87,9 @@ def perplexity_task(cfg: DictConfig, task_dir: Path) -> None:
         raise UserError(f"eval.perplexity.path={path}: empty")
     docs_path = task_dir / "perplexity_docs.jsonl"
     docs_path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    yaml = (TEMPLATES / "perplexity.yaml").read_text().replace("__DOCS_PATH__", str(docs_path.resolve()))
-    (task_dir / "perplexity.yaml").write_text(yaml)
+    task = _template("perplexity")
+    task["dataset_kwargs"]["data_files"] = {"test": str(docs_path.resolve())}
+    _write_task(task, task_dir / "perplexity.yaml")
 
 
 BUILDERS = {"sentiment": sentiment_task, "perplexity": perplexity_task}
@@ -97,7 +106,7 @@ def fewshot_counts(value: object) -> list[int]:
     return shots
 
 
-def evaluate(cfg: DictConfig) -> dict[int, dict[str, Any]]:
+def run_lm_eval(cfg: DictConfig) -> dict[int, dict[str, Any]]:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tasks = list(cfg.tasks) if isinstance(cfg.tasks, ListConfig) else [str(cfg.tasks)]
@@ -179,7 +188,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     from conf.cli import exit_on_user_error
 
     with exit_on_user_error():
-        evaluate(cfg)
+        run_lm_eval(cfg)
 
 
 def main() -> None:

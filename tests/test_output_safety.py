@@ -190,7 +190,7 @@ def test_check_run_dir(tmp_path: Path) -> None:
     ],
 )
 def test_eval_refuses_before_any_work(tmp_path: Path, override: str | None, message: str) -> None:
-    from pretrain.evaluate import evaluate
+    from pretrain.evaluate import run_lm_eval
 
     run = tmp_path / "r"
     run.mkdir()
@@ -198,7 +198,7 @@ def test_eval_refuses_before_any_work(tmp_path: Path, override: str | None, mess
         (run / "thesis.tex").write_bytes(THESIS)
     cfg = compose([f"checkpoint={tmp_path}/none", f"run.dir={run}", *([override] if override else [])], "eval")
     with pytest.raises(UserError, match=message):
-        evaluate(cfg)
+        run_lm_eval(cfg)
     assert not (run / "tasks").exists()
 
 
