@@ -13,6 +13,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
+from conf import schema  # noqa: F401 - registers the typed groups in Hydra's ConfigStore
 from conf.errors import RunError, UserError
 
 CONF_DIR = Path(__file__).resolve().parent
@@ -61,15 +62,130 @@ def quiet_third_party() -> None:
     logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async").setLevel(logging.CRITICAL)
 
 
-def check_group_choices(argv: list[str], groups: tuple[str, ...] = ("model",)) -> None:
-    """Reject an unknown preset (``model=nope``) in one line before Hydra composes."""
-    for arg in argv:
-        name, sep, value = arg.partition("=")
-        name = name.lstrip("+~")
-        known_choice = (CONF_DIR / name / f"{value}.yaml").is_file()
-        if sep and name in groups and value and "," not in value and not known_choice:
-            known = sorted(p.stem for p in (CONF_DIR / name).glob("*.yaml"))
-            fail(f"{name}={value}: unknown preset (known: {', '.join(known)})")
+# Hydra's flags: those that take a value, and those after which argv is not a job's overrides
+_FLAGS_WITH_VALUE = ("--cfg", "-c", "--package", "-p")
+_FLAGS_NOT_A_JOB = ("--help", "-h", "--hydra-help", "--version", "--info", "-i", "--shell-completion", "-sc")
+_FLAGS_NOT_A_JOB += ("--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun")
+GRAMMAR = "https://hydra.cc/docs/advanced/override_grammar/basic/"
+
+
+def groups_of(config_name: str = "config") -> tuple[str, ...]:
+    """The config groups a command's config selects presets of (its ``defaults:`` list)."""
+    from omegaconf import OmegaConf
+
+    defaults = OmegaConf.load(CONF_DIR / f"{config_name}.yaml").get("defaults", [])
+    names = [str(k).split()[-1] for entry in defaults if isinstance(entry, DictConfig) for k in entry]
+    return tuple(sorted(name for name in names if (CONF_DIR / name).is_dir()))
+
+
+def check_group_choices(argv: list[str], groups: tuple[str, ...] | None = None, config_name: str | None = None) -> None:
+    """Refuse a bad command line in one line (exit 2) before Hydra composes it: an unknown preset
+    (``parallel=nope``: the known ones are listed), an unknown key (``train.nope=1``), a value of
+    the wrong type (``train.max_steps=abc``), a malformed override. Hydra would print several lines
+    and exit 1. With ``--multirun`` every value of every sweep is checked. Value checks
+    (:func:`conf.schema.validate`) are the trainer's first step, so ``--cfg job`` prints any values.
+
+    ``config_name`` is the command's config (``config``, ``finetune``); by default the one of the
+    running command (``gpt-finetune`` / ``pretrain/finetune.py``: ``finetune``, else ``config``)."""
+    if config_name is None:
+        config_name = "finetune" if Path(sys.argv[0]).stem in ("finetune", "gpt-finetune") else "config"
+    overrides, multirun = [], False
+    args = iter(argv)
+    for arg in args:
+        if arg in ("--multirun", "-m"):
+            multirun = True
+        elif arg in _FLAGS_WITH_VALUE:
+            next(args, None)
+        elif arg.split("=")[0] in _FLAGS_NOT_A_JOB:
+            return
+        elif not arg.startswith("-") and not arg.lstrip("+~").startswith("hydra"):
+            overrides.append(arg)
+    known_groups = groups_of(config_name) if groups is None else groups
+    for job in _jobs(overrides, multirun):
+        for arg in job:
+            name, sep, value = arg.partition("=")
+            name = name.lstrip("+~")
+            if sep and name in known_groups and value and not (CONF_DIR / name / f"{value}.yaml").is_file():
+                known = sorted(p.stem for p in (CONF_DIR / name).glob("*.yaml"))
+                fail(f"{name}={value}: unknown preset (known: {', '.join(known)})")
+        _check_composes(job, config_name)
+
+
+def _jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
+    """The override lists to check: the command line, or (``--multirun``) each value of each sweep
+    with the other sweeps at their first value (every value is checked, not every combination)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    if not multirun:
+        return [overrides]
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as exc:
+        _bad_syntax(exc)
+    choices = []
+    for override in parsed:
+        key = override.get_key_element()
+        if override.is_sweep_override() and override.is_discrete_sweep():
+            choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
+        elif override.is_sweep_override():  # a range / interval sweep: Hydra's sweeper explains
+            choices.append([])
+        else:
+            choices.append([f"{key}={override.get_value_element_as_str()}"])
+    firsts = [values[:1] for values in choices]
+    jobs = [[v for values in firsts for v in values]]
+    for i, values in enumerate(choices):
+        for value in values[1:]:
+            jobs.append([v for j, other in enumerate(firsts) for v in ([value] if j == i else other)])
+    return jobs
+
+
+def _check_composes(overrides: list[str], config_name: str) -> None:
+    from hydra.errors import HydraException, OverrideParseException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from conf.schema import one_line, unknown_added_key, unknown_key
+
+    try:
+        cfg = compose(overrides, config_name)
+    except OverrideParseException as exc:
+        _bad_syntax(exc)
+    except (HydraException, OmegaConfBaseException) as exc:
+        text = str(exc)
+        written = _override_named(text, overrides)
+        if "Ambiguous value for argument" in text:
+            key = written.lstrip("+~").partition("=")[0]
+            fail(f"{written}: a sweep needs --multirun (a list: {key}=[a,b]; a string with commas: quote it)")
+        if "No match in the defaults list" in text:
+            groups = ", ".join(groups_of(config_name))
+            fail(f"{written or _first_line(exc)}: not a config group of this command (its groups: {groups})")
+        if "To append to your config use +" in text or "Could not append to config" in text:
+            fail(unknown_key(written.lstrip("+~").partition("=")[0], config_name))
+        if written and ("Error merging override" in text or "Could not override" in text):
+            key, _, value = written.lstrip("+~").partition("=")
+            line = one_line(exc, value=value, config_name=config_name)
+            fail(line if line.startswith(key) else f"{written}: {line}")
+        fail(one_line(exc, config_name=config_name) if exc.__cause__ else _first_line(exc))
+    added = unknown_added_key(cfg, config_name)  # `+train.nope=1` composes: the schema refuses it
+    if added:
+        fail(added)
+
+
+def _bad_syntax(exc: Exception) -> None:
+    fail(f"{getattr(exc, 'override', '?')}: not a valid override ({_first_line(exc)}; see {GRAMMAR})")
+
+
+def _override_named(text: str, overrides: list[str]) -> str:
+    """The override a Hydra error message is about (it quotes it), or ''."""
+    for arg in sorted(overrides, key=len, reverse=True):
+        if arg in text or f"'{arg.lstrip('+~').partition('=')[0]}'" in text:
+            return arg
+    return ""
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return " ".join(lines[:2]) if lines and lines[0].endswith(":") else (lines[0] if lines else type(exc).__name__)
 
 
 def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "config") -> DictConfig:

@@ -245,7 +245,7 @@ def test_a_corrupt_validation_shard_fails_after_the_checkpoint(char_shards: Path
 def test_bad_values_are_one_line_errors(char_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from conf.cli import compose
     from conf.errors import UserError
-    from pretrain.config_checks import check_logging, check_train
+    from conf.schema import check_logging, check_train
 
     bad = ["train.lr=-1", "train.lr=0", "train.max_steps=-5", "train.min_lr_ratio=2", "train.beta2=1"]
     bad += ["train.spike_factor=0.5", "train.max_skipped=0", "train.micro_batch=0", "train.lr_schedule=nope"]
