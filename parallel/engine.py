@@ -33,11 +33,12 @@ ForwardStep = Callable[[Any, torch.nn.Module], tuple[Any, Callable[[Any], tuple[
 class ModelSpec:
     """Everything model- or task-specific an engine needs, supplied from above (``pretrain/``).
 
-    ``config`` is megatron-core's ``TransformerConfig`` with the model's fields only; the engine
-    fills in the layout (tp, pp, vpp, sequence parallelism, dtypes) before calling ``build``.
+    ``config(**layout)`` makes megatron-core's ``TransformerConfig`` of the model; the engine passes
+    the layout (tp, pp, vpp, sequence parallelism, dtypes) and hands the result to ``build``.
+    (A function, not a finished config: ``TransformerConfig`` derives fields from the layout.)
     """
 
-    config: Any  # megatron.core.transformer.TransformerConfig
+    config: Callable[..., Any]  # (**layout fields) → megatron.core.transformer.TransformerConfig
     build: Callable[[Any, int | None], torch.nn.Module]  # (layout-complete config, vp_stage) → one chunk, on CPU
     forward_step: ForwardStep
     batch_shape: Callable[[dict[str, torch.Tensor]], tuple[int, int]]  # micro-batch → (seq length, sequences)
@@ -125,13 +126,10 @@ def lr_scheduler(optimizer: Any, train: Any) -> Any:
     )
 
 
-def layout_config(config: Any, topo: Any, bf16: bool) -> Any:
+def layout_config(config: Callable[..., Any], topo: Any, bf16: bool) -> Any:
     """The model's ``TransformerConfig`` with this rank's layout and precision filled in: the one
     place where parallelism reaches the model (megatron-core reads it in every layer)."""
-    import dataclasses
-
-    return dataclasses.replace(
-        config,
+    return config(
         tensor_model_parallel_size=topo.tp,
         pipeline_model_parallel_size=topo.pp,
         virtual_pipeline_model_parallel_size=topo.vpp if topo.vpp > 1 else None,
@@ -139,8 +137,6 @@ def layout_config(config: Any, topo: Any, bf16: bool) -> Any:
         # gloo matches messages between two ranks in order; with pp=2 (next == prev) a
         # batched send of activations and gradients can be received swapped
         batch_p2p_comm=torch.cuda.is_available(),
-        # same full-weight init at every tp: a tp=2 run starts where a tp=1 run does
-        use_cpu_initialization=True,
         # bf16: megatron-core mixed precision (bf16 params and compute, fp32 main weights
         # and grads in the optimizer), the same path on CPU and GPU
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,

@@ -17,14 +17,7 @@ def start_training(cfg: DictConfig, make_task: Callable[[DictConfig], Any]) -> d
     import torch
 
     from conf.cli import quiet_third_party
-    try:
-        from conf.schema import validate
-    except ImportError:  # TEMP until conf/schema.py lands
-        from pretrain.config_checks import check_logging, check_train
-
-        def validate(cfg: DictConfig) -> None:
-            check_train(cfg)
-            check_logging(cfg)
+    from conf.schema import validate
     from parallel import cpu_compat, process_hygiene
     from pretrain.trainer import Trainer
 

@@ -83,8 +83,8 @@ def convert(step_dir: Path) -> Path:
     topo = Topology.from_config(cfg, world_size=1, rank=0)
     topo.init(int(cfg.train.seed))
     model = build_gpt(cfg.model, state.vocab_size, transformer_config(cfg.model), seed=0)
-    state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    weights = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
     # megatron's TE-compatibility "_extra_state" entries are not parameters DeepSpeed saves
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:

@@ -35,9 +35,9 @@ def padded_vocab_size(vocab_size: int, model_cfg: DictConfig) -> int:
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
-def transformer_config(model_cfg: DictConfig) -> TransformerConfig:
-    """megatron-core's config from the ``model`` group alone; the engine adds the layout
-    (``parallel.engine.layout_config``), so a single process can use this one as it is."""
+def transformer_config(model_cfg: DictConfig, **layout: Any) -> TransformerConfig:
+    """megatron-core's config from the ``model`` group; ``layout`` (tp, pp, sequence parallelism,
+    dtypes) comes from the engine (``parallel.engine.layout_config``); without it, one process."""
     if model_cfg.hidden_size % model_cfg.num_heads:
         raise UserError(
             f"model.hidden_size={model_cfg.hidden_size} is not divisible by model.num_heads={model_cfg.num_heads}"
@@ -51,7 +51,9 @@ def transformer_config(model_cfg: DictConfig) -> TransformerConfig:
         attention_dropout=float(model_cfg.dropout),
         init_method_std=float(model_cfg.init_std),
         layernorm_epsilon=float(model_cfg.layernorm_eps),
-        use_cpu_initialization=True,  # the same initial weights whatever the device
+        # the same full-weight init at every tp and device: a tp=2 run starts where a tp=1 run does
+        use_cpu_initialization=True,
+        **layout,
         # fusions that need CUDA kernels or Apex
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,

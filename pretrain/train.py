@@ -33,7 +33,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     set_rank_threads()
-    check_group_choices(sys.argv[1:])
+    check_group_choices(sys.argv[1:], config_name="config")
     with exit_on_user_error():  # a Ctrl-C before the loop's handler exists: one line, exit 130
         _hydra_main()
 

@@ -6,6 +6,7 @@ The loss here is the one LM loss of the project: both engines call :func:`lm_for
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -58,7 +59,7 @@ def lm_model_spec(model_cfg: DictConfig, vocab_size: int, seed: int) -> ModelSpe
     def build(config: Any, vp_stage: int | None) -> torch.nn.Module:
         return build_gpt(model_cfg, vocab_size, config, vp_stage=vp_stage, seed=seed)
 
-    return ModelSpec(transformer_config(model_cfg), build, lm_forward_step, lm_batch_shape)
+    return ModelSpec(functools.partial(transformer_config, model_cfg), build, lm_forward_step, lm_batch_shape)
 
 
 def build_engine(cfg: DictConfig, topo: Topology, vocab_size: int) -> Engine:
