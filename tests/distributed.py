@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from tests.conftest import REPO
@@ -44,3 +47,39 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 def layout_args(tp: int, pp: int, vpp: int = 1) -> list[str]:
     return [f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.vpp={vpp}"]
+
+
+def env() -> dict[str, str]:
+    bin_dir = str(Path(sys.executable).parent)  # torchrun
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+def last_step(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return max((r["step"] for r in rows if "loss" in r), default=0)
+
+
+def wait_for_step(run_dir: Path, step: int, procs: list[subprocess.Popen], timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while last_step(run_dir) < step:
+        assert all(p.poll() is None for p in procs), "a node exited before the run reached the step"
+        assert time.monotonic() < deadline, f"no step {step} in {timeout} s"
+        time.sleep(0.05)
+
+
+def signal_node(proc: subprocess.Popen, sig: signal.Signals) -> None:
+    """Signal every process of one node: launcher, torchrun agent and ranks (torchrun starts
+    ranks in their own sessions, so a process-group signal would miss them; slurm signals
+    the whole job step)."""
+    import psutil
+
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(sig)

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # The README's test command (and what .ci/run calls): install, then run the whole suite.
+#   bash tests/run.sh                     everything: tests/unit (in-process, seconds) + tests/integration (torchrun, end to end)
+#   bash tests/run.sh tests/unit          the quick loop while developing
 #   bash tests/run.sh [pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."

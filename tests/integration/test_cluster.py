@@ -7,8 +7,6 @@ process tree (launcher, torchrun agent, rank) like slurm or a node failure does.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -20,7 +18,7 @@ import pytest
 
 from parallel.watchdog import WATCHDOG_EXIT_CODE
 from tests.conftest import REPO, run_cli
-from tests.distributed import free_port, losses
+from tests.distributed import env, free_port, last_step, losses, signal_node, wait_for_step
 
 pytestmark = pytest.mark.slow
 
@@ -37,47 +35,11 @@ ARGS = [
 ]
 
 
-def env() -> dict[str, str]:
-    bin_dir = str(Path(sys.executable).parent)  # torchrun
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-
-
 def start_node(node: int, nnodes: int, port: int, log: Path, *args: str) -> subprocess.Popen:
     cmd = ["bash", str(LAUNCH), "--nnodes", str(nnodes), "--nproc-per-node", "1", "--node-rank", str(node)]
     cmd += ["--master-addr", "127.0.0.1", "--master-port", str(port), "--", "pretrain.train", *ARGS, *args]
     out = log.open("w")
     return subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def last_step(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return 0
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return max((r["step"] for r in rows if "loss" in r), default=0)
-
-
-def wait_for_step(run_dir: Path, step: int, procs: list[subprocess.Popen], timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while last_step(run_dir) < step:
-        assert all(p.poll() is None for p in procs), "a node exited before the run reached the step"
-        assert time.monotonic() < deadline, f"no step {step} in {timeout} s"
-        time.sleep(0.05)
-
-
-def signal_node(proc: subprocess.Popen, sig: signal.Signals) -> None:
-    """Signal every process of one node: launcher, torchrun agent and ranks (torchrun starts
-    ranks in their own sessions, so a process-group signal would miss them; slurm signals
-    the whole job step)."""
-    import psutil
-
-    try:
-        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for p in tree:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.send_signal(sig)
 
 
 def kill_all(procs: list[subprocess.Popen]) -> None:
