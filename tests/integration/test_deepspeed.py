@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from tests.test_parallel import COMMON, STEPS, resume
+from tests.integration.test_parallel import COMMON, STEPS, resume
 
 from conf.cli import compose
 from conf.errors import UserError
