@@ -1,4 +1,4 @@
-"""The typed config groups (conf/schema.py): presets compose, hold only their differences, and every
+"""The typed config groups (conf/groups.py, conf/schema.py): presets compose, hold only their differences, and every
 mistake is one line naming the key."""
 
 from __future__ import annotations

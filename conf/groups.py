@@ -1,0 +1,268 @@
+"""The typed config groups, one dataclass per group: its keys, their types, defaults and checks.
+
+``conf/schema.py`` assembles them into the commands' root schemas and validates a composed config.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING
+
+from conf.errors import UserError
+
+LR_SCHEDULES = ("cosine", "linear", "constant", "inverse-square-root")
+TASK_TYPES = ("classification", "entailment", "similarity", "multiple_choice")  # data/tasks.py reads them
+
+
+def _positive(key: str, value: float | None) -> None:
+    if value is not None and value <= 0:
+        raise UserError(f"{key}={value:g}: must be > 0")
+
+
+def _at_least(key: str, value: float | None, low: float) -> None:
+    if value is not None and value < low:
+        raise UserError(f"{key}={value:g}: must be >= {low:g}")
+
+
+def _fraction(key: str, value: float, closed: bool = True) -> None:
+    if not (0.0 <= value <= 1.0 if closed else 0.0 <= value < 1.0):
+        raise UserError(f"{key}={value:g}: must be in [0, 1{']' if closed else ')'}")
+
+
+@dataclass
+class ModelConfig:
+    """The GPT's shape (``conf/model/*.yaml`` presets name one) and how it is built."""
+
+    name: str = MISSING
+    num_layers: int = MISSING
+    num_heads: int = MISSING
+    hidden_size: int = MISSING
+    ffn_hidden_size: int = MISSING
+    seq_len: int = MISSING  # context length (learned absolute positions)
+    dropout: float = 0.0
+    init_std: float = 0.02  # GPT-2 init; residual projections scaled by 1/sqrt(2*num_layers)
+    tie_embeddings: bool = True
+    layernorm_eps: float = 1.0e-5
+    spec: str = "auto"  # auto (Transformer Engine on CUDA when installed, else local) | te | local
+    attention: str = "sdpa"  # local spec's core attention: sdpa (fused) | megatron (unfused)
+    vocab_multiple: int = 128  # vocab padded to a multiple of this (must be divisible by parallel.tp)
+
+    def check(self) -> None:
+        for key in ("num_layers", "num_heads", "hidden_size", "ffn_hidden_size", "seq_len", "vocab_multiple"):
+            _at_least(f"model.{key}", getattr(self, key), 1)
+        if self.hidden_size % self.num_heads:
+            raise UserError(
+                f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}"
+            )
+        _fraction("model.dropout", self.dropout, closed=False)
+        _positive("model.init_std", self.init_std)
+        _positive("model.layernorm_eps", self.layernorm_eps)
+        if self.spec not in ("auto", "te", "local"):
+            raise UserError(f"model.spec={self.spec}: expected auto, te or local")
+        if self.attention not in ("sdpa", "megatron"):
+            raise UserError(f"model.attention={self.attention}: expected sdpa or megatron")
+
+
+@dataclass
+class ParallelConfig:
+    """Engine and layout. The data-parallel size is derived (world_size / (tp*pp)); the checks that
+    need the world size live in ``parallel/topology.py``."""
+
+    engine: str = "megatron"  # megatron | deepspeed
+    tp: int = 1
+    pp: int = 1
+    vpp: int = 1  # virtual pipeline chunks per stage (interleaved 1F1B)
+    sequence_parallel: bool = True  # with tp > 1
+    distributed_optimizer: Any = "auto"  # ZeRO-1 (megatron): auto = dp > 1, or what the checkpoint used
+    zero_stage: int = 0  # deepspeed engine: 0-3
+    offload: str = "none"  # deepspeed engine: none | cpu
+    timeout_s: float = 600  # collective timeout, and the watchdog's limit for one step / eval / save
+
+    def check(self) -> None:
+        if self.engine not in ("megatron", "deepspeed"):
+            raise UserError(f"parallel.engine={self.engine}: expected megatron or deepspeed")
+        for key in ("tp", "pp", "vpp"):
+            if getattr(self, key) < 1:
+                raise UserError(f"parallel.{key}={getattr(self, key)}: must be >= 1")
+        value = str(self.distributed_optimizer).lower()
+        if value not in ("auto", "true", "false"):
+            raise UserError(f"parallel.distributed_optimizer={value}: expected true, false or auto")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise UserError(f"parallel.zero_stage={self.zero_stage}: expected 0, 1, 2 or 3")
+        if self.offload not in ("none", "cpu"):
+            raise UserError(f"parallel.offload={self.offload}: expected none or cpu")
+        _positive("parallel.timeout_s", self.timeout_s)
+
+
+@dataclass
+class TrainConfig:
+    """Batch, optimizer (``optim/`` presets set these keys), schedule, cadence and fault policy:
+    the one trainer's keys, for pretraining (these defaults) and fine-tuning (``train/finetune``)."""
+
+    max_steps: int | None = 2000  # null (fine-tuning): epochs x (train examples // global_batch)
+    micro_batch: int = 12  # sequences per forward/backward on one rank
+    global_batch: int = 12  # sequences per optimizer step (accumulation = global / (micro * dp))
+    lr: float = 6.0e-4  # peak learning rate (AdamW); each model preset sets its own
+    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    warmup_fraction: float | None = None  # when set: warmup over this fraction of max_steps (not warmup_steps)
+    lr_decay_steps: int | None = None  # null: max_steps
+    lr_schedule: str = "cosine"  # cosine | linear | constant | inverse-square-root (megatron-core's scheduler)
+    weight_decay: float = 0.1  # matrices only (biases and norms are not decayed)
+    lr_mult: Any = None  # {parameter-name glob: factor} on those parameters' lr (megatron; typed in check())
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    spike_factor: float | None = None  # skip a step whose loss > factor x the recent mean (non-finite: always)
+    max_skipped: int = 10  # stop (exit 1, last checkpoint kept) after this many consecutive skipped steps
+    bf16: bool = False  # bf16 autocast for the forward pass (fp32 master weights)
+    compile: bool = False  # torch.compile the model
+    seed: int = 1337
+    eval_every: int = 250  # 0: only at the end (fine-tuning: every epoch)
+    eval_micro_batch: int = 64
+    eval_batches: int | None = None  # null: the whole validation split
+    save_every: int = 1000  # 0: only at the end (fine-tuning: every epoch); -1: never
+    keep_last: int = 3  # checkpoints kept in run.dir/checkpoints
+    async_save: bool = False  # megatron engine: write checkpoints from a background process
+    checkpoint_writers: int = 2  # writer processes per rank (files per rank)
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # save, exit requeue code
+    requeue_exit_code: int = 75  # EX_TEMPFAIL; launch/slurm.sbatch requeues the job on it
+    sample_tokens: int = 300  # printed at the end (single-process runs); 0 disables
+    sample_prompt: str = ""
+    peak_tflops: float | None = None  # device peak for MFU (e.g. 989 for H100 bf16); null: measured
+    log_samples: bool = False  # write run.dir/samples_rank<R>.jsonl: the sample ids of every step
+
+    def check(self) -> None:
+        for key in ("lr", "micro_batch", "global_batch", "eval_micro_batch", "keep_last"):
+            _positive(f"train.{key}", getattr(self, key))
+        for key in ("max_steps", "warmup_steps", "weight_decay", "grad_clip", "eval_every", "sample_tokens"):
+            _at_least(f"train.{key}", getattr(self, key), 0)
+        _fraction("train.min_lr_ratio", self.min_lr_ratio)
+        if self.warmup_fraction is not None:
+            _fraction("train.warmup_fraction", self.warmup_fraction)
+        for key in ("beta1", "beta2"):
+            _fraction(f"train.{key}", getattr(self, key), closed=False)
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise UserError(f"train.lr_schedule={self.lr_schedule}: expected cosine, linear or constant")
+        if self.lr_decay_steps is not None and self.lr_decay_steps < 1:
+            raise UserError(f"train.lr_decay_steps={self.lr_decay_steps}: must be >= 1 (or null: max_steps)")
+        if self.spike_factor is not None and self.spike_factor <= 1.0:
+            raise UserError(f"train.spike_factor={self.spike_factor:g}: must be > 1 (or null: off)")
+        for key in ("max_skipped", "checkpoint_writers", "eval_batches"):
+            _at_least(f"train.{key}", getattr(self, key), 1)
+        if self.save_every < -1:
+            raise UserError(f"train.save_every={self.save_every}: must be >= 0 (or -1: never)")
+        if not 0 <= self.requeue_exit_code <= 255:
+            raise UserError(f"train.requeue_exit_code={self.requeue_exit_code}: must be in [0, 255]")
+        for name in self.preempt_signals:
+            if str(name).upper() not in signal.Signals.__members__:
+                raise UserError(f"train.preempt_signals: unknown signal {name!r} (e.g. SIGTERM, SIGUSR1)")
+        _positive("train.peak_tflops", self.peak_tflops)
+        if self.lr_mult is not None:
+            mults = self.lr_mult if isinstance(self.lr_mult, dict) else None
+            if mults is None or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in mults.values()):
+                raise UserError(f"train.lr_mult={self.lr_mult}: expected a mapping {{parameter-name glob: factor}}")
+            for glob, factor in mults.items():
+                _at_least(f"train.lr_mult.{glob}", factor, 0)
+
+
+@dataclass
+class DataConfig:
+    dir: str = MISSING  # a gpt-prepare output directory (manifest.json + shards)
+    num_streams: int = 12  # canonical streams of the global order; fixes the order for every dp dividing it
+    num_workers: int = 0  # DataLoader worker processes per rank
+    allow_new: bool = False  # resume on another shard set of the same tokenizer (continued pretraining)
+
+    def check(self) -> None:
+        _at_least("data.num_streams", self.num_streams, 1)
+        _at_least("data.num_workers", self.num_workers, 0)
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = "offline"  # offline | online | disabled (offline never touches the network)
+    project: str = "gpt-pretrain"
+    console_every: int = 100  # a metrics line on the console every N steps
+    progress_bar: bool = True
+
+    def check(self) -> None:
+        """``wandb``: a known mode, and credentials for ``online`` (else wandb would prompt or fail
+        minutes later, after the model was built)."""
+        if self.wandb not in ("offline", "online", "disabled"):
+            raise UserError(f"logging.wandb={self.wandb}: expected offline, online or disabled")
+        if self.wandb == "online" and not _wandb_credentials():
+            raise UserError(
+                "logging.wandb=online: no wandb credentials (set WANDB_API_KEY or run `wandb login`); "
+                "logging.wandb=offline logs locally and syncs later with `wandb sync`"
+            )
+        _at_least("logging.console_every", self.console_every, 1)
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/${model.name}"  # resumes automatically when it holds a checkpoint
+    restart: bool = False  # start over at step 0 in a run dir with checkpoints (they move to restarted-<time>/)
+
+    def check(self) -> None:
+        if not self.dir:
+            raise UserError("run.dir=: must name a directory")
+
+
+@dataclass
+class InitConfig:
+    checkpoint: str = MISSING  # a pretraining run dir or checkpoints/step_<N> dir (either engine, any layout)
+
+    def check(self) -> None:
+        pass
+
+
+@dataclass
+class TaskConfig:
+    """A labelled fine-tuning task: JSONL files whose fields depend on ``type`` (see the README)."""
+
+    type: str = "classification"  # classification | entailment | similarity | multiple_choice
+    train: str = MISSING
+    validation: str = MISSING
+    test: str | None = None  # optional: results.json then also has test_acc
+    max_train_examples: int | None = None  # use this many train examples (a seeded sample); null: all
+    max_len: int | None = None  # tokens per framed sequence; null: the pretrained context (model.seq_len)
+
+    def check(self) -> None:
+        if self.type not in TASK_TYPES:
+            raise UserError(f"task.type={self.type}: expected one of {', '.join(TASK_TYPES)}")
+        if self.max_train_examples is not None and self.max_train_examples < 1:
+            raise UserError(f"task.max_train_examples={self.max_train_examples}: must be >= 1")
+        _at_least("task.max_len", self.max_len, 1)
+
+
+@dataclass
+class FinetuneConfig:
+    aux_lm_weight: float = 0.5  # λ in L3 = L2 + λ·L1 (GPT-1: 0.5); 0 disables the auxiliary LM loss
+    from_scratch: bool = False  # true: same architecture and tokenizer, random weights (the baseline)
+    epochs: int = 3  # GPT-1: 3
+    classifier_dropout: float = 0.1
+    head_lr_mult: float = 1.0  # the new head's learning rate = train.lr x this (the body keeps train.lr)
+
+    def check(self) -> None:
+        _at_least("finetune.aux_lm_weight", self.aux_lm_weight, 0)
+        _at_least("finetune.epochs", self.epochs, 1)
+        _fraction("finetune.classifier_dropout", self.classifier_dropout, closed=False)
+        if self.head_lr_mult <= 0:
+            raise UserError(f"finetune.head_lr_mult={self.head_lr_mult}: must be > 0")
+
+
+def _wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    try:
+        return netrc.netrc(str(path)).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
