@@ -105,11 +105,6 @@ class Trainer:
         cfg = self.cfg
         with open_dict(cfg):
             task.configure(cfg)
-        if cfg.train.async_save and cfg.parallel.engine != "megatron":
-            raise UserError(
-                "train.async_save=true: only the megatron engine saves asynchronously "
-                f"(parallel.engine={cfg.parallel.engine})"
-            )
         topo = Topology.from_config(cfg)
         run_dir = Path(cfg.run.dir)
         check_run_dir(run_dir, (*RUN_DIR_NAMES, "metrics.tmp", "results.json"), command=task.command)

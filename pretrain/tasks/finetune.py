@@ -39,9 +39,7 @@ def load_examples(cfg: DictConfig, tokenizer: Any, special: SpecialTokens, seq_l
     max_len = min(int(cfg.task.max_len or seq_len), seq_len)
     rows = read_jsonl(cfg.task.train, task_type)
     limit = cfg.task.max_train_examples
-    if limit is not None:
-        if int(limit) < 1:
-            raise UserError(f"task.max_train_examples={limit}: must be >= 1")
+    if limit is not None:  # >= 1: conf/groups.py
         keep = np.random.default_rng(int(cfg.train.seed)).permutation(len(rows))[: int(limit)]
         rows = [rows[i] for i in sorted(keep)]
     labels = label_vocabulary(rows, task_type)
@@ -104,9 +102,7 @@ class FinetuneTask:
         if train.get("warmup_fraction") is not None:
             train.warmup_steps = int(round(float(train.warmup_fraction) * max_steps))
         train.lr_decay_steps = max_steps
-        head_mult = float(cfg.finetune.get("head_lr_mult", 1.0))
-        if head_mult <= 0:
-            raise UserError(f"finetune.head_lr_mult={head_mult}: must be > 0")
+        head_mult = float(cfg.finetune.head_lr_mult)  # > 0: conf/groups.py
         if head_mult != 1.0:
             train.lr_mult = {**(train.get("lr_mult") or {}), HEAD_PARAMS: head_mult}  # keeps the user's
 

@@ -137,7 +137,7 @@ def sentiment(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 @pytest.mark.slow
 def test_tp2_checkpoint_and_tp2_finetuning_give_tp1_first_step_loss(trained_runs, sentiment, tmp_path: Path) -> None:  # noqa: ANN001
-    """Same pretrained model saved at tp=1 and tp=2; fine-tuned at tp=1 from both and at tp=2."""
+    """Same pretrained model saved at tp=1 and tp=2; fine-tuned at tp=1 from both, at tp=2, and on DeepSpeed."""
     train, val = sentiment
     one = "train.max_steps=2"
     runs = {
@@ -146,12 +146,15 @@ def test_tp2_checkpoint_and_tp2_finetuning_give_tp1_first_step_loss(trained_runs
         "tp2-finetune": finetune(
             trained_runs["tp1"], "classification", train, val, tmp_path / "c", one, "parallel.tp=2", nproc=2
         ),
+        # the same Trainer and loss on the other engine (one process: the same dropout draws)
+        "deepspeed": finetune(trained_runs["tp1"], "classification", train, val, tmp_path / "d", one, "parallel=zero1"),
     }
     for name, result in runs.items():
         assert result.returncode == 0, (name, result.stderr[-3000:])
-    first = {name: train_losses(tmp_path / d)[1]["loss"] for name, d in zip(runs, "abc", strict=True)}
+    first = {name: train_losses(tmp_path / d)[1]["loss"] for name, d in zip(runs, "abcd", strict=True)}
     assert first["tp2-ckpt"] == pytest.approx(first["tp1-ckpt"], abs=1e-4)
     assert first["tp2-finetune"] == pytest.approx(first["tp1-ckpt"], abs=1e-4)
+    assert first["deepspeed"] == pytest.approx(first["tp1-ckpt"], abs=1e-4)
 
 
 @pytest.mark.slow
