@@ -124,7 +124,7 @@ class Trainer:
         stop = StopRequest([*cfg.train.preempt_signals, "SIGINT"]).install()
         watchdog = Watchdog(float(cfg.parallel.timeout_s), topo.rank, topo.world_size, enabled=topo.world_size > 1)
         engine = engine_class(str(cfg.parallel.engine))(cfg, topo, task.model_spec(cfg, resuming=saved is not None))
-        task.start(cfg, topo, 0)
+        task.start(cfg, topo)
         policy = SkipPolicy(cfg.train.get("spike_factor"), int(cfg.train.get("max_skipped", 10)))
         step, state = 0, None
         while latest is not None:
@@ -164,8 +164,7 @@ class Trainer:
         metrics = Metrics(cfg, run_dir, step, enabled=rank0)
         for event in events:
             metrics.log({"step": step, **event}, console=False)
-        if hasattr(task, "open_sample_log"):
-            task.open_sample_log(run_dir, step)
+        task.begin(run_dir, step)
         eval_every, save_every = task.cadence(cfg)
         async_save = bool(cfg.train.async_save)
         last_eval, stopped = None, None

@@ -38,8 +38,11 @@ class Task(Protocol):
     def model_spec(self, cfg: DictConfig, resuming: bool) -> ModelSpec:
         """The model and its loss; ``resuming``: the weights come from the run's checkpoint."""
 
-    def start(self, cfg: DictConfig, topo: Topology, step: int) -> None:
-        """Open the batches (and any per-run files) for this rank."""
+    def start(self, cfg: DictConfig, topo: Topology) -> None:
+        """Open the batches for this rank (their state is loaded next, when resuming)."""
+
+    def begin(self, run_dir: Path, step: int) -> None:
+        """Training starts (or resumes) at ``step``: open any per-run files of the task."""
 
     def next_batches(self) -> list[dict[str, torch.Tensor]]:
         """This rank's micro-batches of the next global batch."""

@@ -127,12 +127,15 @@ class FinetuneTask:
         step = make_forward_step(float(cfg.finetune.aux_lm_weight), self.special.start)
         return ModelSpec(base.config, build, step, task_batch_shape)
 
-    def start(self, cfg: DictConfig, topo: Topology, step: int) -> None:
+    def start(self, cfg: DictConfig, topo: Topology) -> None:
         self.topo = topo
         train = cfg.train
         self.batches = TaskBatches(
             self.train_arrays, int(train.global_batch), int(train.micro_batch), topo.dp_rank, topo.dp, int(train.seed)
         )
+
+    def begin(self, run_dir: Path, step: int) -> None:
+        pass
 
     def next_batches(self) -> list[dict[str, torch.Tensor]]:
         return self.batches.next_step()

@@ -131,7 +131,7 @@ class PretrainTask:
     def model_spec(self, cfg: DictConfig, resuming: bool) -> ModelSpec:
         return lm_model_spec(cfg.model, self.vocab_size, int(cfg.train.seed))
 
-    def start(self, cfg: DictConfig, topo: Topology, step: int) -> None:
+    def start(self, cfg: DictConfig, topo: Topology) -> None:
         self.topo = topo
         self.layout = Layout(int(cfg.train.global_batch), int(cfg.train.micro_batch), topo.dp_rank, topo.dp)
         self.loader = TrainLoader(
@@ -142,8 +142,8 @@ class PretrainTask:
         self.model_flops = flops_per_token(cfg.model, self.vocab_size, self.manifest.seq_len)
         self.world_peak = peak_flops(cfg.train.peak_tflops, bool(cfg.train.bf16)) * topo.world_size
 
-    def open_sample_log(self, run_dir: Path, step: int) -> None:
-        """``samples_rank<R>.jsonl``: the sample ids each data-parallel rank trained on, per step."""
+    def begin(self, run_dir: Path, step: int) -> None:
+        """``samples_rank<R>.jsonl`` (``train.log_samples``): the sample ids each rank trained on, per step."""
         if not self.cfg.train.log_samples:
             return
         path = run_dir / f"samples_rank{self.topo.rank}.jsonl"
