@@ -7,13 +7,13 @@ import os
 from pathlib import Path
 
 import pytest
-from tests.integration.test_parallel import COMMON, STEPS, resume
 
 from conf.cli import compose
 from conf.errors import UserError
 from parallel.topology import Topology
 from tests.conftest import run_cli
 from tests.distributed import losses, torchrun
+from tests.integration.test_parallel import COMMON, STEPS, resume
 
 
 @pytest.fixture(scope="module")
