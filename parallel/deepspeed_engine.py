@@ -187,11 +187,6 @@ class DeepSpeedEngine:
         output, loss_func = self.forward_step(iter([batch]), self.engine)
         return loss_func(output)
 
-    def _reduce(self, totals: torch.Tensor) -> list[float]:
-        if self.topo.world_size > 1:
-            dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
-        return totals.tolist()
-
     def _sum(self, totals: dict[str, torch.Tensor] | None, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         values = {k: torch.as_tensor(v, device=compute_device()).detach().double() for k, v in sums.items()}
         return values if totals is None else {k: totals[k] + values[k] for k in totals}

@@ -82,8 +82,11 @@ def convert(step_dir: Path) -> Path:
     cpu_compat.apply()
     topo = Topology.from_config(cfg, world_size=1, rank=0)
     topo.init(int(cfg.train.seed))
-    model = build_gpt(cfg.model, state.vocab_size, transformer_config(cfg.model), seed=0)
+    added = int(state.task.get("added_tokens", 0))  # a fine-tuned model's start/delimiter/extract rows
+    model = build_gpt(cfg.model, state.vocab_size + added, transformer_config(cfg.model), seed=0)
     weights = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
+    if "labels" in state.task:  # a fine-tuning model: its GPT is ``module``; the task head is not a GPT weight
+        weights = {k.removeprefix("module."): v for k, v in weights.items() if not k.startswith("finetune_head.")}
     missing, unexpected = model.load_state_dict(weights, strict=False)
     # megatron's TE-compatibility "_extra_state" entries are not parameters DeepSpeed saves
     missing = [k for k in missing if not k.endswith("_extra_state")]

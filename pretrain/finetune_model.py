@@ -172,7 +172,10 @@ def init_added_tokens(gpt: torch.nn.Module, special_ids: list[int], eot_id: int,
         if start <= eot_id < start + per_rank:
             eot += weight[eot_id - start].float()
         if parallel_state.get_tensor_model_parallel_world_size() > 1:
-            torch.distributed.all_reduce(eot, group=tp_group)  # the row from the rank that holds it
+            # the row from the rank that holds it; on the device NCCL needs (the model is still on the CPU)
+            reduced = eot.to(compute_device())
+            torch.distributed.all_reduce(reduced, group=tp_group)
+            eot = reduced.to(weight.device)
         generator = torch.Generator().manual_seed(seed + 77)
         noise = torch.randn(len(special_ids), weight.shape[1], generator=generator) * std / 10
         with torch.no_grad():

@@ -61,11 +61,12 @@ def load_model(spec: str | Path) -> LoadedModel:
     cfg.parallel.tp = cfg.parallel.pp = cfg.parallel.vpp = 1
     tokenizer_dir = path if (path / TOKENIZER_FILE).is_file() else Path(cfg.data.dir)
     tokenizer = load_tokenizer(tokenizer_dir)
-    vocab_size = state.vocab_size
+    vocab_size = state.vocab_size  # the tokenizer's; a fine-tuned model has its added tokens beyond it
+    model_vocab = vocab_size + int(state.task.get("added_tokens", 3 if "labels" in state.task else 0))
     cpu_compat.apply()  # megatron-core on a CPU-only machine
     topo = Topology.from_config(cfg, world_size=1, rank=0)
     topo.init(int(cfg.train.seed))
-    model = build_gpt(cfg.model, vocab_size, transformer_config(cfg.model), seed=int(cfg.train.seed))
+    model = build_gpt(cfg.model, model_vocab, transformer_config(cfg.model), seed=int(cfg.train.seed))
     sharded = {"model": model.sharded_state_dict()}
     try:
         loaded = dist_checkpointing.load(sharded, str(path))

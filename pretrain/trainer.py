@@ -66,7 +66,7 @@ def prepare_run_dir(cfg: DictConfig, ckpts: CheckpointDir, run_dir: Path, rank0:
         return
     try:
         restarted = bool(TrainState.read(steps[0]).config["run"].get("restart", False))
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         restarted = False
     if restarted:
         if rank0:
@@ -105,6 +105,8 @@ class Trainer:
         cfg = self.cfg
         with open_dict(cfg):
             task.configure(cfg)
+            if cfg.train.get("warmup_fraction") is not None:  # of the run's max_steps, either task
+                cfg.train.warmup_steps = int(round(float(cfg.train.warmup_fraction) * int(cfg.train.max_steps)))
         topo = Topology.from_config(cfg)
         run_dir = Path(cfg.run.dir)
         check_run_dir(run_dir, (*RUN_DIR_NAMES, "metrics.tmp", "results.json"), command=task.command)
@@ -135,6 +137,8 @@ class Trainer:
             events.append(ckpts.fallback(latest, problem))
             latest, more = ckpts.select(older_than=int(latest.name[len(PREFIX) :]))
             events += more
+        if saved is not None and state is None:  # no checkpoint could be loaded after all: a fresh start
+            engine = engine_class(str(cfg.parallel.engine))(cfg, topo, task.model_spec(cfg, resuming=False))
         if latest is not None and state is not None:
             step = state.step
             if restore_data:

@@ -24,7 +24,7 @@ from parallel.train_state import TrainState
 
 class Task(Protocol):
     command: str  # the console script (named in run-dir errors)
-    vocab_size: int  # of the model the task builds (its tokenizer's, plus added tokens)
+    vocab_size: int  # the tokenizer's (recorded in the train state; a task may add tokens to its model)
     files: tuple[Path, ...]  # copied into every step dir (the tokenizer), so a step stands alone
 
     def configure(self, cfg: DictConfig) -> None:

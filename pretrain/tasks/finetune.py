@@ -29,6 +29,7 @@ from pretrain.finetune_data import TaskBatches, eval_micro_batches, write_result
 from pretrain.tasks.lm import lm_model_spec
 
 HEAD_PARAMS = "*finetune_head.*"  # the task head's parameter names (under megatron's DDP wrapper)
+ADDED_TOKENS = 3  # start, delimiter, extract (ids right after the tokenizer's)
 
 
 def load_examples(cfg: DictConfig, tokenizer: Any, special: SpecialTokens, seq_len: int) -> dict[str, Any]:
@@ -80,9 +81,9 @@ class FinetuneTask:
             tokenizer_dir = Path(self.pretrained.config["data"]["dir"])
         self.tokenizer = load_tokenizer(tokenizer_dir)
         self.files = (tokenizer_dir / TOKENIZER_FILE,)
-        vocab = int(self.pretrained.task.get("pretrained_vocab", self.pretrained.vocab_size))
+        vocab = self.pretrained.vocab_size  # the tokenizer's; the model adds start, delimiter, extract
         self.special = SpecialTokens.after(vocab)
-        self.vocab_size = vocab + 3
+        self.vocab_size = vocab
         self.data = load_examples(cfg, self.tokenizer, self.special, int(self.pretrained.model["seq_len"]))
         self.train_arrays = batch_arrays(self.data["examples"]["train"], self.data["length"], pad_id=0)
         self.steps_per_epoch = len(self.data["examples"]["train"]) // int(cfg.train.global_batch)
@@ -99,10 +100,12 @@ class FinetuneTask:
         train = cfg.train
         max_steps = int(train.max_steps or self.steps_per_epoch * int(cfg.finetune.epochs))
         train.max_steps = max_steps
-        if train.get("warmup_fraction") is not None:
-            train.warmup_steps = int(round(float(train.warmup_fraction) * max_steps))
         train.lr_decay_steps = max_steps
         head_mult = float(cfg.finetune.head_lr_mult)  # > 0: conf/groups.py
+        if head_mult != 1.0 and cfg.parallel.engine != "megatron":
+            raise UserError(
+                f"finetune.head_lr_mult={head_mult:g}: per-parameter learning rates need parallel.engine=megatron"
+            )
         if head_mult != 1.0:
             train.lr_mult = {**(train.get("lr_mult") or {}), HEAD_PARAMS: head_mult}  # keeps the user's
 
@@ -113,7 +116,7 @@ class FinetuneTask:
         from pretrain.finetune_model import FinetuneGPT, make_forward_step, task_batch_shape
 
         seed = int(cfg.train.seed)
-        base = lm_model_spec(cfg.model, self.vocab_size, seed)
+        base = lm_model_spec(cfg.model, self.vocab_size + ADDED_TOKENS, seed)
         from_pretrained = not resuming and not bool(cfg.finetune.from_scratch)
         std = float(cfg.model.init_std)
 
@@ -147,7 +150,7 @@ class FinetuneTask:
         self.batches.load_state_dict(state)
 
     def checkpoint_extras(self) -> dict[str, Any]:
-        return {"task": {"labels": self.data["labels"], "pretrained_vocab": self.vocab_size - 3}}
+        return {"task": {"labels": self.data["labels"], "added_tokens": ADDED_TOKENS}}
 
     def step_record(self, result: StepResult, step_time: float, step: int) -> dict[str, Any]:
         totals = result.totals
