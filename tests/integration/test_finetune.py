@@ -155,6 +155,15 @@ def test_tp2_checkpoint_and_tp2_finetuning_give_tp1_first_step_loss(trained_runs
     assert first["tp2-ckpt"] == pytest.approx(first["tp1-ckpt"], abs=1e-4)
     assert first["tp2-finetune"] == pytest.approx(first["tp1-ckpt"], abs=1e-4)
     assert first["deepspeed"] == pytest.approx(first["tp1-ckpt"], abs=1e-4)
+    # readers load fine-tuned checkpoints of either engine (DeepSpeed's through its converted view),
+    # with the added tokens beyond the tokenizer masked out of sampling
+    pretrained = next((trained_runs["tp1"] / "checkpoints").glob("step_*")) / "train_state.json"
+    for run_dir in (tmp_path / "a", tmp_path / "d"):
+        state = json.loads((run_dir / "checkpoints" / "step_2" / "train_state.json").read_text())
+        assert state["task"]["added_tokens"] == 3  # and the tokenizer's vocabulary, as the pretrained run's:
+        assert state["vocab_size"] == json.loads(pretrained.read_text())["vocab_size"]
+        sample = run_cli("pretrain.generate", f"checkpoint={run_dir}", "prompt=ab", "max_new_tokens=20")
+        assert sample.returncode == 0 and sample.stdout.strip().startswith("ab"), sample.stderr[-2000:]
 
 
 @pytest.mark.slow
