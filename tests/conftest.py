@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,16 @@ def megatron_on_cpu() -> None:
     from parallel import cpu_compat
 
     cpu_compat.apply()
+
+
+@pytest.fixture(autouse=True)
+def no_process_group_left() -> Iterator[None]:
+    """An in-process test that loads a model (gpt-eval's loader does ``Topology.init`` and, like
+    the command, never tears down) must not leave its process group to the next test."""
+    yield
+    from parallel.topology import Topology
+
+    Topology.destroy()
 
 
 def prepare_cfg(**overrides: object) -> object:
