@@ -24,10 +24,10 @@ def megatron_on_cpu() -> None:
     cpu_compat.apply()
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def no_process_group_left() -> Iterator[None]:
     """An in-process test that loads a model (gpt-eval's loader does ``Topology.init`` and, like
-    the command, never tears down) must not leave its process group to the next test."""
+    the command, never tears down) must not leave its process group to the next test module."""
     yield
     from parallel.topology import Topology
 
