@@ -44,11 +44,19 @@ class ModelConfig:
     num_heads: int = MISSING
     hidden_size: int = MISSING
     ffn_hidden_size: int = MISSING
-    seq_len: int = MISSING  # context length (learned absolute positions)
+    seq_len: int = MISSING  # context length
     dropout: float = 0.0
     init_std: float = 0.02  # GPT-2 init; residual projections scaled by 1/sqrt(2*num_layers)
-    tie_embeddings: bool = True
-    layernorm_eps: float = 1.0e-5
+    tie_embeddings: bool = True  # output layer = input embedding
+    layernorm_eps: float = 1.0e-5  # epsilon of every norm (LayerNorm or RMSNorm)
+    # architecture options (megatron-core implements each); the defaults are GPT-2's shape
+    position: str = "learned"  # learned (absolute, GPT-2) | rope (rotary, Llama)
+    rope_theta: float = 10000.0  # rotary base
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    mlp: str = "gelu"  # gelu (GPT-2) | swiglu (gated SiLU, Llama)
+    num_query_groups: int | None = None  # key/value heads: None = num_heads (MHA), 1 = MQA, else GQA
+    qk_norm: bool = False  # normalise queries and keys per head (OLMo-2, Qwen3)
+    bias: bool = True  # biases in the attention and MLP linear layers
     spec: str = "auto"  # auto (Transformer Engine on CUDA when installed, else local) | te | local
     attention: str = "sdpa"  # local spec's core attention: sdpa (fused) | megatron (unfused)
     vocab_multiple: int = 128  # vocab padded to a multiple of this (must be divisible by parallel.tp)
@@ -63,6 +71,21 @@ class ModelConfig:
         _fraction("model.dropout", self.dropout, closed=False)
         _positive("model.init_std", self.init_std)
         _positive("model.layernorm_eps", self.layernorm_eps)
+        for key, value, choices in (
+            ("position", self.position, ("learned", "rope")),
+            ("norm", self.norm, ("layernorm", "rmsnorm")),
+            ("mlp", self.mlp, ("gelu", "swiglu")),
+        ):
+            if value not in choices:
+                raise UserError(f"model.{key}={value}: expected {' or '.join(choices)}")
+        _positive("model.rope_theta", self.rope_theta)
+        if self.num_query_groups is not None:
+            _at_least("model.num_query_groups", self.num_query_groups, 1)
+            if self.num_heads % self.num_query_groups:
+                raise UserError(
+                    f"model.num_heads={self.num_heads} is not divisible by "
+                    f"model.num_query_groups={self.num_query_groups}"
+                )
         if self.spec not in ("auto", "te", "local"):
             raise UserError(f"model.spec={self.spec}: expected auto, te or local")
         if self.attention not in ("sdpa", "megatron"):

@@ -74,6 +74,9 @@ class Topology:
         dp = world // (tp * pp)
         if model.num_heads % tp:
             raise UserError(f"model.num_heads={model.num_heads} is not divisible by parallel.tp={tp}")
+        groups = model.get("num_query_groups") or model.num_heads
+        if groups % tp:
+            raise UserError(f"model.num_query_groups={groups} is not divisible by parallel.tp={tp}")
         if model.ffn_hidden_size % tp:
             raise UserError(f"model.ffn_hidden_size={model.ffn_hidden_size} is not divisible by parallel.tp={tp}")
         if model.vocab_multiple % tp:

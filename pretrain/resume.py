@@ -25,15 +25,23 @@ from data.shards import MANIFEST, Manifest
 from data.tokenizer import TOKENIZER_FILE
 from parallel.train_state import TrainState
 
-SHAPE_KEYS = (
-    "num_layers",
-    "num_heads",
-    "hidden_size",
-    "ffn_hidden_size",
-    "seq_len",
-    "vocab_multiple",
-    "tie_embeddings",
-)
+# a model key and its value in a checkpoint written before the key existed
+SHAPE_KEYS = {
+    "num_layers": None,
+    "num_heads": None,
+    "hidden_size": None,
+    "ffn_hidden_size": None,
+    "seq_len": None,
+    "vocab_multiple": None,
+    "tie_embeddings": None,
+    "position": "learned",
+    "rope_theta": 10000.0,
+    "norm": "layernorm",
+    "mlp": "gelu",
+    "num_query_groups": None,
+    "qk_norm": False,
+    "bias": True,
+}
 # applied at resume when changed (the rest of train.* either cannot change or does not matter)
 SCHEDULE_KEYS = (
     "lr",
@@ -68,6 +76,11 @@ def data_identity(manifest: Manifest) -> dict[str, Any]:
     }
 
 
+def _shape(model: Any, key: str) -> Any:
+    value = model.get(key, SHAPE_KEYS[key])
+    return (value or model.get("num_heads")) if key == "num_query_groups" else value
+
+
 def check_resume(cfg: DictConfig, state: TrainState, step_dir: Path) -> None:
     """Refuse a checkpoint of another engine, ZeRO stage or model shape (any task)."""
     engine = state.engine
@@ -84,9 +97,9 @@ def check_resume(cfg: DictConfig, state: TrainState, step_dir: Path) -> None:
             "(the dp size may change)"
         )
     saved = state.model
-    diff = [k for k in SHAPE_KEYS if saved.get(k) != cfg.model.get(k)]
+    diff = [k for k in SHAPE_KEYS if _shape(saved, k) != _shape(cfg.model, k)]
     if diff:
-        saved_shape = ", ".join(f"{k}={saved.get(k)}" for k in diff)
+        saved_shape = ", ".join(f"{k}={_shape(saved, k)}" for k in diff)
         raise UserError(f"run.dir={run} holds a checkpoint of another model ({saved_shape}); use a new run.dir")
 
 

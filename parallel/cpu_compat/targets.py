@@ -57,6 +57,7 @@ FACADE_MODULES = (
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",
     "megatron.core.dist_checkpointing.strategies.fully_parallel",
     "megatron.core.dist_checkpointing.exchange_utils",
+    "megatron.core.models.common.embeddings.rotary_pos_embedding",
 )
 
 SHIMS = "parallel.cpu_compat.shims"

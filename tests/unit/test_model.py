@@ -81,3 +81,37 @@ def test_sdpa_core_attention_matches_megatrons(single_process) -> None:  # noqa:
     torch.testing.assert_close(logits_b, logits_a, rtol=1e-5, atol=1e-5)
     for name, grad in grads_a.items():
         torch.testing.assert_close(grads_b[name], grad, rtol=1e-4, atol=1e-6)
+
+
+def test_modern_shape_is_megatrons_and_batch_first_rope_matches(single_process) -> None:  # noqa: ANN001
+    """llama-tiny: RMSNorm, SwiGLU, GQA, rotary positions, no biases, untied output -- built by
+    megatron-core; the batch-first SDPA path (rotary frequencies laid out [1, s, 1, d]) gives the
+    loss, logits and gradients of megatron's own [s, b, h] attention."""
+    m = compose(["model=llama-tiny", "data.dir=unused"]).model
+    d, ffn, kv = m.hidden_size, m.ffn_hidden_size, m.hidden_size // m.num_heads * m.num_query_groups
+    tokens = torch.randint(0, 67, (2, 33))
+    results = []
+    for attention in ("megatron", "sdpa"):
+        m.attention = attention
+        model = build_gpt(m, 67, transformer_config(m), seed=3)
+        layer = model.decoder.layers[0]
+        assert type(layer.input_layernorm).__name__ == "RMSNorm"
+        assert layer.self_attention.linear_qkv.weight.shape == (d + 2 * kv, d)
+        assert layer.mlp.linear_fc1.weight.shape == (2 * ffn, d)  # [gate; up]
+        assert not any(n.endswith(".bias") for n, _ in model.named_parameters())
+        assert model.output_layer.weight is not model.embedding.word_embeddings.weight
+        assert not hasattr(model.embedding, "position_embeddings")
+        loss = model(tokens[:, :-1], position_ids(2, 32), None, labels=tokens[:, 1:]).mean()
+        loss.backward()
+        logits = model(tokens[:, :-1], position_ids(2, 32), None).detach()
+        results.append((loss.detach(), logits, {n: p.grad.clone() for n, p in model.named_parameters()}))
+        assert model.batch_first == (attention == "sdpa")
+    (loss_a, logits_a, grads_a), (loss_b, logits_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(logits_b, logits_a, rtol=1e-5, atol=1e-5)
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grads_b[name], grad, rtol=1e-4, atol=1e-6)
+    # rotary positions: the same token at another position gets other logits
+    same = torch.full((1, 8), 5)
+    out = model(same, position_ids(1, 8), None)
+    assert not torch.allclose(out[0, 3], out[0, 4])

@@ -1,38 +1,62 @@
 """The GPT decoder as a megatron-core ``GPTModel``: the only module that knows megatron's model API.
 
-Pre-LN decoder blocks with learned absolute positions and tied input/output
-embeddings (GPT-1/GPT-2). Parallelism reaches the model only through megatron-core:
-its ``TransformerConfig`` (the engine fills in tp, pp and sequence parallelism) and
+Pre-norm decoder blocks. The classic shape is GPT-1/GPT-2's (learned absolute positions,
+LayerNorm, GELU MLP, biases, tied embeddings); the modern options are megatron-core's own
+implementations, selected by its ``TransformerConfig`` (``model.*`` keys, conf/groups.py):
+rotary positions, RMSNorm, SwiGLU, grouped-query attention, QK-norm, no biases, untied
+output layer. Parallelism reaches the model only through megatron-core: its
+``TransformerConfig`` (the engine fills in tp, pp and sequence parallelism) and
 ``parallel_state`` (which pipeline stage this chunk is).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
-from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.dot_product_attention import DotProductAttention
-from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
 from omegaconf import DictConfig
 
 from conf.errors import UserError
+from pretrain.model.layers import (
+    BatchFirstEmbedding,
+    BatchFirstRotaryEmbedding,
+    LocalColumnParallelLinear,
+    LocalRowParallelLinear,
+    SDPAttention,
+    norm_class,
+)
 
 
 def padded_vocab_size(vocab_size: int, model_cfg: DictConfig) -> int:
     """Pad the tokenizer's vocabulary; independent of tp so checkpoints reshard."""
     multiple = int(model_cfg.vocab_multiple)
     return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def architecture(model_cfg: DictConfig) -> dict[str, Any]:
+    """The ``model`` group's architecture options as megatron-core ``TransformerConfig`` fields.
+
+    Keys absent from an older checkpoint's config mean the classic GPT-2 shape."""
+    mlp = str(model_cfg.get("mlp", "gelu"))
+    groups = model_cfg.get("num_query_groups")
+    return {
+        "normalization": "RMSNorm" if model_cfg.get("norm", "layernorm") == "rmsnorm" else "LayerNorm",
+        "gated_linear_unit": mlp == "swiglu",
+        "activation_func": F.silu if mlp == "swiglu" else F.gelu,
+        "num_query_groups": int(groups) if groups else None,
+        "add_bias_linear": bool(model_cfg.get("bias", True)),
+        "qk_layernorm": bool(model_cfg.get("qk_norm", False)),
+    }
 
 
 def transformer_config(model_cfg: DictConfig, **layout: Any) -> TransformerConfig:
@@ -51,6 +75,7 @@ def transformer_config(model_cfg: DictConfig, **layout: Any) -> TransformerConfi
         attention_dropout=float(model_cfg.dropout),
         init_method_std=float(model_cfg.init_std),
         layernorm_epsilon=float(model_cfg.layernorm_eps),
+        **architecture(model_cfg),
         # the same full-weight init at every tp and device: a tp=2 run starts where a tp=1 run does
         use_cpu_initialization=True,
         **layout,
@@ -62,114 +87,6 @@ def transformer_config(model_cfg: DictConfig, **layout: Any) -> TransformerConfi
         bias_activation_fusion=False,
         persist_layer_norm=False,
     )
-
-
-class LayerNorm(torch.nn.LayerNorm):
-    """torch LayerNorm that also works with sequence parallelism.
-
-    megatron-core's ``WrappedTorchNorm`` refuses sequence parallelism (its fused norms
-    need Apex/TE). With SP each TP rank normalises its own slice of the sequence, so
-    the weight/bias gradients are partial sums; tagging the parameters
-    ``sequence_parallel`` makes megatron's ``finalize_model_grads`` all-reduce them over TP.
-    """
-
-    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_: Any) -> None:
-        super().__init__(hidden_size, eps=eps)
-        for param in self.parameters():
-            param.sequence_parallel = config.sequence_parallel
-
-
-class SDPAttention(DotProductAttention):
-    """megatron-core's core attention computed by ``torch.nn.functional.scaled_dot_product_attention``.
-
-    megatron's local ``DotProductAttention`` materialises scores with baddbmm, masks, softmaxes
-    and multiplies in separate kernels; SDPA fuses them (flash / memory-efficient kernels on
-    GPU, a fused kernel on CPU). Same inputs ([s, b, heads, head_dim] per TP partition), same
-    output ([s, b, hidden per partition]), same dropout RNG handling, so TP/SP/PP are unchanged.
-    """
-
-    batch_first = False  # set by :class:`GPT` when the whole model runs [b, s, h]
-
-    def forward(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        attn_mask_type: AttnMaskType | None = None,
-        attention_bias: torch.Tensor | None = None,
-        packed_seq_params: Any = None,
-    ) -> torch.Tensor:
-        if packed_seq_params is not None or attention_bias is not None:
-            raise NotImplementedError("SDPAttention: packed sequences and attention bias are not supported")
-        groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
-        if groups > 1:
-            key, value = key.repeat_interleave(groups, dim=2), value.repeat_interleave(groups, dim=2)
-        if self.batch_first:  # [b, s, heads, head_dim]: views with nanoGPT's strides, no copies
-            q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-        else:  # [s, b, heads, head_dim]: positions b·heads·d apart are slow for SDPA on CPU; copy
-            q, k, v = (t.permute(1, 2, 0, 3).contiguous() for t in (query, key, value))  # [b, heads, s, head_dim]
-        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
-        causal = attention_mask is None and mask_type == AttnMaskType.causal
-        mask = None if attention_mask is None else ~attention_mask  # megatron: True = masked out
-        dropout = self.config.attention_dropout if self.training else 0.0
-        rng = (
-            tensor_parallel.get_cuda_rng_tracker().fork()
-            if dropout and not self.config.sequence_parallel
-            else (contextlib.nullcontext())
-        )
-        with rng:
-            context = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, scale=self.softmax_scale
-            )
-        s, b = context.shape[2], context.shape[0]
-        if self.batch_first:
-            return context.transpose(1, 2).reshape(b, s, self.hidden_size_per_partition)
-        return context.permute(2, 0, 1, 3).reshape(s, b, self.hidden_size_per_partition)
-
-
-class _FusedBiasAtTp1:
-    """At tp = 1 (no sequence parallelism) a megatron linear is just a linear layer: compute it
-    with ``F.linear`` (one ``addmm``, bias fused, torch's own autograd) instead of megatron's
-    custom autograd function plus a separate bias add -- and a deferred ``skip_bias_add`` bias
-    too, returning ``None`` as the bias: megatron's MLP and bias-dropout-add accept that, and
-    dropout(x + b) + residual is the same either way. Above tp = 1 megatron's path runs.
-    """
-
-    def _set_fused(self, config: TransformerConfig) -> None:
-        self.fused_tp1 = config.tensor_model_parallel_size == 1 and not config.sequence_parallel
-
-
-class LocalColumnParallelLinear(_FusedBiasAtTp1, tensor_parallel.ColumnParallelLinear):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._set_fused(kwargs["config"])
-
-    def forward(self, input_: torch.Tensor, weight: torch.Tensor | None = None, runtime_gather_output: Any = None):  # noqa: ANN201
-        if self.fused_tp1:
-            return F.linear(input_, self.weight if weight is None else weight, self.bias), None
-        return super().forward(input_, weight, runtime_gather_output)
-
-
-class LocalRowParallelLinear(_FusedBiasAtTp1, tensor_parallel.RowParallelLinear):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._set_fused(kwargs["config"])
-
-    def forward(self, input_: torch.Tensor):  # noqa: ANN201
-        if self.fused_tp1:
-            return F.linear(input_, self.weight, self.bias), None
-        return super().forward(input_)
-
-
-class BatchFirstEmbedding(LanguageModelEmbedding):
-    """Word + position embeddings left in [b, s, h] (megatron transposes to [s, b, h] here)."""
-
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, tokentype_ids: Any = None) -> torch.Tensor:
-        embeddings = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
-        if self.config.fp32_residual_connection:
-            embeddings = embeddings.float()
-        return self.embedding_dropout(embeddings)
 
 
 class GPT(GPTModel):
@@ -203,7 +120,10 @@ class GPT(GPTModel):
         if self.batch_first:
             for m in attentions:
                 m.batch_first = True
-            self.embedding.__class__ = BatchFirstEmbedding
+            if self.pre_process:
+                self.embedding.__class__ = BatchFirstEmbedding
+            if self.position_embedding_type == "rope":
+                self.rotary_pos_emb.__class__ = BatchFirstRotaryEmbedding
         if self.post_process and isinstance(self.output_layer, tensor_parallel.ColumnParallelLinear):
             self.output_layer.__class__ = LocalColumnParallelLinear  # F.linear at tp = 1
             self.output_layer._set_fused(cfg)
@@ -256,7 +176,7 @@ def transformer_engine_usable() -> bool:
     return True
 
 
-def _layer_spec(spec: str, attention: str) -> tuple[ModuleSpec, Any]:
+def _layer_spec(config: TransformerConfig, spec: str, attention: str) -> tuple[ModuleSpec, Any]:
     """(layer spec, final norm class) for ``model.spec`` = auto | te | local.
 
     ``te``: megatron-core's Transformer Engine spec (fused LayerNorm+linear, TE's fused
@@ -274,27 +194,29 @@ def _layer_spec(spec: str, attention: str) -> tuple[ModuleSpec, Any]:
         from megatron.core.extensions.transformer_engine import TENorm
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        return get_gpt_layer_with_transformer_engine_spec(), TENorm
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm), TENorm
     if spec != "local":
         raise UserError(f"model.spec={spec}: expected auto, te or local")
-    layer: ModuleSpec = get_gpt_layer_local_spec()
+    layer: ModuleSpec = get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm)
+    norm = norm_class(config)
     if attention == "sdpa":
         layer.submodules.self_attention.submodules.core_attention = SDPAttention
     elif attention != "megatron":
         raise UserError(f"model.attention={attention}: expected sdpa or megatron")
-    layer.submodules.input_layernorm = LayerNorm
-    layer.submodules.pre_mlp_layernorm = LayerNorm
+    layer.submodules.input_layernorm = layer.submodules.pre_mlp_layernorm = norm
     attention, mlp = layer.submodules.self_attention.submodules, layer.submodules.mlp.submodules
+    if config.qk_layernorm:
+        attention.q_layernorm = attention.k_layernorm = norm
     attention.linear_qkv, attention.linear_proj = LocalColumnParallelLinear, LocalRowParallelLinear
     mlp.linear_fc1, mlp.linear_fc2 = LocalColumnParallelLinear, LocalRowParallelLinear
-    return layer, LayerNorm
+    return layer, norm
 
 
 def decoder_spec(
     config: TransformerConfig, seed: int, vp_stage: int | None = None, attention: str = "sdpa", spec: str = "local"
 ) -> TransformerBlockSubmodules:
     """The layer spec of :func:`_layer_spec` with layers seeded per global layer number."""
-    layer, final_norm = _layer_spec(spec, attention)
+    layer, final_norm = _layer_spec(config, spec, attention)
     layer.module = SeededTransformerLayer
     layer.params = {**layer.params, "init_seed": seed}
     count = get_num_layers_to_build(config, vp_stage=vp_stage)
@@ -324,7 +246,8 @@ def build_gpt(
         pre_process=pre,
         post_process=post,
         share_embeddings_and_output_weights=bool(model_cfg.tie_embeddings),
-        position_embedding_type="learned_absolute",
+        position_embedding_type="rope" if model_cfg.get("position", "learned") == "rope" else "learned_absolute",
+        rotary_base=float(model_cfg.get("rope_theta", 10000.0)),
         vp_stage=vp_stage,
     )
     # leave the default generator (dropout) independent of how many layers this stage built
@@ -341,6 +264,8 @@ def flops_per_token(model_cfg: DictConfig, vocab_size: int, seq_len: int) -> flo
     """Training FLOPs per token: 6·N (N = non-embedding matmul params + output layer) plus
     attention scores and values (6·layers·seq·d, PaLM appendix B convention)."""
     d, layers = int(model_cfg.hidden_size), int(model_cfg.num_layers)
-    ffn = int(model_cfg.ffn_hidden_size)
-    matmul_params = layers * (4 * d * d + 2 * d * ffn) + d * padded_vocab_size(vocab_size, model_cfg)
+    ffn, heads = int(model_cfg.ffn_hidden_size), int(model_cfg.num_heads)
+    kv = d // heads * int(model_cfg.get("num_query_groups") or heads)  # key and value widths
+    mlp = (3 if model_cfg.get("mlp", "gelu") == "swiglu" else 2) * d * ffn
+    matmul_params = layers * (2 * d * d + 2 * d * kv + mlp) + d * padded_vocab_size(vocab_size, model_cfg)
     return 6.0 * matmul_params + 6.0 * layers * seq_len * d
