@@ -34,7 +34,8 @@ class TrainState:
     data_identity: dict[str, Any] | None = None  # tokenizer / shard-set hashes (pretraining)
     skip_policy: dict[str, Any] | None = None
     task: dict[str, Any] = field(default_factory=dict)  # what the task needs back (e.g. fine-tuning's labels)
-    converted_from: str | None = None  # "deepspeed" for the megatron view of a DeepSpeed step
+    converted_from: str | None = None  # "deepspeed" for the megatron view of a DeepSpeed step; "transformers:<arch>"
+    weights_only: bool = False  # model weights only (gpt-import): a run continues from them with a fresh optimizer
     version: int = VERSION
 
     def to_dict(self) -> dict[str, Any]:
