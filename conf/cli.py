@@ -65,7 +65,8 @@ def quiet_third_party() -> None:
 # Hydra's flags: those that take a value, and those after which argv is not a job's overrides
 _FLAGS_WITH_VALUE = ("--cfg", "-c", "--package", "-p")
 _FLAGS_NOT_A_JOB = ("--help", "-h", "--hydra-help", "--version", "--info", "-i", "--shell-completion", "-sc")
-_FLAGS_NOT_A_JOB += ("--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun")
+_FLAGS_NOT_A_JOB += ("--config-path", "-cp", "--config-name", "-cn", "--experimental-rerun")
+_CONFIG_DIR = ("--config-dir", "-cd")  # an extra dir of presets (gpt-import writes RUN_DIR/conf/model/NAME.yaml)
 GRAMMAR = "https://hydra.cc/docs/advanced/override_grammar/basic/"
 
 
@@ -89,25 +90,34 @@ def check_group_choices(argv: list[str], groups: tuple[str, ...] | None = None, 
     running command (``gpt-finetune`` / ``pretrain/finetune.py``: ``finetune``, else ``config``)."""
     if config_name is None:
         config_name = "finetune" if Path(sys.argv[0]).stem in ("finetune", "gpt-finetune") else "config"
-    overrides, multirun = [], False
+    overrides, multirun, extra_dirs = [], False, []
     args = iter(argv)
     for arg in args:
         if arg in ("--multirun", "-m"):
             multirun = True
         elif arg in _FLAGS_WITH_VALUE:
             next(args, None)
+        elif arg.split("=")[0] in _CONFIG_DIR:
+            directory = Path(arg.split("=", 1)[1] if "=" in arg else next(args, "")).expanduser()
+            if not directory.is_dir():
+                fail(f"--config-dir {directory}: not a directory")
+            extra_dirs.append(directory.resolve())
         elif arg.split("=")[0] in _FLAGS_NOT_A_JOB:
             return
         elif not arg.startswith("-") and not arg.lstrip("+~").startswith("hydra"):
             overrides.append(arg)
     known_groups = groups_of(config_name) if groups is None else groups
+    searched = [CONF_DIR, *extra_dirs]
     for job in _jobs(overrides, multirun):
         for arg in job:
             name, sep, value = arg.partition("=")
             name = name.lstrip("+~")
-            if sep and name in known_groups and value and not (CONF_DIR / name / f"{value}.yaml").is_file():
-                known = sorted(p.stem for p in (CONF_DIR / name).glob("*.yaml"))
+            found = any((d / name / f"{value}.yaml").is_file() for d in searched)
+            if sep and name in known_groups and value and not found:
+                known = sorted({p.stem for d in searched for p in (d / name).glob("*.yaml")})
                 fail(f"{name}={value}: unknown preset (known: {', '.join(known)})")
+        if extra_dirs:
+            job = [*job, f"hydra.searchpath=[{','.join(f'file://{d}' for d in extra_dirs)}]"]
         _check_composes(job, config_name)
 
 

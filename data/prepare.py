@@ -30,7 +30,7 @@ from conf.errors import UserError
 from data.jsonl import iter_jsonl
 from data.output_dir import check_output_dir, owned_output
 from data.shards import FORMAT, MANIFEST, write_manifest, write_shard
-from data.tokenizer import TOKENIZER_FILE, Tokenizer, train_tokenizer
+from data.tokenizer import TOKENIZER_FILE, Tokenizer, existing_tokenizer, train_tokenizer
 
 SUFFIXES = (".txt", ".jsonl")
 COMMAND = "gpt-prepare"
@@ -127,8 +127,10 @@ def prepare(cfg: DictConfig) -> Path:
     files = resolve_inputs(str(cfg.input))
     inputs = [Path(str(cfg.input)).expanduser(), *files]
     check_output_dir(out, COMMAND, bool(cfg.overwrite), inputs=inputs, legacy=legacy_shard_set)
+    kind = str(cfg.tokenizer)
+    given = existing_tokenizer(kind) if kind.startswith("file:") else None  # refused before any reading
     docs = read_documents(files, str(cfg.text_field))
-    tokenizer = train_tokenizer(str(cfg.tokenizer), lambda: iter(docs), int(cfg.vocab_size))
+    tokenizer = given or train_tokenizer(kind, lambda: iter(docs), int(cfg.vocab_size))
     dtype = "uint16" if tokenizer.vocab_size <= 2**16 else "uint32"
     stream = tokenize(docs, tokenizer, dtype)
     seq_len = int(cfg.seq_len)

@@ -15,6 +15,8 @@ from typing import Any
 from conf.errors import UserError
 
 EOT = "<|endoftext|>"
+# a foreign (e.g. imported Llama) tokenizer's end-of-text, when it has no GPT-2 ``<|endoftext|>``
+EOT_FALLBACKS = ("<|end_of_text|>", "</s>", "<|im_end|>", "<eos>")
 TOKENIZER_FILE = "tokenizer.json"
 
 
@@ -104,9 +106,13 @@ class BPETokenizer(Tokenizer):
 
     kind = "bpe"
 
-    def __init__(self, backend: Any) -> None:
+    def __init__(self, backend: Any, source: str = TOKENIZER_FILE) -> None:
         self.backend = backend
-        self.eot_id = backend.token_to_id(EOT)
+        ids = [backend.token_to_id(t) for t in (EOT, *EOT_FALLBACKS)]
+        eot = next((i for i in ids if i is not None), None)
+        if eot is None:
+            raise UserError(f"{source}: no end-of-text token ({', '.join((EOT, *EOT_FALLBACKS))})")
+        self.eot_id = eot
         self.vocab_size = backend.get_vocab_size()
 
     @classmethod
@@ -127,7 +133,9 @@ class BPETokenizer(Tokenizer):
         return cls(backend)
 
     def encode(self, text: str) -> list[int]:
-        return self.backend.encode(text).ids
+        # no special tokens: a foreign tokenizer's post-processor (Llama's BOS) would insert them
+        # into every document, context and continuation
+        return self.backend.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.backend.decode(list(ids))
@@ -178,7 +186,20 @@ def train_tokenizer(kind: str, texts_factory: Any, vocab_size: int) -> Tokenizer
         return BPETokenizer.train(texts_factory(), vocab_size)
     if kind.startswith("tiktoken:"):
         return TiktokenTokenizer(kind.split(":", 1)[1])
-    raise UserError(f"tokenizer={kind!r}: expected one of char, byte, bpe, tiktoken:<encoding>")
+    if kind.startswith("file:"):
+        return existing_tokenizer(kind)
+    raise UserError(f"tokenizer={kind!r}: expected one of char, byte, bpe, tiktoken:<encoding>, file:<path>")
+
+
+def existing_tokenizer(kind: str) -> Tokenizer:
+    """``file:PATH``: a tokenizer saved before -- a ``tokenizer.json`` or a directory holding one (a
+    shard set, a checkpoint, a transformers model dir such as ``gpt-import``'s source)."""
+    path = Path(kind.split(":", 1)[1]).expanduser()
+    if path.is_file() and path.name == TOKENIZER_FILE:
+        path = path.parent
+    if not (path / TOKENIZER_FILE).is_file():
+        raise UserError(f"tokenizer={kind}: no {TOKENIZER_FILE} there")
+    return load_tokenizer(path)
 
 
 def load_tokenizer(directory: str | Path) -> Tokenizer:
@@ -196,4 +217,8 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         return TiktokenTokenizer(payload["name"])
     from tokenizers import Tokenizer as HFTokenizer
 
-    return BPETokenizer(HFTokenizer.from_file(str(path)))
+    try:
+        backend = HFTokenizer.from_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - a user's file: say which and why, in one line
+        raise UserError(f"{path}: not a tokenizer file ({str(exc).splitlines()[0] if str(exc) else exc})") from exc
+    return BPETokenizer(backend, str(path))
