@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import json
 import os
 import random
 import re
@@ -267,9 +268,18 @@ class CheckpointDir:
         return state
 
     def _prune(self) -> None:
-        """Delete all but the newest ``keep_last`` complete steps (never a .tmp or a superseded step)."""
+        """Delete all but the newest ``keep_last`` complete steps (never a .tmp or a superseded step,
+        nor a weights-only step: ``gpt-import`` wrote it, not this run)."""
         for path in self.steps()[self.keep_last :]:
-            shutil.rmtree(path, ignore_errors=True)
+            if not _weights_only(path):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _weights_only(path: Path) -> bool:
+    try:
+        return bool(json.loads((path / TRAIN_STATE).read_text()).get("weights_only", False))
+    except (OSError, ValueError, AttributeError):  # no or unreadable state: an ordinary step to prune
+        return False
 
 
 def _problem(path: Path, distributed: bool = False) -> str | None:
@@ -286,8 +296,11 @@ def _problem(path: Path, distributed: bool = False) -> str | None:
         problems = None if all(g is None for g in gathered) else sorted(p for g in gathered for p in g or [])
     if problems is None:
         if rank == 0:
-            print(f"warning: {path} has no {checksums.MANIFEST} (written before checksums): loading it unverified",
-                  file=sys.stderr, flush=True)
+            print(
+                f"warning: {path} has no {checksums.MANIFEST} (written before checksums): loading it unverified",
+                file=sys.stderr,
+                flush=True,
+            )
         return None
     if problems:
         more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""

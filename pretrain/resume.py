@@ -85,13 +85,15 @@ def check_resume(cfg: DictConfig, state: TrainState, step_dir: Path) -> None:
     """Refuse a checkpoint of another engine, ZeRO stage or model shape (any task)."""
     engine = state.engine
     run = cfg.run.dir
+    if state.weights_only:
+        engine = cfg.parallel.engine  # weights only: any engine and stage starts from them
     if engine != cfg.parallel.engine:
         raise UserError(
             f"run.dir={run} holds a parallel.engine={engine} checkpoint ({step_dir.name}); resume it with "
             f"parallel.engine={engine}, or start a new run.dir (gpt-finetune/gpt-eval load either engine's checkpoints)"
         )
     saved_stage = state.config.get("parallel", {}).get("zero_stage", 0)
-    if engine == "deepspeed" and int(saved_stage) != int(cfg.parallel.zero_stage):
+    if engine == "deepspeed" and not state.weights_only and int(saved_stage) != int(cfg.parallel.zero_stage):
         raise UserError(
             f"run.dir={run} holds a parallel.zero_stage={saved_stage} checkpoint; resume it with that stage "
             "(the dp size may change)"

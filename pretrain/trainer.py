@@ -9,6 +9,7 @@ batches, what it logs and how it evaluates.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from conf.errors import UserError
 from data.output_dir import RUN_DIR_NAMES, check_run_dir
 from parallel.checkpoint import PREFIX, CheckpointDir, CheckpointException, one_line
-from parallel.engine import Engine, engine_class
+from parallel.engine import Engine, ModelSpec, engine_class
 from parallel.topology import Topology
 from parallel.train_state import TrainState
 from parallel.watchdog import Watchdog
@@ -70,8 +71,11 @@ def prepare_run_dir(cfg: DictConfig, ckpts: CheckpointDir, run_dir: Path, rank0:
         restarted = False
     if restarted:
         if rank0:
-            print(f"run.restart=true: {steps[0].name} was written after a restart (a requeue?): resuming it; "
-                  "move run.dir away to start over again", flush=True)
+            print(
+                f"run.restart=true: {steps[0].name} was written after a restart (a requeue?): resuming it; "
+                "move run.dir away to start over again",
+                flush=True,
+            )
         return
     target = ckpts.archive(run_dir, RUN_FILES)
     if rank0:
@@ -95,6 +99,20 @@ def load_agreed(ckpts: CheckpointDir, path: Path, engine: Engine) -> tuple[Train
     return state, problem
 
 
+def with_weights(spec: ModelSpec, step_dir: Path) -> ModelSpec:
+    """``spec`` whose chunks start from the model weights saved in ``step_dir`` (resharded to this
+    layout by ``dist_checkpointing``), loaded before either engine wraps them."""
+
+    def build(config: Any, vp_stage: int | None) -> Any:
+        from megatron.core import dist_checkpointing
+
+        chunk = spec.build(config, vp_stage)
+        chunk.load_state_dict(dist_checkpointing.load({"model": chunk.sharded_state_dict()}, str(step_dir))["model"])
+        return chunk
+
+    return dataclasses.replace(spec, build=build)
+
+
 class Trainer:
     """Runs one task under the config in effect; returns the task's summary (``exit_code`` when stopped)."""
 
@@ -116,19 +134,30 @@ class Trainer:
         prepare_run_dir(cfg, ckpts, run_dir, rank0)
         latest, events = ckpts.select()
         saved = TrainState.read(latest) if latest is not None else None
+        weights = latest if saved is not None and saved.weights_only else None  # e.g. gpt-import's step_0
         restore_data = True
         if saved is not None:
             check_resume(cfg, saved, latest)
             restore_data = task.check_resume(cfg, saved, latest)
         with open_dict(cfg):
-            cfg.parallel.distributed_optimizer = resolve_distributed_optimizer(cfg, topo, saved)
+            cfg.parallel.distributed_optimizer = resolve_distributed_optimizer(cfg, topo, None if weights else saved)
         # before the engine and loader start helpers (forked helpers ignore these: process_hygiene)
         stop = StopRequest([*cfg.train.preempt_signals, "SIGINT"]).install()
         watchdog = Watchdog(float(cfg.parallel.timeout_s), topo.rank, topo.world_size, enabled=topo.world_size > 1)
-        engine = engine_class(str(cfg.parallel.engine))(cfg, topo, task.model_spec(cfg, resuming=saved is not None))
+        spec = task.model_spec(cfg, resuming=saved is not None)
+        engine = engine_class(str(cfg.parallel.engine))(cfg, topo, with_weights(spec, weights) if weights else spec)
         task.start(cfg, topo)
         policy = SkipPolicy(cfg.train.get("spike_factor"), int(cfg.train.get("max_skipped", 10)))
         step, state = 0, None
+        if weights is not None:
+            step, latest = saved.step, None  # a fresh optimizer, schedule and data order from these weights
+            events.append({"event": "init_weights", "checkpoint": str(weights), "from": saved.converted_from})
+            if rank0:
+                print(
+                    f"continuing from the model weights of {weights} ({saved.converted_from or 'weights only'}) at "
+                    f"step {step}: new optimizer state and data order",
+                    flush=True,
+                )
         while latest is not None:
             with watchdog.watch("checkpoint load", 0):
                 state, problem = load_agreed(ckpts, latest, engine)
@@ -137,7 +166,7 @@ class Trainer:
             events.append(ckpts.fallback(latest, problem))
             latest, more = ckpts.select(older_than=int(latest.name[len(PREFIX) :]))
             events += more
-        if saved is not None and state is None:  # no checkpoint could be loaded after all: a fresh start
+        if saved is not None and state is None and weights is None:  # no checkpoint could be loaded: start fresh
             engine = engine_class(str(cfg.parallel.engine))(cfg, topo, task.model_spec(cfg, resuming=False))
         if latest is not None and state is not None:
             step = state.step
