@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -88,3 +91,46 @@ def test_gpt_eval_bad_inputs(trained_runs, tmp_path: Path) -> None:  # noqa: ANN
         result = run_cli("pretrain.evaluate", f"checkpoint={trained_runs['tp1']}", f"run.dir={tmp_path}/r", *args)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and culprit in lines[-1] and lines[-1].startswith("error:"), result.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_lm_eval_cli_knows_gpt_pretrain_by_name(trained_runs, tmp_path: Path) -> None:  # noqa: ANN001
+    """``lm_eval --model gpt-pretrain`` from the venv's console script scores what gpt-eval does."""
+    from conf.errors import UserError
+    from pretrain.lm_eval_model import GPTPretrainLM
+
+    text = tmp_path / "small.txt"
+    text.write_text("\n\n".join(TINYSHAKESPEARE.read_text().split("\n\n")[:4]) + "\n")
+    offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    checkpoint, ours = trained_runs["tp1"], tmp_path / "gpt-eval"
+    result = run_cli(
+        "pretrain.evaluate",
+        f"checkpoint={checkpoint}",
+        f"run.dir={ours}",
+        "tasks=[perplexity]",
+        "num_fewshot=0",
+        "batch_size=8",
+        f"eval.perplexity.path={text}",
+        env=offline,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    want = json.loads((ours / "results_k0.json").read_text())["results"]["perplexity"]
+
+    # the task file gpt-eval wrote, run by lm-eval's CLI from another directory
+    command = [str(Path(sys.executable).parent / "lm_eval"), "--model", "gpt-pretrain", "--model_args"]
+    command += [f"checkpoint={checkpoint}", "--tasks", "perplexity", "--include_path", str(ours / "tasks")]
+    command += ["--batch_size", "8", "--device", "cpu", "--output_path", str(tmp_path / "out")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **offline}
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (path,) = (tmp_path / "out").rglob("results_*.json")
+    out = json.loads(path.read_text())
+    assert out["config"]["model"] == "gpt-pretrain"
+    for metric in ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"):
+        assert out["results"]["perplexity"][metric] == pytest.approx(want[metric], rel=1e-6, abs=1e-6), metric
+
+    # lm-eval's constructors: a missing checkpoint or a window past seq_len is our one-line UserError
+    with pytest.raises(UserError, match="not a run dir"):
+        GPTPretrainLM.create_from_arg_string(f"checkpoint={tmp_path / 'none'}")
+    with pytest.raises(UserError, match="seq_len"):
+        GPTPretrainLM.create_from_arg_obj({"checkpoint": str(checkpoint), "max_length": 65}, {"batch_size": "8"})
