@@ -1,13 +1,18 @@
-"""gpt-export and gpt-generate: exported models load in transformers offline and match ours."""
+"""gpt-export and gpt-generate: exported models load in transformers offline and match ours.
+
+GPT-2 (the classic shape) from checkpoints saved at tp=1, tp=2 and with BPE; Llama (llama-tiny) from
+checkpoints saved at tp=2 and pp=2; and, in process from random weights, every combination the
+mapping supports (GPT-2 tied/untied, Llama with GQA or MHA, biases, tied or untied, Qwen3 with QK-norm).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
+from conf.cli import compose
 from conf.errors import UserError
 from tests.conftest import run_cli
 
@@ -75,27 +80,158 @@ def test_generate_is_seeded_and_checks_its_input(trained_runs, tmp_path: Path) -
         assert result.returncode == 2 and culprit in result.stderr.strip().splitlines()[-1], result.stderr[-1000:]
 
 
-def test_export_refuses_what_gpt2_cannot_express() -> None:
-    from pretrain.export import check_exportable
+LLAMA_TRAIN = [
+    "model=llama-tiny",
+    "train.micro_batch=4",
+    "train.global_batch=8",
+    "train.max_steps=2",
+    "train.warmup_steps=0",  # two full-rate steps: every weight (norms too) moves off its initial value
+    "train.eval_every=0",
+    "train.eval_batches=1",
+    "train.sample_tokens=0",
+    "logging.wandb=disabled",
+    "logging.progress_bar=false",
+]
 
-    def loaded(tied: bool = True, act=torch.nn.functional.gelu, groups=None) -> SimpleNamespace:  # noqa: ANN001
-        config = SimpleNamespace(
-            activation_func=act,
-            gated_linear_unit=False,
-            normalization="LayerNorm",
-            add_bias_linear=True,
-            num_query_groups=groups,
-            num_attention_heads=4,
-        )
-        return SimpleNamespace(
-            model=SimpleNamespace(config=config), cfg=SimpleNamespace(model={"tie_embeddings": tied})
-        )
 
-    check_exportable(loaded())
-    for bad, message in (
-        (loaded(tied=False), "tie_embeddings"),
-        (loaded(act=torch.nn.functional.silu), "GELU"),
-        (loaded(groups=2), "grouped-query"),
-    ):
-        with pytest.raises(UserError, match=message):
-            check_exportable(bad)
+@pytest.fixture(scope="module")
+def llama_runs(bpe_shards: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """llama-tiny trained two steps and saved at tp=2 or at pp=2 (each trained on first use)."""
+    from tests.distributed import torchrun
+
+    root, done = tmp_path_factory.mktemp("llama_runs"), {}
+
+    def get(layout: str) -> Path:
+        if layout not in done:
+            key = {"tp2": "parallel.tp=2", "pp2": "parallel.pp=2"}[layout]
+            torchrun(2, f"data.dir={bpe_shards}", f"run.dir={root / layout}", *LLAMA_TRAIN, key)
+            done[layout] = root / layout
+        return done[layout]
+
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_llama_export_logits_and_greedy_generation_match(
+    llama_runs,  # noqa: ANN001
+    layout: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    from pretrain.export import export
+    from pretrain.inference import load_model
+    from pretrain.sampling import sample
+
+    run = llama_runs(layout)
+    export(str(run), tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert isinstance(hf, LlamaForCausalLM) and hf.config.num_key_value_heads == 2
+    assert not hf.config.tie_word_embeddings and "lm_head.weight" in dict(hf.named_parameters())
+    ours = load_model(run)
+    ids = torch.randint(0, ours.vocab_size, (3, ours.context), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs, mine = hf(ids).logits, ours.logits(ids)
+    print(f"llama-tiny saved at {layout}: max |logits difference| {(theirs - mine).abs().max():.2e}")
+    torch.testing.assert_close(theirs, mine, rtol=0, atol=1e-4)
+
+    prompt_ids = ours.tokenizer.encode("ROMEO:")
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf").encode("ROMEO:") == prompt_ids
+    hf.generation_config.eos_token_id = None  # ours does not stop at end-of-text either
+    with torch.no_grad():
+        greedy = hf.generate(
+            torch.tensor([prompt_ids]),
+            max_new_tokens=20,
+            do_sample=False,
+            attention_mask=torch.ones(1, len(prompt_ids)),
+        )[0, len(prompt_ids) :].tolist()
+    assert greedy == sample(ours.model, prompt_ids, 20, ours.context, ours.vocab_size, temperature=0)
+
+
+# one model per transformers architecture and option the mapping supports: (overrides, architecture)
+SHAPES = {
+    "gpt2-tied": (["model=tiny"], "GPT2LMHeadModel"),
+    "gpt2-untied": (["model=tiny", "model.tie_embeddings=false"], "GPT2LMHeadModel"),
+    "llama-gqa-untied": (["model=llama-tiny"], "LlamaForCausalLM"),
+    "llama-mha-bias-tied": (
+        [
+            "model=llama-tiny",
+            "model.num_query_groups=null",
+            "model.bias=true",
+            "model.tie_embeddings=true",
+            "model.rope_theta=500",
+            "model.layernorm_eps=1e-6",
+        ],
+        "LlamaForCausalLM",
+    ),
+    "qwen3-qk-norm-mqa": (["model=llama-tiny", "model.qk_norm=true", "model.num_query_groups=1"], "Qwen3ForCausalLM"),
+}
+
+
+@pytest.fixture(scope="module")
+def single_process():  # noqa: ANN201
+    from parallel.topology import Topology
+
+    cfg = compose(["model=tiny", "data.dir=unused"])
+    Topology.from_config(cfg, world_size=1, rank=0).init(seed=1)
+    yield
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_every_supported_shape_exports_exactly_and_maps_back(single_process, shape: str, tmp_path: Path) -> None:  # noqa: ANN001
+    """Random weights (every parameter, norms included, perturbed so that a swapped mapping shows): the
+    transformers model's logits are ours, and from_hf(to_hf(...)) gives back every tensor bit for bit."""
+    import transformers
+
+    from pretrain.export import build_hf_model
+    from pretrain.hf_weights import from_hf, hf_config, to_hf
+    from pretrain.model import build_gpt, position_ids, transformer_config
+
+    overrides, cls = SHAPES[shape]
+    m = compose([*overrides, "data.dir=unused", "model.num_layers=2"]).model
+    vocab = 72  # a multiple of vocab_multiple=8: no padding rows
+    model = build_gpt(m, vocab, transformer_config(m), seed=5).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+    arch, config = hf_config(m, vocab, eot_id=0)
+    build_hf_model(arch, config, to_hf(model.state_dict(), m, vocab)).save_pretrained(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(hf).__name__ == cls and hf.config.tie_word_embeddings == bool(m.tie_embeddings)
+    ids = torch.randint(0, vocab, (2, int(m.seq_len)), generator=generator)
+    with torch.no_grad():
+        theirs, mine = hf(ids).logits, model(ids, position_ids(*ids.shape), None)
+    print(f"{shape}: max |logits difference| {(theirs - mine).abs().max():.2e}")
+    torch.testing.assert_close(theirs, mine, rtol=0, atol=1e-4)
+
+    back, weights = from_hf(hf.state_dict(), hf.config.to_dict())
+    assert {k: back[k] for k in ("position", "norm", "mlp", "bias", "tie_embeddings", "qk_norm")} == {
+        k: m[k] for k in ("position", "norm", "mlp", "bias", "tie_embeddings", "qk_norm")
+    }
+    assert (back["num_query_groups"] or m.num_heads) == (m.num_query_groups or m.num_heads)
+    ours = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    assert sorted(weights) == sorted(ours)
+    assert all(torch.equal(weights[k], ours[k]) for k in ours)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model=tiny", "model.position=rope"], "model.position=rope, model.norm=layernorm, model.mlp=gelu: no trans"),
+        (["model=tiny", "model.norm=rmsnorm"], "no transformers architecture has this combination"),
+        (["model=llama-tiny", "model.mlp=gelu"], "no transformers architecture"),
+        (["model=tiny", "model.num_query_groups=2"], "GPT-2 has no grouped-query attention"),
+        (["model=tiny", "model.bias=false"], "GPT-2 always has biases"),
+        (["model=tiny", "model.qk_norm=true"], "GPT-2 has no QK-norm"),
+        (["model=llama-tiny", "model.qk_norm=true", "model.bias=true"], "Qwen3 (QK-norm) has no MLP biases"),
+    ],
+)
+def test_export_refuses_what_no_transformers_architecture_expresses(overrides: list[str], message: str) -> None:
+    from pretrain.hf_weights import hf_architecture
+
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        hf_architecture(compose([*overrides, "data.dir=unused"]).model)
