@@ -93,3 +93,12 @@ def trained_runs(char_shards: Path, bpe_shards: Path, tmp_path_factory: pytest.T
     torchrun(2, f"data.dir={char_shards}", f"run.dir={root / 'tp2'}", *TRAIN, "parallel.tp=2")
     torchrun(1, f"data.dir={bpe_shards}", f"run.dir={root / 'bpe'}", *TRAIN)
     return {name: root / name for name in ("tp1", "tp2", "bpe")}
+
+
+@pytest.fixture(scope="session")
+def llama_tiny_single(char_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """model=llama-tiny trained in one process with test_parallel's settings (10 steps, checkpoints at
+    5 and 10): the reference of the llama-tiny layout and DeepSpeed parity tests, trained once."""
+    from tests.integration.test_parallel import MODERN, train_layout
+
+    return train_layout(char_shards, tmp_path_factory.mktemp("llama_tiny") / "single", f"{MODERN}:single")

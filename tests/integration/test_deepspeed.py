@@ -13,7 +13,7 @@ from conf.errors import UserError
 from parallel.topology import Topology
 from tests.conftest import run_cli
 from tests.distributed import losses, torchrun
-from tests.integration.test_parallel import COMMON, STEPS, resume
+from tests.integration.test_parallel import COMMON, MODERN, STEPS, common, resume
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +25,12 @@ def extensions_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ds_runs(char_shards: Path, tmp_path_factory: pytest.TempPathFactory, extensions_dir: Path):  # noqa: ANN201
-    """10 steps of each configuration at dp=2 (checkpoints at 5 and 10), trained once on demand."""
+def ds_runs(
+    char_shards: Path, tmp_path_factory: pytest.TempPathFactory, extensions_dir: Path, request: pytest.FixtureRequest
+):  # noqa: ANN201
+    """10 steps of each "[model:]configuration" at dp=2 (checkpoints at 5 and 10), trained once on
+    demand. "llama-tiny:megatron" is the session's one-process llama-tiny run instead (megatron's
+    dp=2 matches it within 1e-5: test_parallel), so the modern model adds one run here."""
     root = tmp_path_factory.mktemp("deepspeed")
     done: dict[str, Path] = {}
     configs = {
@@ -39,8 +43,13 @@ def ds_runs(char_shards: Path, tmp_path_factory: pytest.TempPathFactory, extensi
 
     def get(name: str) -> Path:
         if name not in done:
-            run_dir = root / name
-            torchrun(2, f"data.dir={char_shards}", f"run.dir={run_dir}", *COMMON, *configs[name], "train.keep_last=2")
+            model, _, config = name.rpartition(":")
+            if name == f"{MODERN}:megatron":
+                done[name] = request.getfixturevalue("llama_tiny_single")
+                return done[name]
+            run_dir = root / name.replace(":", "-")
+            args = common(model) if model else COMMON
+            torchrun(2, f"data.dir={char_shards}", f"run.dir={run_dir}", *args, *configs[config], "train.keep_last=2")
             done[name] = run_dir
         return done[name]
 
@@ -49,9 +58,10 @@ def ds_runs(char_shards: Path, tmp_path_factory: pytest.TempPathFactory, extensi
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "zero2-offload"])
+@pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "zero2-offload", f"{MODERN}:zero3"])
 def test_zero_stage_matches_megatron_engine_at_dp2(ds_runs, name: str) -> None:  # noqa: ANN001
-    reference, zero = losses(ds_runs("megatron")), losses(ds_runs(name))
+    model = name.rpartition(":")[0]
+    reference, zero = losses(ds_runs(f"{model}:megatron" if model else "megatron")), losses(ds_runs(name))
     assert sorted(zero) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
         assert zero[step] == pytest.approx(reference[step], abs=1e-4), (name, step)

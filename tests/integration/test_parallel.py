@@ -39,36 +39,64 @@ LAYOUTS = {  # (tp, pp, vpp, dp)
     "tp2-dp2": (2, 1, 1, 2),
     "pp2-dp2": (1, 2, 1, 2),
 }
+# the modern decoder (RoPE, RMSNorm, SwiGLU, GQA 4 heads / 2 groups, no bias, untied) in the layouts
+# where its parts are split differently: tp2 + SP (GQA's key/value heads, RMSNorm grads over tp),
+# pp (RoPE per stage, the untied output layer on the last), dp. A name is "[model:]layout".
+MODERN = "llama-tiny"
+MODERN_LAYOUTS = [f"{MODERN}:{name}" for name in ("tp2", "pp2", "pp2-vpp2", "dp2")]
+
+
+def common(model: str = "tiny") -> list[str]:
+    """COMMON with another ``model=`` preset (its own lr is overridden by COMMON's)."""
+    return [arg if not arg.startswith("model=") else f"model={model}" for arg in COMMON]
+
+
+def train_layout(char_shards: Path, run_dir: Path, name: str) -> Path:
+    """One "[model:]layout" (``single``: one process) trained 10 steps, checkpoints at 5 and 10."""
+    model, _, layout = name.rpartition(":")
+    tp, pp, vpp, dp = LAYOUTS.get(layout, (1, 1, 1, 1))
+    torchrun(
+        tp * pp * dp,
+        f"data.dir={char_shards}",
+        f"run.dir={run_dir}",
+        *common(model or "tiny"),
+        *layout_args(tp, pp, vpp),
+        "train.keep_last=2",
+    )
+    return run_dir
 
 
 @pytest.fixture(scope="module")
-def runs(char_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Each layout trained once (10 steps, checkpoints at 5 and 10), plus the single-process reference."""
+def runs(
+    char_shards: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> dict[str, Path]:
+    """Each "[model:]layout" trained once on demand (10 steps, checkpoints at 5 and 10), plus the
+    single-process references "single" and "llama-tiny:single" (that one once per session: the
+    DeepSpeed tests share it)."""
     root = tmp_path_factory.mktemp("layouts")
     done: dict[str, Path] = {}
 
     def get(name: str) -> Path:
         if name not in done:
-            tp, pp, vpp, dp = LAYOUTS.get(name, (1, 1, 1, 1))
-            run_dir = root / name
-            torchrun(
-                tp * pp * dp,
-                f"data.dir={char_shards}",
-                f"run.dir={run_dir}",
-                *COMMON,
-                *layout_args(tp, pp, vpp),
-                "train.keep_last=2",
-            )
-            done[name] = run_dir
+            if name == f"{MODERN}:single":
+                done[name] = request.getfixturevalue("llama_tiny_single")
+            else:
+                done[name] = train_layout(char_shards, root / name.replace(":", "-"), name)
         return done[name]
 
     return get  # type: ignore[return-value]
 
 
+def reference_of(name: str) -> str:
+    """The single-process run a "[model:]layout" is compared with."""
+    model, _, _ = name.rpartition(":")
+    return f"{model}:single" if model else "single"
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize("name", [*LAYOUTS, *MODERN_LAYOUTS])
 def test_layout_matches_single_process(runs, name: str) -> None:  # noqa: ANN001
-    reference, parallel = losses(runs("single")), losses(runs(name))
+    reference, parallel = losses(runs(reference_of(name))), losses(runs(name))
     assert sorted(parallel) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
         assert parallel[step] == pytest.approx(reference[step], abs=1e-5), (name, step)
@@ -86,11 +114,12 @@ def resume(source: Path, target: Path, step: int) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("saved_at", ["tp2", "pp2", "dp2"])
+@pytest.mark.parametrize("saved_at", ["tp2", "pp2", "dp2", f"{MODERN}:tp2"])
 def test_checkpoint_reshards_to_one_process(runs, char_shards: Path, tmp_path: Path, saved_at: str) -> None:  # noqa: ANN001
+    model = saved_at.rpartition(":")[0] or "tiny"
     run_dir = resume(runs(saved_at), tmp_path / "run", 5)
-    torchrun(1, f"data.dir={char_shards}", f"run.dir={run_dir}", *COMMON, *layout_args(1, 1))
-    reference, resumed = losses(runs("single")), losses(run_dir)
+    torchrun(1, f"data.dir={char_shards}", f"run.dir={run_dir}", *common(model), *layout_args(1, 1))
+    reference, resumed = losses(runs(reference_of(saved_at))), losses(run_dir)
     assert resumed[6] == pytest.approx(reference[6], abs=1e-4)  # model restored
     assert resumed[10] == pytest.approx(reference[10], abs=1e-4)  # optimizer + schedule restored
 
