@@ -41,9 +41,10 @@ LAYOUTS = {  # (tp, pp, vpp, dp)
 }
 # the modern decoder (RoPE, RMSNorm, SwiGLU, GQA 4 heads / 2 groups, no bias, untied) in the layouts
 # where its parts are split differently: tp2 + SP (GQA's key/value heads, RMSNorm grads over tp),
-# pp (RoPE per stage, the untied output layer on the last), dp. A name is "[model:]layout".
+# pp (RoPE per stage, the untied output layer on the last), dp. A name is "[model:]layout". pp2-vpp2
+# matches too (2e-7) but is left out for CI time (~15 s a layout on 2 cores).
 MODERN = "llama-tiny"
-MODERN_LAYOUTS = [f"{MODERN}:{name}" for name in ("tp2", "pp2", "pp2-vpp2", "dp2")]
+MODERN_LAYOUTS = [f"{MODERN}:{name}" for name in ("tp2", "pp2", "dp2")]
 
 
 def common(model: str = "tiny") -> list[str]:
