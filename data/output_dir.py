@@ -48,6 +48,8 @@ RUN_DIR_NAMES = (
     "samples_rank*.jsonl",
     "restarted-*",
     ".hydra",
+    "conf",  # gpt-import's model preset (RUN_DIR/conf/model/<name>.yaml)
+    ".gpt-import.json",  # gpt-import's marker: its run dir continues as a pretraining run
 )
 
 # A callable that recognises a command's output written before markers existed: the names it

@@ -97,6 +97,11 @@ class Topology:
         engine = _check_engine(par, tp, pp)
         if engine == "deepspeed" and train.get("lr_mult"):
             raise UserError("train.lr_mult: per-parameter learning rates need parallel.engine=megatron")
+        if engine == "deepspeed" and tp > 1 and cfg.get("model", {}).get("qk_norm"):
+            raise UserError(  # megatron's finalize_model_grads sums them by name; DeepSpeed does not
+                "model.qk_norm=true with parallel.engine=deepspeed needs parallel.tp=1 "
+                "(the replicated q/k norm gradients are not summed over tp there)"
+            )
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         # DeepSpeed does not all-reduce sequence-parallel LayerNorm grads over tp: TP without SP there
         sp = bool(par.sequence_parallel) and tp > 1 and engine == "megatron"

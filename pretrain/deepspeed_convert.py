@@ -96,7 +96,10 @@ def convert(step_dir: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     converted = dataclasses.replace(
-        state, engine="megatron", config=OmegaConf.to_container(cfg), converted_from="deepspeed",
+        state,
+        engine="megatron",
+        config=OmegaConf.to_container(cfg),
+        converted_from="deepspeed",
         distributed_optimizer=False,
     )
     dist_checkpointing.save({"model": model.sharded_state_dict(), "common": converted.to_dict()}, str(tmp))

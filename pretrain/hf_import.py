@@ -20,7 +20,9 @@ windows, no tokenizer.json, a non-empty ``out``) is one line before torch is imp
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -245,18 +247,30 @@ def _write_run_dir(
         raise RuntimeError(f"padded vocabulary {rows} is not the source's {hf_vocab}")
     dtype = load_weights(model, files, overrides, context)
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    # re-serialised by `tokenizers`, as gpt-prepare tokenizer=file:... writes it: the same bytes, so the
+    # resume guard (tokenizer hash) accepts shards prepared with it and refuses any other tokenizer
+    staged = tmp / ".tokenizer"
+    staged.mkdir()
+    tokenizer.save(staged)
+    identity = {
+        "tokenizer": tokenizer.kind,
+        "vocab_size": tokenizer.vocab_size,
+        "tokenizer_sha256": hashlib.sha256((staged / TOKENIZER_FILE).read_bytes()).hexdigest(),
+    }
     state = TrainState(
         step=0,
         config=resolved,
         vocab_size=tokenizer.vocab_size,
         engine="megatron",
         layout={"tp": 1, "pp": 1, "dp": 1, "vpp": 1},
+        data_identity=identity,
         converted_from=f"transformers:{arch}",
         weights_only=True,
     )
     ckpts = CheckpointDir(tmp)
-    ckpts.save(0, ModelWriter(model), state, files=(source / TOKENIZER_FILE,))
+    ckpts.save(0, ModelWriter(model), state, files=(staged / TOKENIZER_FILE,))
     ckpts.finalize(blocking=True)
+    shutil.rmtree(staged)
     OmegaConf.save(cfg, tmp / "config.yaml", resolve=True)
     return dtype
 

@@ -123,6 +123,7 @@ def test_resuming_with_the_other_engine_is_refused(ds_runs, char_shards: Path, t
         (["parallel.offload=cpu"], 1, "parallel.offload=cpu needs parallel.engine=deepspeed"),
         (["parallel.engine=fsdp"], 1, "parallel.engine=fsdp: expected megatron or deepspeed"),
         (["parallel.engine=deepspeed", "parallel.offload=nvme"], 1, "parallel.offload=nvme: expected none or cpu"),
+        (["parallel.engine=deepspeed", "parallel.tp=2", "model.qk_norm=true"], 2, "model.qk_norm=true with"),
     ],
 )
 def test_unsupported_deepspeed_combinations_are_rejected(overrides: list[str], world: int, message: str) -> None:

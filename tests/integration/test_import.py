@@ -161,6 +161,45 @@ def test_finetune_starts_from_an_imported_model(imported, tmp_path: Path) -> Non
     assert results["step"] == 2 and results["init_checkpoint"] == str(run / "checkpoints" / "step_0")
 
 
+@pytest.mark.slow
+def test_pretraining_continues_from_an_imported_model_at_tp2(imported, tmp_path: Path) -> None:  # noqa: ANN001
+    """The printed next steps, as a user runs them: shards with the source's tokenizer, then
+    gpt-pretrain --config-dir RUN_DIR/conf model=imported-llama at tp=2; shards of another
+    tokenizer are refused in one line."""
+    import shutil
+
+    from tests.distributed import torchrun
+
+    source, run, stdout = imported("llama")
+    assert f"--config-dir {run}/conf model=imported-llama" in stdout
+    shutil.copytree(run, tmp_path / "run")  # the module's import stays as it is for the other tests
+    run = tmp_path / "run"
+    text = tmp_path / "text.txt"
+    text.write_text(TINYSHAKESPEARE.read_text()[:30_000])
+    for name, tokenizer in (("data", f"file:{source}"), ("chars", "char")):
+        prepared = run_cli(
+            "data.prepare", f"input={text}", f"out={tmp_path / name}", f"tokenizer={tokenizer}", "seq_len=32"
+        )
+        assert prepared.returncode == 0, prepared.stderr[-2000:]
+    args = [
+        f"--config-dir={run}/conf",
+        "model=imported-llama",
+        f"run.dir={run}",
+        "train.max_steps=2",
+        "train.micro_batch=2",
+        "train.global_batch=4",
+        "train.eval_every=0",
+        "train.sample_tokens=0",
+        "logging.wandb=disabled",
+        "logging.progress_bar=false",
+    ]
+    refused = run_cli("pretrain.train", *args, f"data.dir={tmp_path / 'chars'}")
+    assert refused.returncode == 2 and "another tokenizer" in refused.stderr, refused.stderr[-2000:]
+    result = torchrun(2, *args, f"data.dir={tmp_path / 'data'}", "parallel.tp=2")
+    assert "continuing from the model weights" in result.stdout and "transformers:llama" in result.stdout
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_0", "step_2"]
+
+
 def test_unsupported_sources_and_outputs_are_refused_in_one_line(tmp_path: Path) -> None:
     """Before any model is read: a scaled RoPE, a missing tokenizer.json, another architecture, an out
     that holds someone else's files, a misspelt key. Nothing is written."""
