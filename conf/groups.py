@@ -57,6 +57,7 @@ class ModelConfig:
     num_query_groups: int | None = None  # key/value heads: None = num_heads (MHA), 1 = MQA, else GQA
     qk_norm: bool = False  # normalise queries and keys per head (OLMo-2, Qwen3)
     bias: bool = True  # biases in the attention and MLP linear layers
+    recompute: str = "none"  # activation recomputation: none | selective (core attention) | full (each layer)
     spec: str = "auto"  # auto (Transformer Engine on CUDA when installed, else local) | te | local
     attention: str = "sdpa"  # local spec's core attention: sdpa (fused) | megatron (unfused)
     vocab_multiple: int = 128  # vocab padded to a multiple of this (must be divisible by parallel.tp)
@@ -75,6 +76,7 @@ class ModelConfig:
             ("position", self.position, ("learned", "rope")),
             ("norm", self.norm, ("layernorm", "rmsnorm")),
             ("mlp", self.mlp, ("gelu", "swiglu")),
+            ("recompute", self.recompute, ("none", "selective", "full")),
         ):
             if value not in choices:
                 raise UserError(f"model.{key}={value}: expected {' or '.join(choices)}")

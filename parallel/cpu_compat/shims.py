@@ -197,6 +197,14 @@ def tensors_pass_as_cuda() -> Iterator[None]:
         torch.Tensor.cuda = original_cuda  # type: ignore[method-assign]
 
 
+def _no_cuda_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.uint8)
+
+
+def _keep_rng_state(new_state: torch.Tensor, device: int = -1, graph_safe: bool = False) -> None:
+    return None
+
+
 def apply() -> None:
     """Install the shims (the caller decides that CUDA is absent, or forces them)."""
     facade = _CpuTorch()
@@ -213,6 +221,13 @@ def apply() -> None:
         if not hasattr(module, "clip_grad_by_total_norm_fp32"):
             raise RuntimeError(f"cpu_compat: {module.__name__}.clip_grad_by_total_norm_fp32 is gone")
         module.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32(module.clip_grad_by_total_norm_fp32)
+    # activation recomputation saves and replays the RNG states: on CPU the default generator's is
+    # all there is (megatron saves it too), so the CUDA generator's state is an empty placeholder
+    for name, replacement in (("_get_cuda_rng_state", _no_cuda_rng_state), ("_set_cuda_rng_state", _keep_rng_state)):
+        if not hasattr(tp_random, name):
+            raise RuntimeError(f"cpu_compat: megatron.core.tensor_parallel.random.{name} is gone")
+        replacement.__wrapped__ = getattr(tp_random, name)  # type: ignore[attr-defined]
+        setattr(tp_random, name, replacement)
     if not hasattr(tp_random, "CudaRNGStatesTracker"):
         raise RuntimeError("cpu_compat: megatron.core.tensor_parallel.random.CudaRNGStatesTracker is gone")
     _CpuRNGStatesTracker.__wrapped__ = tp_random.CudaRNGStatesTracker  # type: ignore[attr-defined]

@@ -101,6 +101,20 @@ TARGETS: tuple[Target, ...] = (
         "replace",
     ),
     Target("megatron.core.tensor_parallel.random:initialize_rng_tracker", ("force_reset",), SHIMS, "call"),
+    Target(
+        "megatron.core.tensor_parallel.random:_get_cuda_rng_state",
+        ("device", "clone", "graph_safe"),
+        SHIMS,
+        "replace",
+        exact=True,
+    ),
+    Target(
+        "megatron.core.tensor_parallel.random:_set_cuda_rng_state",
+        ("new_state", "device", "graph_safe"),
+        SHIMS,
+        "replace",
+        exact=True,
+    ),
     Target("torch:Tensor.type", None, SHIMS, "scoped"),
     Target("torch:Tensor.cuda", None, SHIMS, "scoped"),
     # checkpoint checksums (checksums.py; the DeepSpeed wrapper is installed by deepspeed_engine.py)

@@ -43,6 +43,16 @@ def padded_vocab_size(vocab_size: int, model_cfg: DictConfig) -> int:
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
+# ``model.recompute``: megatron-core's activation recomputation. selective: the core attention
+# (softmax(QK^T)V, the activations that grow with seq^2); full: every layer's input is kept and the
+# whole layer recomputed in backward (one layer per unit).
+RECOMPUTE: dict[str, dict[str, Any]] = {
+    "none": {},
+    "selective": {"recompute_granularity": "selective"},
+    "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
+}
+
+
 def architecture(model_cfg: DictConfig) -> dict[str, Any]:
     """The ``model`` group's architecture options as megatron-core ``TransformerConfig`` fields.
 
@@ -56,6 +66,7 @@ def architecture(model_cfg: DictConfig) -> dict[str, Any]:
         "num_query_groups": int(groups) if groups else None,
         "add_bias_linear": bool(model_cfg.get("bias", True)),
         "qk_layernorm": bool(model_cfg.get("qk_norm", False)),
+        **RECOMPUTE[str(model_cfg.get("recompute", "none"))],
     }
 
 

@@ -117,3 +117,36 @@ def test_modern_shape_is_megatrons_and_batch_first_rope_matches(single_process) 
     swapped = context[:, [1, 0, 2, 3, 4, 5, 6, 7]]
     last = [model(t, position_ids(1, 8), None)[0, -1] for t in (context, swapped)]
     assert (last[0] - last[1]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
+def test_recompute_gives_the_same_loss_and_gradients(single_process, preset: str) -> None:  # noqa: ANN001
+    """model.recompute=selective|full (megatron-core's recompute_granularity) changes memory, not maths;
+    the activations saved for backward shrink (counted with saved_tensors_hooks)."""
+    tokens = torch.randint(0, 67, (2, 33))
+    results = {}
+    for mode in ("none", "selective", "full"):
+        m = compose([f"model={preset}", "data.dir=unused", f"model.recompute={mode}", "model.dropout=0.1"]).model
+        model = build_gpt(m, 67, transformer_config(m), seed=3)
+        model.train()
+        saved = []
+
+        def pack(t: torch.Tensor, seen: list = saved) -> torch.Tensor:
+            seen.append(t.numel() * t.element_size())
+            return t
+
+        from megatron.core import tensor_parallel
+
+        torch.manual_seed(5)  # the same dropout masks in each mode (recomputation replays the RNG states)
+        tensor_parallel.model_parallel_cuda_manual_seed(5)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(tokens[:, :-1], position_ids(2, 32), None, labels=tokens[:, 1:]).mean()
+        loss.backward()
+        results[mode] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, sum(saved))
+    loss_none, grads_none, bytes_none = results["none"]
+    for mode in ("selective", "full"):
+        loss, grads, _ = results[mode]
+        torch.testing.assert_close(loss, loss_none, rtol=0, atol=1e-6)
+        for name, grad in grads_none.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7)
+    assert results["full"][2] < results["selective"][2] <= bytes_none
