@@ -273,6 +273,10 @@ class FinetuneConfig:
     epochs: int = 3  # GPT-1: 3
     classifier_dropout: float = 0.1
     head_lr_mult: float = 1.0  # the new head's learning rate = train.lr x this (the body keeps train.lr)
+    # keep the embeddings + the first K blocks of the checkpoint, the rest as from_scratch (GPT-1 Fig. 2);
+    # null: all. The range (0 ... model.num_layers) is checked against the checkpoint (pretrain/tasks/finetune.py)
+    transfer_layers: int | None = None
+    head_only_epochs: int = 0  # LP-FT: epochs training only the head (body frozen) before `epochs` of full fine-tuning
 
     def check(self) -> None:
         _at_least("finetune.aux_lm_weight", self.aux_lm_weight, 0)
@@ -280,6 +284,14 @@ class FinetuneConfig:
         _fraction("finetune.classifier_dropout", self.classifier_dropout, closed=False)
         if self.head_lr_mult <= 0:
             raise UserError(f"finetune.head_lr_mult={self.head_lr_mult}: must be > 0")
+        if self.transfer_layers is not None and self.transfer_layers < 0:
+            raise UserError(f"finetune.transfer_layers={self.transfer_layers}: must be >= 0 (or null: all layers)")
+        if self.transfer_layers is not None and self.from_scratch:
+            raise UserError(
+                f"finetune.transfer_layers={self.transfer_layers} with finetune.from_scratch=true: "
+                "nothing is transferred from scratch; drop one of them"
+            )
+        _at_least("finetune.head_only_epochs", self.head_only_epochs, 0)
 
 
 def _wandb_credentials() -> bool:

@@ -14,6 +14,7 @@ splits (not sums) the replicated head's gradient.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,11 +29,29 @@ HEAD = "finetune_head"
 
 
 class FinetuneGPT(MegatronModule):
-    """``GPTModel`` + dropout + linear head on the extract token's final hidden state."""
+    """``GPTModel`` + dropout + linear head on the extract token's final hidden state.
 
-    def __init__(self, gpt: torch.nn.Module, task_type: str, num_labels: int, dropout: float, seed: int):
+    ``body_frozen`` (head-only steps of LP-FT, ``pretrain/tasks/finetune.py``): while it returns
+    true, every GPT parameter's gradient is replaced by zeros before either engine's hooks read it.
+    The body stays in the optimizer (megatron's DDP buffers and DeepSpeed's ZeRO partitions are fixed
+    when the engine is built: a ``requires_grad=False`` body could never be thawed) and the backward
+    keeps its full shape, so every pipeline stage still exchanges its activation gradients.
+    """
+
+    def __init__(
+        self,
+        gpt: torch.nn.Module,
+        task_type: str,
+        num_labels: int,
+        dropout: float,
+        seed: int,
+        body_frozen: Callable[[], bool] | None = None,
+    ):
         super().__init__(config=gpt.config)
         self.module = gpt
+        if body_frozen is not None:
+            for param in gpt.parameters():
+                param.register_hook(lambda grad: torch.zeros_like(grad) if body_frozen() else None)
         self.task_type = task_type
         self.post_process = gpt.post_process
         self._hidden: torch.Tensor | None = None

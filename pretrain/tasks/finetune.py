@@ -4,7 +4,9 @@ The model is the pretrained GPT (resharded into this run's layout by megatron-co
 ``dist_checkpointing``; DeepSpeed runs through their converted megatron view) with three
 added tokens and a linear head on the extract token (``pretrain/finetune_model.py``). The
 pretrained weights are loaded inside the model builder, before either engine wraps the
-model, so both engines start from them with a fresh optimizer.
+model, so both engines start from them with a fresh optimizer; ``finetune.transfer_layers``
+loads only the embeddings and the lowest blocks there. ``finetune.head_only_epochs`` (LP-FT)
+is :class:`HeadOnlyPhase`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -56,15 +59,128 @@ def load_examples(cfg: DictConfig, tokenizer: Any, special: SpecialTokens, seq_l
     return {"examples": encoded, "labels": labels, "length": length}
 
 
-def load_pretrained(gpt: torch.nn.Module, init_dir: Path, special: SpecialTokens, eot_id: int, seed: int, std: float):  # noqa: ANN201
-    """The pretrained GPT weights into this chunk (resharded), the added tokens initialised."""
+def top_prefixes(gpt: torch.nn.Module, transfer_layers: int | None) -> tuple[str, ...]:
+    """State-dict prefixes of this chunk's parameters above block ``transfer_layers - 1``: the
+    blocks of global index >= K (a pipeline stage numbers its layers from its offset), and with
+    K < num_layers the final norm and an untied output layer, which sit on the top block's output."""
+    if transfer_layers is None or transfer_layers >= gpt.config.num_layers:
+        return ()
+    top = [f"decoder.layers.{i}." for i, layer in enumerate(gpt.decoder.layers) if layer.layer_number > transfer_layers]
+    if gpt.post_process:
+        top.append("decoder.final_layernorm.")
+        if not gpt.share_embeddings_and_output_weights:
+            top.append("output_layer.")
+    return tuple(top)
+
+
+def load_pretrained(
+    gpt: torch.nn.Module,
+    init_dir: Path,
+    special: SpecialTokens,
+    eot_id: int,
+    seed: int,
+    std: float,
+    transfer_layers: int | None = None,
+) -> None:
+    """The pretrained GPT weights into this chunk (resharded), the added tokens initialised.
+
+    With ``transfer_layers`` = K the parameters above block K-1 (:func:`top_prefixes`) get back the
+    weights the builder gave them, which are ``finetune.from_scratch=true``'s (the init is a
+    function of (seed, global layer number): ``SeededTransformerLayer``). The whole checkpoint is
+    still read: megatron stores the blocks as one tensor per weight with a layer axis."""
     from megatron.core import dist_checkpointing
 
     from pretrain.finetune_model import init_added_tokens
 
+    top = top_prefixes(gpt, transfer_layers)
+    fresh = {n: t.detach().clone() for n, t in gpt.state_dict().items() if n.startswith(top) and torch.is_tensor(t)}
     loaded = dist_checkpointing.load({"model": gpt.sharded_state_dict()}, str(init_dir))
     gpt.load_state_dict(loaded["model"])
+    if fresh:
+        gpt.load_state_dict(fresh, strict=False)  # these keys only
     init_added_tokens(gpt, [special.start, special.delim, special.extract], eot_id, seed, std)
+
+
+class HeadOnlyPhase:
+    """LP-FT (Kumar et al. 2022): steps 1..``head_steps`` train the head only, the rest everything.
+
+    Neither engine can freeze the body for a while: megatron's DDP buffers and DeepSpeed's ZeRO
+    partitions hold what required grad when the engine was built. So the body stays in the
+    optimizer and, in a head-only step, (1) its gradients are zero (``FinetuneGPT``'s hooks) and
+    (2) torch's optimizer-step pre-hook, which fires for the inner optimizer of either engine
+    (whole parameters or flat shards alike), sets every group's weight decay to 0 for that step.
+    AdamW's moments of the body stay exactly 0 (a fresh optimizer that has seen only zero
+    gradients), so its update is 0 and the body is bit-identical after the phase. The head trains
+    without weight decay meanwhile: the groups mix head and body.
+
+    At the first full step the optimizer state is dropped (LP-FT's two runs: full fine-tuning
+    starts from the probed weights with a fresh AdamW; the body's step counter, which advanced on
+    zero gradients, would otherwise skew Adam's bias correction). Each phase has the configured
+    schedule (warmup fraction, decay) over its own steps, so the full phase is the fine-tuning of
+    ``finetune.epochs`` a run without the head-only epochs does; the hook sets each group's lr from
+    it (``metrics.jsonl``'s ``lr`` is this lr; the engine's own schedule is overridden).
+
+    Everything is a function of the step, and of whether the reset happened (in the task state),
+    so a run resumed in either phase continues exactly.
+    """
+
+    def __init__(self, head_steps: int, max_steps: int, train: DictConfig, warmup_fraction: float | None):
+        from parallel.engine import lr_scheduler
+
+        self.head_steps = head_steps
+        self.step = 0  # the step being run (1-based)
+        self.reset_done = False
+        self._reset_step: int | None = None
+        self._handle: Any = None
+        self.schedules: list[Any] = []  # megatron's OptimizerParamScheduler of each phase, read via get_lr
+        for steps in (head_steps, max(max_steps - head_steps, 1)):
+            warmup = int(round(warmup_fraction * steps)) if warmup_fraction is not None else int(train.warmup_steps)
+            phase = SimpleNamespace(
+                lr=train.lr,
+                min_lr_ratio=train.min_lr_ratio,
+                lr_schedule=train.lr_schedule,
+                weight_decay=train.weight_decay,
+                warmup_steps=warmup,
+                max_steps=steps,
+                lr_decay_steps=steps,
+            )
+            self.schedules.append(lr_scheduler(SimpleNamespace(param_groups=[]), phase))
+
+    @property
+    def head_only(self) -> bool:
+        return self.step <= self.head_steps
+
+    def lr(self, group: dict[str, Any]) -> float:
+        """The lr of ``group`` (its own peak and final lr: ``finetune.head_lr_mult``) at this step."""
+        schedule = self.schedules[0 if self.head_only else 1]
+        schedule.num_steps = self.step - 1 - (0 if self.head_only else self.head_steps)
+        return float(schedule.get_lr(group))
+
+    def install(self, step: int) -> None:
+        self.step = step
+        if self._handle is None:
+            from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+            self._handle = register_optimizer_step_pre_hook(self._before_step)
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """This step's lr and weight decay; at the first full step, a fresh state (each optimizer of
+        the step: megatron chains some, DeepSpeed steps one group at a time)."""
+        head_only = self.head_only
+        if not head_only and (not self.reset_done or self._reset_step == self.step):
+            self.reset_done, self._reset_step = True, self.step
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    optimizer.state.pop(param, None)
+        for group in optimizer.param_groups:
+            group["lr"] = self.lr(group)
+            if head_only:
+                group["weight_decay"] = 0.0
 
 
 class FinetuneTask:
@@ -92,15 +208,24 @@ class FinetuneTask:
                 f"task.train has {len(self.data['examples']['train'])} examples, "
                 f"fewer than train.global_batch={cfg.train.global_batch}"
             )
+        layers, transfer = int(self.pretrained.model["num_layers"]), cfg.finetune.transfer_layers
+        if transfer is not None and int(transfer) > layers:
+            raise UserError(
+                f"finetune.transfer_layers={transfer}: the checkpoint has {layers} layers (expected 0 ... {layers})"
+            )
+        self.phase: HeadOnlyPhase | None = None
 
     def configure(self, cfg: DictConfig) -> None:
         """The pretrained model's shape; max_steps from the epochs; warmup from its fraction;
         the head's lr multiplier merged into the user's ``train.lr_mult``."""
         cfg.model = OmegaConf.create(self.pretrained.model)
         train = cfg.train
-        max_steps = int(train.max_steps or self.steps_per_epoch * int(cfg.finetune.epochs))
+        head_steps = self.steps_per_epoch * int(cfg.finetune.head_only_epochs)
+        max_steps = int(train.max_steps or head_steps + self.steps_per_epoch * int(cfg.finetune.epochs))
         train.max_steps = max_steps
         train.lr_decay_steps = max_steps
+        if head_steps:  # before the Trainer turns warmup_fraction into warmup steps of the whole run
+            self.phase = HeadOnlyPhase(head_steps, max_steps, train, train.get("warmup_fraction"))
         head_mult = float(cfg.finetune.head_lr_mult)  # > 0: conf/groups.py
         if head_mult != 1.0 and cfg.parallel.engine != "megatron":
             raise UserError(
@@ -110,6 +235,16 @@ class FinetuneTask:
             train.lr_mult = {**(train.get("lr_mult") or {}), HEAD_PARAMS: head_mult}  # keeps the user's
 
     def check_resume(self, cfg: DictConfig, state: TrainState, step_dir: Path) -> bool:
+        """Refuse another ``transfer_layers`` or ``head_only_epochs``: the checkpoint's weights were
+        initialised, and its steps trained, under the saved ones."""
+        saved = state.config.get("finetune", {})
+        for key, default in (("transfer_layers", None), ("head_only_epochs", 0)):
+            old, new = (("null" if v is None else v) for v in (saved.get(key, default), cfg.finetune.get(key, default)))
+            if old != new:
+                raise UserError(
+                    f"finetune.{key}={new}, but run.dir={cfg.run.dir} holds a run with finetune.{key}={old} "
+                    f"({step_dir.name}): pass that value, or use a new run.dir"
+                )
         return True
 
     def model_spec(self, cfg: DictConfig, resuming: bool) -> ModelSpec:
@@ -120,12 +255,17 @@ class FinetuneTask:
         from_pretrained = not resuming and not bool(cfg.finetune.from_scratch)
         std = float(cfg.model.init_std)
 
+        transfer = cfg.finetune.get("transfer_layers")
+        phase = self.phase
+        frozen = None if phase is None else (lambda: phase.head_only)
+
         def build(config: Any, vp_stage: int | None) -> torch.nn.Module:
             gpt = base.build(config, vp_stage)
             if from_pretrained:
-                load_pretrained(gpt, self.init_dir, self.special, self.tokenizer.eot_id, seed, std)
+                load_pretrained(gpt, self.init_dir, self.special, self.tokenizer.eot_id, seed, std, transfer)
             labels = len(self.data["labels"])
-            return FinetuneGPT(gpt, str(cfg.task.type), labels, float(cfg.finetune.classifier_dropout), seed)
+            dropout = float(cfg.finetune.classifier_dropout)
+            return FinetuneGPT(gpt, str(cfg.task.type), labels, dropout, seed, body_frozen=frozen)
 
         step = make_forward_step(float(cfg.finetune.aux_lm_weight), self.special.start)
         return ModelSpec(base.config, build, step, task_batch_shape)
@@ -138,16 +278,24 @@ class FinetuneTask:
         )
 
     def begin(self, run_dir: Path, step: int) -> None:
-        pass
+        if self.phase is not None:
+            self.phase.install(step)
 
     def next_batches(self) -> list[dict[str, torch.Tensor]]:
+        if self.phase is not None:
+            self.phase.step += 1
         return self.batches.next_step()
 
     def state_dict(self) -> dict[str, Any]:
-        return self.batches.state_dict()
+        state: dict[str, Any] = self.batches.state_dict()
+        if self.phase is not None:
+            state["optimizer_reset"] = self.phase.reset_done  # full fine-tuning's fresh AdamW happened
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.batches.load_state_dict(state)
+        if self.phase is not None:
+            self.phase.reset_done = bool(state.get("optimizer_reset", False))
 
     def checkpoint_extras(self) -> dict[str, Any]:
         return {"task": {"labels": self.data["labels"], "added_tokens": ADDED_TOKENS}}
@@ -155,13 +303,16 @@ class FinetuneTask:
     def step_record(self, result: StepResult, step_time: float, step: int) -> dict[str, Any]:
         totals = result.totals
         examples = max(totals.get("examples", 0.0), 1.0)
-        return {
+        record = {
             "cls_loss": totals.get("cls_sum", 0.0) / examples,
             "lm_loss": totals.get("lm_sum", 0.0) / max(totals.get("lm_tokens", 0.0), 1.0),
             "train_acc": totals.get("correct", 0.0) / examples,
             "examples_per_s": int(self.cfg.train.global_batch) / step_time,
             "epoch": self.batches.epoch,
         }
+        if self.phase is not None:  # the phase's schedule at train.lr (the engine's was overridden)
+            record.update(lr=self.phase.lr({}), phase="head" if self.phase.head_only else "full")
+        return record
 
     def cadence(self, cfg: DictConfig) -> tuple[int, int]:
         """0 = at the end of every epoch (GPT-1 evaluates per epoch)."""
@@ -188,6 +339,8 @@ class FinetuneTask:
         self, engine: Engine, topo: Topology, step: int, last_eval: dict[str, float] | None, trained: bool
     ) -> dict:
         """``results.json`` (rank 0): validation (and test) accuracy of the final weights."""
+        if self.phase is not None:
+            self.phase.remove()
         if last_eval is None:  # resumed a finished run
             last_eval = self.evaluate(engine, topo, lambda: None)
         results: dict[str, Any] = {"val_acc": last_eval["val_acc"], "val_loss": last_eval["val_loss"], "step": step}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -194,3 +195,173 @@ def test_lambda_zero_scratch_and_resume(trained_runs, sentiment, tmp_path: Path)
     assert finetune(trained_runs["tp1"], "classification", train, val, resumed, *base).returncode == 0
     for step in range(5, 9):
         assert train_losses(resumed)[step]["loss"] == train_losses(full)[step]["loss"], step
+
+
+# finetune.transfer_layers (GPT-1 Figure 2, left) and finetune.head_only_epochs (LP-FT)
+
+HEAD = "finetune_head."
+
+
+def finetune_task(init: Path, train: Path, run_dir: Path, *extra: str):  # noqa: ANN201
+    """(config in effect, FinetuneTask) as gpt-finetune makes them, in this process."""
+    from omegaconf import open_dict
+
+    from conf.cli import compose
+    from conf.schema import validate
+    from pretrain.tasks.finetune import FinetuneTask
+
+    args = [f"init.checkpoint={init}", f"task.train={train}", f"task.validation={train}", f"run.dir={run_dir}"]
+    cfg = compose([*args, *FAST, *extra], config_name="finetune")
+    validate(cfg)
+    task = FinetuneTask(cfg)
+    with open_dict(cfg):
+        task.configure(cfg)
+    return cfg, task
+
+
+def built(init: Path, train: Path, run_dir: Path, *extra: str) -> dict:
+    """The fine-tuning model's weights as gpt-finetune builds them, before an engine wraps the model
+    (one process: the whole model), with the model itself under ``None``."""
+    from parallel import cpu_compat
+    from parallel.engine import layout_config
+    from parallel.topology import Topology
+
+    cfg, task = finetune_task(init, train, run_dir, *extra)
+    topo = Topology.from_config(cfg, world_size=1, rank=0)
+    topo.init(seed=1)
+    spec = task.model_spec(cfg, resuming=False)
+    with cpu_compat.tensors_pass_as_cuda():
+        model = spec.build(layout_config(spec.config, topo, False), None)
+    return {None: model, **weights(model.state_dict())}
+
+
+def weights(state: dict) -> dict:
+    """Tensors by name (copies), the GPT's without the wrapper's ``module.`` prefix."""
+    import torch
+
+    return {k.removeprefix("module."): v.detach().clone() for k, v in state.items() if torch.is_tensor(v)}
+
+
+def megatron_weights(model, step_dir: Path) -> dict:  # noqa: ANN001
+    """A megatron fine-tuning step's model weights (any layout), resharded into ``model``'s layout
+    (the load writes into ``model``'s tensors)."""
+    from megatron.core import dist_checkpointing
+
+    return weights(dist_checkpointing.load({"model": model.sharded_state_dict()}, str(step_dir))["model"])
+
+
+OPTIM_STATES = "zero_pp_rank_0_mp_rank_00_optim_states.pt"  # DeepSpeed's, ZeRO-1 at dp=1
+
+
+def deepspeed_weights(step_dir: Path) -> dict:
+    import torch
+
+    return weights(torch.load(step_dir / "mp_rank_00_model_states.pt", weights_only=False)["module"])
+
+
+def same(a: dict, b: dict, names: list[str]) -> list[str]:
+    import torch
+
+    return [n for n in names if torch.equal(a[n], b[n])]
+
+
+@pytest.mark.slow
+def test_transfer_layers_keeps_the_first_k_blocks_and_the_rest_as_from_scratch(trained_runs, tmp_path: Path) -> None:  # noqa: ANN001
+    """In process: the built model against the pretrained load (k = null) and the from-scratch build."""
+    from conf.errors import UserError
+
+    init, train = trained_runs["tp1"], write_jsonl(tmp_path / "train.jsonl", synthetic("classification", 32, 0))
+    full = built(init, train, tmp_path / "run")
+    scratch = built(init, train, tmp_path / "run", "finetune.from_scratch=true")
+    names = [n for n in full if n is not None]
+    for k in (0, 1, 4):
+        model = built(init, train, tmp_path / "run", f"finetune.transfer_layers={k}")
+        kept = ("embedding.", *(f"decoder.layers.{i}." for i in range(k)), *(("decoder.",) if k == 4 else ()))
+        bottom = [n for n in names if n.startswith(kept)]
+        top = [n for n in names if n not in bottom and not n.startswith(HEAD)]
+        assert "decoder.final_layernorm.weight" in (top if k < 4 else bottom)  # the top's, below all blocks
+        assert same(model, full, bottom) == bottom, k  # the pretrained embeddings and blocks 0..k-1
+        assert same(model, scratch, top) == top, k  # the rest: as finetune.from_scratch=true builds it
+        assert not same(model, full, [n for n in top if n.endswith("linear_fc1.weight")]), k  # (which differs)
+        assert same(model, full, [f"{HEAD}weight"]) == [f"{HEAD}weight"]  # the same head in every build
+    for extra, message in (
+        ("finetune.transfer_layers=5", "finetune.transfer_layers=5: the checkpoint has 4 layers (expected 0 ... 4)"),
+        ("finetune.transfer_layers=-1", "finetune.transfer_layers=-1: must be >= 0"),
+        ("finetune.head_only_epochs=-1", "finetune.head_only_epochs=-1: must be >= 0"),
+    ):
+        with pytest.raises(UserError, match=re.escape(message)):
+            built(init, train, tmp_path / "run", extra)
+    with pytest.raises(UserError, match="with finetune.from_scratch=true"):
+        built(init, train, tmp_path / "run", "finetune.transfer_layers=2", "finetune.from_scratch=true")
+
+
+LP_FT = ["finetune.head_only_epochs=1", "finetune.epochs=1"]  # 32 examples, batch 16: steps 1-2 head, 3-4 all
+
+
+def body(names: dict) -> list[str]:
+    return [n for n in names if n is not None and not n.startswith(HEAD)]
+
+
+@pytest.mark.slow
+def test_head_only_epochs_leave_the_body_unchanged_at_pp2_then_full_finetuning_moves_it(
+    trained_runs,  # noqa: ANN001
+    tmp_path: Path,
+) -> None:
+    """Megatron at pp=2 with transfer_layers=3 (stage 1 holds a kept block and a fresh one): the
+    checkpoint of the last head-only step has exactly the built body, a trained head; the full
+    phase then moves the body."""
+    train = write_jsonl(tmp_path / "train.jsonl", synthetic("classification", 32, 0))
+    run_dir, extra = tmp_path / "run", [*LP_FT, "finetune.transfer_layers=3", "train.keep_last=2"]
+    result = finetune(trained_runs["tp1"], "classification", train, train, run_dir, "parallel.pp=2", *extra, nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = train_losses(run_dir)
+    assert [steps[s]["phase"] for s in (1, 2, 3, 4)] == ["head", "head", "full", "full"]
+    start = built(trained_runs["tp1"], train, tmp_path / "x", *extra)
+    after_head, after_full = (megatron_weights(start[None], run_dir / "checkpoints" / f"step_{s}") for s in (2, 4))
+    names = body(start)
+    assert same(after_head, start, names) == names  # bit-identical: no gradient, no decay, no momentum
+    assert not same(after_head, start, [f"{HEAD}weight", f"{HEAD}bias"])  # the head trained
+    matrices = [n for n in names if n.endswith(".weight") and after_full[n].ndim == 2]
+    assert not same(after_full, after_head, matrices)  # every matrix of the body moves in full fine-tuning
+
+
+@pytest.mark.slow
+def test_head_only_epochs_on_deepspeed_and_a_resume_inside_the_phase(trained_runs, tmp_path: Path) -> None:  # noqa: ANN001
+    """DeepSpeed (ZeRO-1, dp=1): the body is unchanged through the head-only steps; a run resumed
+    from a checkpoint inside the phase continues in it and then fine-tunes exactly as the
+    uninterrupted run does (the fresh optimizer state at the first full step included)."""
+    import torch
+
+    train = write_jsonl(tmp_path / "train.jsonl", synthetic("classification", 32, 0))
+    run_dir, extra = tmp_path / "run", [*LP_FT, "parallel=zero1", "train.save_every=1", "train.keep_last=4"]
+    result = finetune(trained_runs["tp1"], "classification", train, train, run_dir, *extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    start = built(trained_runs["tp1"], train, tmp_path / "x", *LP_FT)
+    saved = {s: deepspeed_weights(run_dir / "checkpoints" / f"step_{s}") for s in (1, 2, 4)}
+    names = body(start)
+    assert same(saved[1], start, names) == names and same(saved[2], start, names) == names
+    assert not same(saved[2], saved[1], [f"{HEAD}weight"])
+    assert not same(saved[4], saved[2], [n for n in names if n.endswith("linear_fc1.weight")])
+    optimizer = torch.load(run_dir / "checkpoints" / "step_3" / OPTIM_STATES, weights_only=False)
+    adam = optimizer["optimizer_state_dict"]["base_optimizer_state"]["state"].values()
+    assert [int(s["step"]) for s in adam] == [1, 1]  # full fine-tuning started with a fresh AdamW
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run_dir, resumed)
+    for s in (2, 3, 4):
+        shutil.rmtree(resumed / "checkpoints" / f"step_{s}")
+    (resumed / "checkpoints" / "latest").write_text("step_1\n")
+    result = finetune(trained_runs["tp1"], "classification", train, train, resumed, *extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    again, reference = train_losses(resumed), train_losses(run_dir)
+    for step in (2, 3, 4):
+        assert (again[step]["phase"], again[step]["loss"]) == (reference[step]["phase"], reference[step]["loss"])
+    # another phase length (or transfer) on resume is refused (one line: a UserError)
+    from conf.errors import UserError
+    from parallel.train_state import TrainState
+
+    step_dir = resumed / "checkpoints" / "step_4"
+    for change in ("finetune.head_only_epochs=2", "finetune.transfer_layers=2"):
+        cfg, task = finetune_task(trained_runs["tp1"], train, resumed, *extra, change)
+        with pytest.raises(UserError, match=re.escape(f"{change}, but run.dir={resumed} holds a run with")):
+            task.check_resume(cfg, TrainState.read(step_dir), step_dir)
