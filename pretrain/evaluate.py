@@ -5,6 +5,8 @@ the paths and, for ``sentiment``, the answer choices (the label set of the evalu
 file), writes the tasks into ``run.dir/tasks`` and runs lm-eval offline on them once per k.
 ``run.dir`` must be new, empty or an earlier gpt-eval's (``EVAL_DIR_NAMES``): gpt-eval rewrites
 its own files there and refuses a directory holding anything else, before any work.
+In-loop evaluation (``gpt-pretrain eval.every_steps=N``, ``pretrain/in_loop_eval.py``) fills in
+the same task files through :data:`BUILDERS`, from the same ``eval.*`` keys.
 """
 
 from __future__ import annotations
@@ -82,6 +84,8 @@ def perplexity_task(cfg: DictConfig, task_dir: Path) -> None:
         raise UserError(f"eval.perplexity.path={path}: no such file") from exc
     except UnicodeDecodeError as exc:
         raise UserError(f"eval.perplexity.path={path}: not UTF-8 text") from exc
+    except OSError as exc:  # a directory, no permission
+        raise UserError(f"eval.perplexity.path={path}: cannot be read ({exc.strerror or exc})") from exc
     docs = [d.strip() for d in text.split("\n\n") if d.strip()]
     if not docs:
         raise UserError(f"eval.perplexity.path={path}: empty")

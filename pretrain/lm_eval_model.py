@@ -9,11 +9,16 @@ In process, ``GPTPretrainLM(load_model(...))`` (gpt-eval). From a shell, by name
 ``lm_eval.models`` entry point in pyproject.toml; ``pretrain/lm_eval_cli.py`` for lm-eval 0.4.13)::
 
     lm_eval --model gpt-pretrain --model_args checkpoint=RUN_DIR[,max_length=N] --tasks ... --device cpu
+
+:class:`InLoopLM` is the same request handling over the training engine's model (in-loop
+evaluation, ``pretrain/in_loop_eval.py``): rows are built here exactly as for a checkpoint, so
+both score the same tokens.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,12 +28,25 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simpl
 from tqdm import tqdm
 
 from conf.errors import UserError
+from data.tokenizer import Tokenizer
 from pretrain.inference import LoadedModel, load_model
 from pretrain.sampling import sample
 
 DEFAULT_BATCH_SIZE = 32  # batch_size=auto, and gpt-eval's default
 # model_args (and what lm-eval adds from --batch_size, --max_batch_size, --device)
 MODEL_ARGS = ("checkpoint", "batch_size", "max_batch_size", "max_length", "device")
+# one scored window: (its tokens, how many of its last tokens are the continuation scored)
+Row = tuple[list[int], int]
+
+
+def window_rows(pairs: list[tuple[list[int], list[int]]], window: int) -> list[Row]:
+    """(context, continuation) token pairs as windows of at most ``window`` + 1 tokens, truncated from
+    the left (lm-eval's convention); a continuation longer than the window keeps its last tokens."""
+    rows = []
+    for context, continuation in pairs:
+        row = (context + continuation)[-(window + 1) :]
+        rows.append((row, min(len(continuation), len(row) - 1)))
+    return rows
 
 
 def _positive_int(name: str, value: object, expected: str = "a positive integer") -> int:
@@ -77,6 +95,8 @@ class GPTPretrainLM(LM):
     ) -> None:
         super().__init__()
         self.loaded, self.batch_size = loaded, batch_size
+        self.tokenizer: Tokenizer = loaded.tokenizer
+        self.progress = True  # tqdm bars for long request lists
         seq_len = loaded.context
         self.max_length = seq_len if max_length is None else _positive_int("max_length", max_length)
         if self.max_length > seq_len:
@@ -128,51 +148,53 @@ class GPTPretrainLM(LM):
             return self.loaded.log_probs(inputs.to(self._device)).cpu()
 
     def _encode(self, text: str) -> list[int]:
-        return self.loaded.tokenizer.encode(text)
+        return self.tokenizer.encode(text)
 
     def score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """(sum of log-probabilities of each continuation given its context, is it the greedy one)."""
-        window = self.max_length
+        rows = window_rows(pairs, self.max_length)
         out: list[tuple[float, bool]] = []
-        for start in range(0, len(pairs), self.batch_size):
-            chunk = pairs[start : start + self.batch_size]
-            rows = [(ctx + cont)[-(window + 1) :] for ctx, cont in chunk]
-            width = max(len(r) for r in rows) - 1
-            inputs = torch.zeros(len(rows), width, dtype=torch.long)
-            for i, row in enumerate(rows):
+        for start in range(0, len(rows), self.batch_size):
+            chunk = rows[start : start + self.batch_size]
+            width = max(len(row) for row, _ in chunk) - 1
+            inputs = torch.zeros(len(chunk), width, dtype=torch.long)
+            for i, (row, _) in enumerate(chunk):
                 inputs[i, : len(row) - 1] = torch.tensor(row[:-1])
             logprobs = self._log_probs(inputs)
-            for i, ((_, cont), row) in enumerate(zip(chunk, rows, strict=True)):
+            for i, (row, scored) in enumerate(chunk):
                 n = len(row) - 1
-                targets = torch.tensor(cont[-n:] if len(cont) > n else cont)
-                positions = torch.arange(n - len(targets), n)
+                targets = torch.tensor(row[n + 1 - scored :], dtype=torch.long)
+                positions = torch.arange(n - scored, n)
                 token_lp = logprobs[i, positions, targets]
                 greedy = bool((logprobs[i, positions].argmax(-1) == targets).all())
                 out.append((float(token_lp.sum()), greedy))
         return out
 
     def loglikelihood(self, requests: list[Any]) -> list[tuple[float, bool]]:
-        eot = self.loaded.tokenizer.eot_id
+        eot = self.tokenizer.eot_id
         pairs = []
         for request in requests:
             context, continuation = request.args
             pairs.append((self._encode(context) or [eot], self._encode(continuation)))
-        return [result for result in tqdm(self.score(pairs), desc="loglikelihood", disable=len(pairs) < 64)]
+        quiet = not self.progress or len(pairs) < 64
+        return [result for result in tqdm(self.score(pairs), desc="loglikelihood", disable=quiet)]
 
     def loglikelihood_rolling(self, requests: list[Any]) -> list[float]:
-        eot, window = self.loaded.tokenizer.eot_id, self.max_length
-        results = []
-        for request in tqdm(requests, desc="rolling", disable=len(requests) < 4):
+        """Every document's disjoint windows, scored together (batches span documents), summed per document."""
+        eot, window = self.tokenizer.eot_id, self.max_length
+        pairs: list[tuple[list[int], list[int]]] = []
+        spans = []
+        for request in tqdm(requests, desc="rolling", disable=not self.progress or len(requests) < 4):
             (text,) = request.args
-            windows = [
-                make_disjoint_window(w)
-                for w in get_rolling_token_windows(self._encode(text), eot, max_seq_len=window, context_len=1)
-            ]
-            results.append(sum(lp for lp, _ in self.score(windows)))
-        return results
+            windows = get_rolling_token_windows(self._encode(text), eot, max_seq_len=window, context_len=1)
+            start = len(pairs)
+            pairs += [make_disjoint_window(w) for w in windows]
+            spans.append((start, len(pairs)))
+        scores = self.score(pairs)
+        return [sum(lp for lp, _ in scores[a:b]) for a, b in spans]
 
     def generate_until(self, requests: list[Any]) -> list[str]:
-        tokenizer = self.loaded.tokenizer
+        tokenizer = self.tokenizer
         outputs = []
         for request in requests:
             context, gen_kwargs = request.args
@@ -192,3 +214,35 @@ class GPTPretrainLM(LM):
                 text = text.split(stop)[0] if stop else text
             outputs.append(text)
         return outputs
+
+
+class InLoopLM(GPTPretrainLM):
+    """gpt-eval's request handling over the model being trained (``pretrain/in_loop_eval.py``).
+
+    The model lives in the training engine, split over tp/pp ranks, so there is no
+    :class:`LoadedModel` and no logits here: ``score_rows`` returns each row's summed
+    log-probability of its scored tokens (from the training loss, the same numbers). Hence
+    ``is_greedy`` is always False (the argmax is not computed; the bundled tasks use only
+    the sums) and generation tasks are refused.
+    """
+
+    def __init__(
+        self, tokenizer: Tokenizer, max_length: int, batch_size: int, score_rows: Callable[[list[Row]], list[float]]
+    ) -> None:
+        LM.__init__(self)  # not GPTPretrainLM's: there is no checkpoint to load
+        self.tokenizer, self.max_length, self.batch_size = tokenizer, max_length, batch_size
+        self.score_rows = score_rows
+        self.progress = False  # the training log gets one line per evaluation instead
+
+    def score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        rows = window_rows(pairs, self.max_length)
+        out: list[tuple[float, bool]] = []
+        for start in range(0, len(rows), self.batch_size):
+            out += [(logprob, False) for logprob in self.score_rows(rows[start : start + self.batch_size])]
+        return out
+
+    def generate_until(self, requests: list[Any]) -> list[str]:
+        raise NotImplementedError(
+            "generation tasks (generate_until) are not evaluated in the training loop: "
+            "run gpt-eval or lm_eval --model gpt-pretrain on a checkpoint"
+        )
