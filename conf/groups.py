@@ -229,6 +229,68 @@ class LoggingConfig:
         _at_least("logging.console_every", self.console_every, 1)
 
 
+EVAL_BUNDLED_TASKS = ("sentiment", "perplexity")  # conf/eval_tasks/, filled in by pretrain/evaluate.py
+
+
+@dataclass
+class SentimentEvalConfig:
+    """gpt-eval's ``eval.sentiment`` keys: multiple choice over a text/label JSONL."""
+
+    path: str | None = None  # JSONL with text/label (e.g. ../shared/data/rotten_tomatoes.validation.jsonl)
+    fewshot_path: str | None = None  # where few-shot examples come from (default: path, minus the document)
+    text_field: str = "text"
+    label_field: str = "label"
+
+
+@dataclass
+class PerplexityEvalConfig:
+    """gpt-eval's ``eval.perplexity`` keys: rolling log-likelihood of a text file."""
+
+    path: str | None = None  # a text file; blank-line-separated paragraphs are its documents
+
+
+@dataclass
+class EvalConfig:
+    """In-loop evaluation of gpt-pretrain (``pretrain/in_loop_eval.py``): lm-eval tasks on the weights
+    being trained, every ``every_steps`` steps and at the last. The task keys are gpt-eval's, so one
+    task file serves both; a task's missing path is refused here, before training, because a run
+    that meant to evaluate and cannot should not find out hours later."""
+
+    every_steps: int | None = 0  # 0 / null: off
+    tasks: list[str] = field(default_factory=list)  # sentiment, perplexity, or paths of lm-eval task YAMLs
+    num_fewshot: int = 0  # in-context examples (k) of every task
+    batch_size: int = 32  # sequences per scoring round (split over the data-parallel ranks)
+    limit: int | None = None  # only the first N documents of each task
+    seed: int = 1234  # few-shot sampling (gpt-eval's seed)
+    sentiment: SentimentEvalConfig = field(default_factory=SentimentEvalConfig)
+    perplexity: PerplexityEvalConfig = field(default_factory=PerplexityEvalConfig)
+
+    def check(self) -> None:
+        _at_least("eval.every_steps", self.every_steps, 0)
+        _at_least("eval.num_fewshot", self.num_fewshot, 0)
+        _at_least("eval.batch_size", self.batch_size, 1)
+        _at_least("eval.limit", self.limit, 1)
+        if not self.every_steps:
+            return  # off: the tasks are not read
+        if not self.tasks:
+            raise UserError(
+                f"eval.every_steps={self.every_steps}: eval.tasks is empty "
+                f"(bundled: {', '.join(EVAL_BUNDLED_TASKS)}; or the path of an lm-eval task YAML)"
+            )
+        for task in self.tasks:
+            if task in EVAL_BUNDLED_TASKS:
+                if not getattr(self, task).path:
+                    what = "JSONL (text/label)" if task == "sentiment" else "TEXT_FILE"
+                    raise UserError(f"eval.tasks=[{task}] needs eval.{task}.path={what}")
+            elif not str(task).endswith((".yaml", ".yml")):
+                raise UserError(
+                    f"eval.tasks: unknown task {task!r} (bundled: {', '.join(EVAL_BUNDLED_TASKS)}; "
+                    "or the path of an lm-eval task YAML)"
+                )
+            elif not Path(task).expanduser().is_file():
+                raise UserError(f"eval.tasks: {task}: no such file")
+
+
 @dataclass
 class RunConfig:
     dir: str = "runs/${model.name}"  # resumes automatically when it holds a checkpoint

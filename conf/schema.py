@@ -24,6 +24,7 @@ from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBas
 from conf.errors import UserError
 from conf.groups import (
     DataConfig,
+    EvalConfig,
     FinetuneConfig,
     InitConfig,
     LoggingConfig,
@@ -45,6 +46,7 @@ class PretrainRoot:
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # in-loop lm-eval (off unless eval.every_steps)
 
 
 @dataclass
@@ -70,6 +72,7 @@ GROUPS: dict[str, type] = {
     "init": InitConfig,
     "task": TaskConfig,
     "finetune": FinetuneConfig,
+    "eval": EvalConfig,
 }
 ROOTS: dict[str, type] = {"config": PretrainRoot, "finetune": FinetuneRoot}  # config file -> its schema
 

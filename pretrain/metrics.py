@@ -1,4 +1,5 @@
-"""Run-dir logging: ``metrics.jsonl``, console progress, wandb (offline by default), ``loss.png``.
+"""Run-dir logging: ``metrics.jsonl``, console progress, wandb (offline by default), ``loss.png``,
+``eval.png`` (in-loop evaluation's ``eval/<task>/<metric>`` over steps).
 
 Only rank 0 writes. On resume, lines for steps after the checkpoint (logged by the
 run that was killed) are dropped so that the file reads as one uninterrupted run.
@@ -88,6 +89,10 @@ class Metrics:
         if self.wandb is not None:
             self.wandb.finish()
         plot_losses(self.run_dir)
+        try:
+            plot_evals(self.run_dir)
+        except Exception as exc:  # noqa: BLE001 - a plot never fails a finished run
+            print(f"warning: eval.png not drawn ({type(exc).__name__}: {exc})", file=sys.stderr)
 
 
 def _init_wandb(cfg: DictConfig, run_dir: Path, mode: str) -> Any:
@@ -131,6 +136,37 @@ def plot_losses(run_dir: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     out = run_dir / "loss.png"
+    fig.savefig(out, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+def plot_evals(run_dir: Path) -> Path | None:
+    """``eval.png``: every ``eval/<task>/<metric>`` of ``metrics.jsonl`` over steps, one panel each
+    (their scales differ: accuracy in [0, 1], perplexities in the tens or more)."""
+    records = read_metrics(run_dir)
+    keys = sorted({k for r in records for k in r if k.startswith("eval/")})
+    if not keys:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(3, len(keys))
+    rows = -(-len(keys) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys, strict=False):
+        points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points, strict=True), "o-")
+        ax.set_title(key.removeprefix("eval/"), fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    out = run_dir / "eval.png"
     fig.savefig(out, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return out

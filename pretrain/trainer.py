@@ -2,9 +2,10 @@
 
 It owns, in this order: topology → run dir and checkpoints (verified, with fallback) →
 resume guards → preemption and watchdog → engine → the task's batches → the step loop
-(skip policy, metrics, checkpoint before evaluation, preemption agreement) → the task's
-final outputs. A task (``pretrain/tasks/``) supplies only the model and its loss, the
-batches, what it logs and how it evaluates.
+(skip policy, metrics, checkpoint before evaluation, in-loop lm-eval, preemption agreement) →
+the task's final outputs. The step clock restarts after a step's saves and evaluations, so
+``tokens_per_s`` counts training only. A task (``pretrain/tasks/``) supplies only the model and
+its loss, the batches, what it logs and how it evaluates.
 """
 
 from __future__ import annotations
@@ -199,6 +200,7 @@ class Trainer:
             metrics.log({"step": step, **event}, console=False)
         task.begin(run_dir, step)
         eval_every, save_every = task.cadence(cfg)
+        in_loop = getattr(task, "in_loop_eval", None)  # eval.every_steps (pretraining; pretrain/in_loop_eval.py)
         async_save = bool(cfg.train.async_save)
         last_eval, stopped = None, None
 
@@ -257,6 +259,11 @@ class Trainer:
                     last_eval = task.evaluate(engine, topo, watchdog.beat)
                 if last_eval:
                     metrics.log({"step": step, **last_eval}, console=True)
+            if in_loop is not None and in_loop.due(step, last):  # after the save; never stops training
+                with watchdog.watch("in-loop evaluation (eval.tasks)", step):
+                    record = in_loop.run(engine, topo, step, watchdog.beat)
+                if record:
+                    metrics.log({"step": step, **record}, console=True)
             with watchdog.watch("preemption-signal agreement", step):
                 stopped = stop.agreed() if not last else None
             if stopped is not None:

@@ -25,13 +25,19 @@ from parallel.engine import Engine, ModelSpec, StepResult
 from parallel.topology import Topology, compute_device
 from parallel.train_state import TrainState
 from pretrain.flops import peak_flops
+from pretrain.in_loop_eval import InLoopEval
 from pretrain.metrics import truncate_after
 from pretrain.model import build_gpt, flops_per_token, position_ids, transformer_config
 from pretrain.resume import check_data, data_identity
 
 
 def lm_forward_step(data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Callable]:
-    """One micro-batch of token windows through this stage; the loss is the masked mean token loss."""
+    """One micro-batch of token windows through this stage; the loss is the masked mean token loss.
+
+    A batch carrying a ``row_sums`` list gets its per-sequence sums of masked token losses appended
+    (on the last pipeline stage, where the loss exists): the engines reduce only named scalars, and
+    in-loop evaluation needs one log-likelihood per sequence from the same forward and loss.
+    """
     batch = next(data_iterator)
     device = compute_device()
     tokens = batch["tokens"].to(device, non_blocking=True)
@@ -42,6 +48,8 @@ def lm_forward_step(data_iterator: Any, model: torch.nn.Module) -> tuple[torch.T
         mask = batch["mask"].to(device, non_blocking=True)
         loss_sum = (per_token.float() * mask).sum()
         count = mask.sum()
+        if "row_sums" in batch:  # in-loop evaluation asks for each sequence's sum (pretrain/in_loop_eval.py)
+            batch["row_sums"].append((per_token.double() * mask).sum(-1).detach().cpu())
         return loss_sum / count.clamp(min=1), {"loss_sum": loss_sum.detach(), "tokens": count}
 
     return output, loss_func
@@ -121,6 +129,8 @@ class PretrainTask:
         self.files = (self.manifest.directory / TOKENIZER_FILE,)
         self.cfg = cfg
         self.sample_log: Any = None
+        # eval.every_steps: lm-eval tasks on the current weights; task files checked here, before any work
+        self.in_loop_eval = InLoopEval.from_config(cfg, self.manifest.directory)
 
     def configure(self, cfg: DictConfig) -> None:
         pass
@@ -187,6 +197,8 @@ class PretrainTask:
     ) -> dict:
         if self.sample_log is not None:
             self.sample_log.close()
+        if self.in_loop_eval is not None:
+            self.in_loop_eval.close()
         val_loss = (last_eval or {}).get("val_loss")
         if topo.rank == 0 and val_loss is not None:
             print(f"val_loss {val_loss:.4f} (whole validation split, step {step})", flush=True)

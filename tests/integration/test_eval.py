@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -134,3 +135,116 @@ def test_lm_eval_cli_knows_gpt_pretrain_by_name(trained_runs, tmp_path: Path) ->
         GPTPretrainLM.create_from_arg_string(f"checkpoint={tmp_path / 'none'}")
     with pytest.raises(UserError, match="seq_len"):
         GPTPretrainLM.create_from_arg_obj({"checkpoint": str(checkpoint), "max_length": 65}, {"batch_size": "8"})
+
+
+# In-loop evaluation (gpt-pretrain eval.every_steps): lm-eval on the weights being trained, at any layout.
+IN_LOOP_TRAIN = [
+    "model=tiny",
+    "train.micro_batch=4",
+    "train.global_batch=8",
+    "train.max_steps=4",
+    "train.eval_every=0",
+    "train.eval_batches=1",
+    "train.sample_tokens=0",
+    "logging.wandb=disabled",
+    "logging.progress_bar=false",
+    "eval.every_steps=2",  # at steps 2 and 4
+    "eval.num_fewshot=0",
+]
+# a task file that lm-eval accepts but cannot evaluate: its documents have no field "nope"
+BROKEN_TASK = """task: broken
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+output_type: loglikelihood
+test_split: test
+doc_to_text: "{{{{ nope.field }}}}"
+doc_to_target: " x"
+metric_list:
+  - metric: acc
+"""
+
+
+def in_loop_inputs(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A short text, 16 labelled reviews of both labels, and a task YAML that raises."""
+    import random
+
+    text = tmp_path / "small.txt"
+    text.write_text("\n\n".join(TINYSHAKESPEARE.read_text().split("\n\n")[:4]) + "\n")
+    lines = VALIDATION.read_text().splitlines()
+    reviews = tmp_path / "reviews.jsonl"
+    reviews.write_text("\n".join(random.Random(0).sample(lines, 16)) + "\n")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(BROKEN_TASK.format(data=reviews))
+    return text, reviews, broken
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_in_loop_eval_equals_gpt_eval_and_survives_a_failing_task(
+    char_shards: Path, tmp_path: Path, layout: str
+) -> None:
+    """At tp=2 and at pp=2 the in-loop metrics of the last step are gpt-eval's on that step's
+    checkpoint; a task that raises is one warning per evaluation and training goes on."""
+    from omegaconf import OmegaConf
+
+    from pretrain.evaluate import run_lm_eval
+    from tests.conftest import REPO
+    from tests.distributed import torchrun
+
+    text, reviews, broken = in_loop_inputs(tmp_path)
+    run_dir = tmp_path / "run"
+    tasks = f"eval.tasks=[perplexity,sentiment,{broken}]"
+    paths = [f"eval.perplexity.path={text}", f"eval.sentiment.path={reviews}"]
+    parallel = "parallel.tp=2" if layout == "tp2" else "parallel.pp=2"
+    result = torchrun(2, f"data.dir={char_shards}", f"run.dir={run_dir}", *IN_LOOP_TRAIN, tasks, *paths, parallel)
+
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: in-loop evaluation")]
+    assert len(warnings) == 2 and all(str(broken) in w for w in warnings), result.stderr[-3000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows if "loss" in r) == 4  # trained past the failure at step 2
+    evals = {r["step"]: r for r in rows if "eval_time_s" in r}
+    assert sorted(evals) == [2, 4] and all(r["eval_failures"] == 1 and r["eval_time_s"] > 0 for r in evals.values())
+    assert (run_dir / "eval.png").is_file() and (run_dir / "loss.png").is_file()
+
+    cfg = OmegaConf.load(REPO / "conf" / "eval.yaml")
+    cfg.pop("defaults")
+    cfg.checkpoint, cfg.run.dir = str(run_dir / "checkpoints" / "step_4"), str(tmp_path / "gpt-eval")
+    cfg.tasks, cfg.num_fewshot = ["perplexity", "sentiment"], 0
+    cfg.eval.perplexity.path, cfg.eval.sentiment.path = str(text), str(reviews)
+    want = run_lm_eval(cfg)[0]["results"]
+    compared = 0
+    for task, metrics in want.items():
+        for name, value in metrics.items():
+            if isinstance(value, float) and "stderr" not in name:
+                got = evals[4][f"eval/{task}/{name.split(',')[0]}"]
+                assert got == pytest.approx(value, rel=1e-4, abs=1e-4), (task, name)
+                compared += 1
+    assert compared == 4  # word/byte perplexity, bits per byte, accuracy
+
+
+def test_in_loop_eval_config_errors_before_training(char_shards: Path, tmp_path: Path) -> None:
+    """What gpt-pretrain checks before any work (validate, then the task's InLoopEval): one line each."""
+    from conf.cli import compose
+    from conf.errors import UserError
+    from conf.schema import validate
+    from pretrain.in_loop_eval import InLoopEval
+
+    base = [f"data.dir={char_shards}", "eval.every_steps=2"]
+    cases = [
+        (["eval.tasks=[sentiment]"], "eval.tasks=[sentiment] needs eval.sentiment.path=JSONL (text/label)"),
+        (["eval.tasks=[perplexity]"], "eval.tasks=[perplexity] needs eval.perplexity.path=TEXT_FILE"),
+        ([], "eval.every_steps=2: eval.tasks is empty"),
+        (["eval.tasks=[hellaswag]"], "eval.tasks: unknown task 'hellaswag'"),
+        ([f"eval.tasks=[{tmp_path}/none.yaml]"], "none.yaml: no such file"),
+        (["eval.every_steps=-1"], "eval.every_steps=-1: must be >= 0"),
+    ]
+    for args, line in cases:
+        with pytest.raises(UserError, match=re.escape(line)):
+            validate(compose([*base, *args]))
+    validate(compose([f"data.dir={char_shards}", "eval.tasks=[sentiment]"]))  # off: the tasks are not read
+    cfg = compose([*base, "eval.tasks=[sentiment]", f"eval.sentiment.path={tmp_path}/none.jsonl"])
+    validate(cfg)
+    with pytest.raises(UserError, match="none.jsonl: no such file"):  # the task files, read at the task's start
+        InLoopEval.from_config(cfg, char_shards)
