@@ -255,23 +255,31 @@ class InLoopEval:
             return {}
         start = time.perf_counter()
         record: dict[str, Any] = {}
-        failures = 0
+        failed: list[str] = []
+        pending = list(self.tasks)
+
+        def warn(what: str, exc: Exception) -> None:
+            print(
+                f"warning: in-loop evaluation of {what} failed at step {step} ({_one_line(exc)}); training goes on",
+                file=sys.stderr,
+                flush=True,
+            )
+
         try:
             with preserved_rng(), quiet_lm_eval():
-                for task in self.tasks:
+                while pending:
+                    task = pending.pop(0)
                     try:
                         record.update(self._evaluate(task, scorer))
                     except Exception as exc:  # noqa: BLE001 - an evaluation never stops training
-                        failures += 1
-                        print(
-                            f"warning: in-loop evaluation of {task} failed at step {step} "
-                            f"({_one_line(exc)}); training goes on",
-                            file=sys.stderr,
-                            flush=True,
-                        )
+                        failed.append(task)
+                        warn(task, exc)
+        except Exception as exc:  # noqa: BLE001 - lm-eval itself could not be set up (or torn down)
+            failed += pending
+            warn(", ".join(pending) or "the tasks", exc)
         finally:
             scorer.done()
-        return {**record, "eval_time_s": time.perf_counter() - start, "eval_failures": failures}
+        return {**record, "eval_time_s": time.perf_counter() - start, "eval_failures": len(failed)}
 
     def _evaluate(self, task: str, scorer: RowScorer) -> dict[str, float | None]:
         from lm_eval import simple_evaluate

@@ -146,6 +146,7 @@ IN_LOOP_TRAIN = [
     "train.eval_every=0",
     "train.eval_batches=1",
     "train.sample_tokens=0",
+    "train.peak_tflops=1",  # no peak measurement at start (MFU is not looked at here)
     "logging.wandb=disabled",
     "logging.progress_bar=false",
     "eval.every_steps=2",  # at steps 2 and 4
