@@ -190,6 +190,8 @@ def test_pretraining_continues_from_an_imported_model_at_tp2(imported, tmp_path:
         "train.global_batch=4",
         "train.eval_every=0",
         "train.sample_tokens=0",
+        "train.save_every=1",
+        "train.keep_last=1",
         "logging.wandb=disabled",
         "logging.progress_bar=false",
     ]
@@ -197,7 +199,12 @@ def test_pretraining_continues_from_an_imported_model_at_tp2(imported, tmp_path:
     assert refused.returncode == 2 and "another tokenizer" in refused.stderr, refused.stderr[-2000:]
     result = torchrun(2, *args, f"data.dir={tmp_path / 'data'}", "parallel.tp=2")
     assert "continuing from the model weights" in result.stdout and "transformers:llama" in result.stdout
-    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_0", "step_2"]
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == [
+        "step_0",
+        "step_2",
+    ]  # keep_last=1 spares step_0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("event") == "init_weights" for r in rows)
 
 
 def test_unsupported_sources_and_outputs_are_refused_in_one_line(tmp_path: Path) -> None:

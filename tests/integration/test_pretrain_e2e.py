@@ -151,33 +151,3 @@ def test_bf16_mixed_precision_trains_and_resumes(char_shards: Path, tmp_path: Pa
     assert second.returncode == 0 and "resumed from" in second.stdout, second.stderr[-3000:]
     steps = losses(run)
     assert sorted(steps) == list(range(1, 7)) and steps[6] < steps[1]
-
-
-@pytest.mark.slow
-def test_continues_from_a_weights_only_checkpoint_at_another_layout(
-    trained_runs: dict[str, Path], tmp_path: Path
-) -> None:
-    """A weights-only step (what gpt-import writes) in run.dir: training continues from its weights,
-    resharded to pp=2, with a new optimizer and data order, and the step is never pruned."""
-    from parallel import checksums
-    from tests.distributed import torchrun
-
-    source = trained_runs["tp1"] / "checkpoints" / "step_40"
-    ckpts = tmp_path / "run" / "checkpoints"
-    shutil.copytree(source, ckpts / "step_40")
-    state = json.loads((ckpts / "step_40" / "train_state.json").read_text())
-    (ckpts / "step_40" / "train_state.json").write_text(json.dumps({**state, "weights_only": True, "data": None}))
-    (ckpts / "step_40" / checksums.MANIFEST).unlink()
-    checksums.write_manifest(ckpts / "step_40")
-    (ckpts / "latest").write_text("step_40\n")
-    args = [*FAST, "train.max_steps=42", "train.save_every=1", "train.keep_last=1", "logging.wandb=disabled"]
-    result = torchrun(
-        2, f"data.dir={state['config']['data']['dir']}", f"run.dir={tmp_path / 'run'}", *args, "parallel.pp=2"
-    )
-    assert "continuing from the model weights of" in result.stdout
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert any(r.get("event") == "init_weights" for r in rows)
-    first = losses(tmp_path / "run")[41]
-    fresh = losses(trained_runs["tp1"])[1]
-    assert first < fresh - 0.8, (first, fresh)  # started from the trained weights, not from scratch
-    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_40", "step_42"]  # keep_last=1 spares step_40
