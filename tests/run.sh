@@ -8,4 +8,4 @@ cd "$(dirname "$0")/.."
 source launch/env.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} WANDB_MODE=${WANDB_MODE:-disabled}
 ruff check .
-python -m pytest -q "$@"
+python -m pytest -q --durations=25 "$@"
