@@ -1,19 +1,30 @@
 """gpt-pretrain tokens/s over bare PyTorch loops of the same shape, and torch.compile on over off.
 
-Everything trains ``model=tiny`` (nanoGPT's CPU shape: 4 layers, 4 heads, d=128) with batch
-12 × 64 tokens from the same shards, side by side, alternating, ``--rounds`` times:
+Two rows, each trained with batch 12 × 64 tokens from the same shards, side by side, alternating,
+``--rounds`` times (``--model tiny``, ``llama-tiny`` or ``both``, the default):
+
+``model=tiny`` (nanoGPT's CPU shape: 4 layers, 4 heads, d=128):
 
 - **nanoGPT loop**: nanoGPT's model in plain PyTorch (``nn.Linear``, fused causal SDPA; see
   ``nanogpt_reference.py``), batches in memory, ``torch.optim.AdamW``, clipping -- what a user
-  writes without any framework. This is the reference of the first ratio.
+  writes without any framework. This is the reference of the row's ratio.
 - **same-GPTModel loop**: the same plain loop around this project's megatron-core ``GPTModel``
   (isolates the cost of the framework around the model).
 - **gpt-pretrain**: the real command line (data loader, DDP wrapper, megatron optimizer,
   scheduler, logging), measured from its ``metrics.jsonl``; then again with ``train.compile=true``.
 
-    python benchmarks/throughput.py [--steps 300] [--rounds 2] [--data DIR]
+``model=llama-tiny`` (the same size with rotary positions, RMSNorm, SwiGLU, 4 query heads over
+2 key/value heads, no biases, untied output layer):
 
-The last two lines are the compile ratio and the ratio over the nanoGPT loop (goal >= 1.0).
+- **Llama loop**: the same plain loop around a Llama-shaped model in plain PyTorch
+  (``llama_reference.py``: ``torch.nn.RMSNorm``, rotate-half RoPE in torch, GQA SDPA, SwiGLU), the
+  row's reference; its parameter count is asserted equal to the ``GPTModel``'s (both printed).
+- **same-GPTModel loop** and **gpt-pretrain** as above (no compile run for this row).
+
+    python benchmarks/throughput.py [--model {tiny,llama-tiny,both}] [--steps 300] [--rounds 2] [--data DIR]
+
+Each row prints its ratio gpt-pretrain / bare reference loop (goal >= 1.0); the last line is the
+worst of the rows' ratios.
 """
 
 from __future__ import annotations
@@ -34,11 +45,15 @@ import torch  # noqa: E402
 from benchmarks.common import REPO, prepared_shards, pretrain_tokens_per_s  # noqa: E402
 
 BATCH, SEQ = 12, 64
+MODELS = ("tiny", "llama-tiny")
+REFERENCE = {"tiny": "nanogpt", "llama-tiny": "llama"}  # each row's plain-PyTorch loop
 
 
-def bare_loop(data: Path, steps: int, skip: int, kind: str) -> float:
-    """Median tokens/s of a plain loop (no DDP, no megatron optimizer) over ``kind``'s model:
-    ``nanogpt`` (plain PyTorch) or ``gptmodel`` (this project's megatron-core GPTModel)."""
+def bare_loop(data: Path, steps: int, skip: int, kind: str, preset: str = "tiny") -> tuple[float, int]:
+    """(median tokens/s, parameter count) of a plain loop (no DDP, no megatron optimizer) over
+    ``kind``'s model: ``nanogpt`` or ``llama`` (plain PyTorch) or ``gptmodel`` (this project's
+    megatron-core GPTModel built from ``model=preset``, as gpt-pretrain builds it)."""
+    from benchmarks.llama_reference import Llama
     from benchmarks.nanogpt_reference import NanoGPT
     from conf.cli import compose, quiet_third_party
     from data.shards import load_manifest, read_shard
@@ -46,12 +61,27 @@ def bare_loop(data: Path, steps: int, skip: int, kind: str) -> float:
     from pretrain.model import build_gpt, position_ids, transformer_config
 
     quiet_third_party()
-    cfg = compose(["model=tiny", f"data.dir={data}"])
+    cfg = compose([f"model={preset}", f"data.dir={data}"])
     manifest = load_manifest(data)
     m = cfg.model
     if kind == "nanogpt":
         torch.manual_seed(1337)
         model = NanoGPT(manifest.vocab_size, SEQ, m.num_layers, m.hidden_size, m.num_heads, m.ffn_hidden_size)
+    elif kind == "llama":
+        from pretrain.model import padded_vocab_size
+
+        torch.manual_seed(1337)
+        model = Llama(
+            padded_vocab_size(manifest.vocab_size, m),
+            SEQ,
+            m.num_layers,
+            m.hidden_size,
+            m.num_heads,
+            m.num_query_groups or m.num_heads,
+            m.ffn_hidden_size,
+            theta=float(m.rope_theta),
+            eps=float(m.layernorm_eps),
+        )
     else:
         from parallel import cpu_compat
 
@@ -76,7 +106,7 @@ def bare_loop(data: Path, steps: int, skip: int, kind: str) -> float:
     for step in range(steps):
         start = time.perf_counter()
         batch = rows[torch.randint(0, len(rows), (BATCH,))]
-        if kind == "nanogpt":
+        if kind in ("nanogpt", "llama"):
             loss = model(batch[:, :-1], batch[:, 1:])
         else:
             loss = model(batch[:, :-1], positions, None, labels=batch[:, 1:]).mean()
@@ -86,10 +116,10 @@ def bare_loop(data: Path, steps: int, skip: int, kind: str) -> float:
         optimizer.step()
         if step >= skip:
             rates.append(BATCH * SEQ / (time.perf_counter() - start))
-    return statistics.median(rates)
+    return statistics.median(rates), sum(p.numel() for p in model.parameters())
 
 
-def framework(data: Path, steps: int, skip: int, compile_: bool = False) -> float:
+def framework(data: Path, steps: int, skip: int, compile_: bool = False, preset: str = "tiny") -> float:
     run_dir = Path(tempfile.mkdtemp(prefix="bench-run-"))
     subprocess.run(
         [
@@ -97,7 +127,7 @@ def framework(data: Path, steps: int, skip: int, compile_: bool = False) -> floa
             "-m",
             "pretrain.train",
             f"data.dir={data}",
-            "model=tiny",
+            f"model={preset}",
             f"run.dir={run_dir}",
             f"train.max_steps={steps}",
             f"train.micro_batch={BATCH}",
@@ -118,46 +148,79 @@ def framework(data: Path, steps: int, skip: int, compile_: bool = False) -> floa
     return pretrain_tokens_per_s(run_dir, skip)
 
 
-def bare(data: Path, steps: int, skip: int, kind: str) -> float:
-    """A bare loop in its own process (fresh allocator and threads, like gpt-pretrain)."""
+def bare(data: Path, steps: int, skip: int, kind: str, preset: str = "tiny") -> tuple[float, int]:
+    """A bare loop in its own process (fresh allocator and threads, like gpt-pretrain):
+    (tokens/s, parameter count)."""
     out = subprocess.run(
-        [sys.executable, __file__, "--bare-only", str(data), str(steps), str(skip), kind],
+        [sys.executable, __file__, "--bare-only", str(data), str(steps), str(skip), kind, preset],
         check=True,
         capture_output=True,
         text=True,
     )
-    return float(out.stdout.strip().splitlines()[-1])
+    rate, params = out.stdout.strip().splitlines()[-1].split()
+    return float(rate), int(params)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=(*MODELS, "both"), default="both")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--data", default=None)
     args = parser.parse_args()
+    models = MODELS if args.model == "both" else (args.model,)
     data = prepared_shards(args.data)
     skip = min(20, args.steps // 4)
-    rates: dict[str, list[float]] = {"nanogpt": [], "gptmodel": [], "pretrain": [], "compiled": []}
+    rates: dict[str, dict[str, list[float]]] = {
+        "tiny": {"nanogpt": [], "gptmodel": [], "pretrain": [], "compiled": []},
+        "llama-tiny": {"llama": [], "gptmodel": [], "pretrain": []},
+    }
+    params: dict[str, dict[str, int]] = {preset: {} for preset in MODELS}
     for round_ in range(args.rounds):
-        rates["nanogpt"].append(bare(data, args.steps, skip, "nanogpt"))
-        rates["gptmodel"].append(bare(data, args.steps, skip, "gptmodel"))
-        rates["pretrain"].append(framework(data, args.steps, skip))
-        # compilation happens in the first steps; skip a third of the run
-        rates["compiled"].append(framework(data, args.steps, max(skip, args.steps // 3), compile_=True))
-        print(f"round {round_ + 1}: " + "   ".join(f"{k} {v[-1]:,.0f}" for k, v in rates.items()), flush=True)
-    med = {k: statistics.median(v) for k, v in rates.items()}
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, model=tiny, batch {BATCH}x{SEQ}, tokens/s:")
-    print(f"  nanoGPT-shaped bare loop (plain PyTorch, SDPA): {med['nanogpt']:,.0f}")
-    print(f"  bare loop around the same GPTModel:             {med['gptmodel']:,.0f}")
-    print(f"  gpt-pretrain:                                   {med['pretrain']:,.0f}")
-    print(f"  gpt-pretrain train.compile=true:                {med['compiled']:,.0f}")
-    print(f"ratio gpt-pretrain / same-GPTModel bare loop: {med['pretrain'] / med['gptmodel']:.3f}")
-    print(f"ratio torch.compile on / off (gpt-pretrain): {med['compiled'] / med['pretrain']:.3f}")
-    print(f"ratio gpt-pretrain / nanoGPT bare loop: {med['pretrain'] / med['nanogpt']:.3f}")
+        for preset in models:
+            row = rates[preset]
+            for kind in (REFERENCE[preset], "gptmodel"):
+                rate, params[preset][kind] = bare(data, args.steps, skip, kind, preset)
+                row[kind].append(rate)
+            row["pretrain"].append(framework(data, args.steps, skip, preset=preset))
+            if preset == "tiny":
+                # compilation happens in the first steps; skip a third of the run
+                row["compiled"].append(framework(data, args.steps, max(skip, args.steps // 3), compile_=True))
+            print(
+                f"round {round_ + 1} {preset}: " + "   ".join(f"{k} {v[-1]:,.0f}" for k, v in row.items()), flush=True
+            )
+    ratios: dict[str, float] = {}
+    for preset in models:
+        med = {k: statistics.median(v) for k, v in rates[preset].items()}
+        ref = REFERENCE[preset]
+        threads = torch.get_num_threads()
+        print(f"torch {torch.__version__}, threads {threads}, model={preset}, batch {BATCH}x{SEQ}, tokens/s:")
+        if preset == "tiny":
+            print(f"  nanoGPT-shaped bare loop (plain PyTorch, SDPA): {med['nanogpt']:,.0f}")
+            print(f"  bare loop around the same GPTModel:             {med['gptmodel']:,.0f}")
+            print(f"  gpt-pretrain:                                   {med['pretrain']:,.0f}")
+            print(f"  gpt-pretrain train.compile=true:                {med['compiled']:,.0f}")
+            print(f"ratio gpt-pretrain / same-GPTModel bare loop: {med['pretrain'] / med['gptmodel']:.3f}")
+            print(f"ratio torch.compile on / off (gpt-pretrain): {med['compiled'] / med['pretrain']:.3f}")
+            ratios[preset] = med["pretrain"] / med["nanogpt"]
+            print(f"ratio gpt-pretrain / nanoGPT bare loop: {ratios[preset]:.3f}")
+        else:
+            n_ref, n_gpt = params[preset][ref], params[preset]["gptmodel"]
+            print(f"  parameters: Llama bare loop {n_ref:,}, GPTModel (as gpt-pretrain builds it) {n_gpt:,}")
+            assert n_ref == n_gpt, f"parameter counts differ: Llama reference {n_ref:,} vs GPTModel {n_gpt:,}"
+            print(f"  Llama-shaped bare loop (plain PyTorch, GQA SDPA): {med['llama']:,.0f}")
+            print(f"  bare loop around the same GPTModel:               {med['gptmodel']:,.0f}")
+            print(f"  gpt-pretrain:                                     {med['pretrain']:,.0f}")
+            print(f"ratio gpt-pretrain / same-GPTModel bare loop (llama-tiny): {med['pretrain'] / med['gptmodel']:.3f}")
+            ratios[preset] = med["pretrain"] / med["llama"]
+            print(f"ratio gpt-pretrain / Llama bare loop (llama-tiny): {ratios[preset]:.3f}")
+    each = ", ".join(f"{preset} {r:.3f}" for preset, r in ratios.items())
+    print(f"worst ratio gpt-pretrain / bare loop ({each}): {min(ratios.values()):.3f}")
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--bare-only":
-        print(bare_loop(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]))
+        rate, n_params = bare_loop(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6])
+        print(rate, n_params)
     else:
         main()
