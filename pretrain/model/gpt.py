@@ -21,6 +21,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
@@ -31,9 +32,11 @@ from pretrain.model.layers import (
     BatchFirstEmbedding,
     BatchFirstRotaryEmbedding,
     LocalColumnParallelLinear,
+    LocalMLP,
     LocalRowParallelLinear,
     SDPAttention,
     norm_class,
+    use_local_rotary,
 )
 
 
@@ -135,6 +138,9 @@ class GPT(GPTModel):
                 self.embedding.__class__ = BatchFirstEmbedding
             if self.position_embedding_type == "rope":
                 self.rotary_pos_emb.__class__ = BatchFirstRotaryEmbedding
+        for m in self.modules():
+            if type(m) is MLP and isinstance(m.linear_fc1, LocalColumnParallelLinear):
+                m.__class__ = LocalMLP  # (after construction: megatron passes tp_group only to MLP itself)
         if self.post_process and isinstance(self.output_layer, tensor_parallel.ColumnParallelLinear):
             self.output_layer.__class__ = LocalColumnParallelLinear  # F.linear at tp = 1
             self.output_layer._set_fused(cfg)
@@ -220,6 +226,7 @@ def _layer_spec(config: TransformerConfig, spec: str, attention: str) -> tuple[M
         attention.q_layernorm = attention.k_layernorm = norm
     attention.linear_qkv, attention.linear_proj = LocalColumnParallelLinear, LocalRowParallelLinear
     mlp.linear_fc1, mlp.linear_fc2 = LocalColumnParallelLinear, LocalRowParallelLinear
+    use_local_rotary()
     return layer, norm
 
 

@@ -16,8 +16,10 @@ from megatron.core import tensor_parallel
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer import attention as megatron_attention
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.mlp import MLP
 
 
 class LayerNorm(torch.nn.LayerNorm):
@@ -73,7 +75,10 @@ class SDPAttention(DotProductAttention):
         if packed_seq_params is not None or attention_bias is not None:
             raise NotImplementedError("SDPAttention: packed sequences and attention bias are not supported")
         groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
-        if groups > 1:
+        # GQA: SDPA's own enable_gqa on CPU (no copies of k/v); elsewhere repeat the groups, as
+        # the flash kernels' GQA support is not verified here
+        gqa = groups > 1 and query.device.type == "cpu"
+        if groups > 1 and not gqa:
             key, value = key.repeat_interleave(groups, dim=2), value.repeat_interleave(groups, dim=2)
         if self.batch_first:  # [b, s, heads, head_dim]: views with nanoGPT's strides, no copies
             q, k, v = (t.transpose(1, 2) for t in (query, key, value))
@@ -90,7 +95,7 @@ class SDPAttention(DotProductAttention):
         )
         with rng:
             context = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, scale=self.softmax_scale
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, scale=self.softmax_scale, enable_gqa=gqa
             )
         s, b = context.shape[2], context.shape[0]
         if self.batch_first:
@@ -130,6 +135,78 @@ class LocalRowParallelLinear(_FusedBiasAtTp1, tensor_parallel.RowParallelLinear)
         if self.fused_tp1:
             return F.linear(input_, self.weight, self.bias), None
         return super().forward(input_)
+
+
+class LocalMLP(MLP):
+    """megatron-core's MLP; at tp = 1 a SwiGLU is two ``F.linear`` over the halves of fc1's weight.
+
+    megatron's unfused gated path computes fc1 as one [.., 2f] output and chunks it, so the
+    backward concatenates the two halves' gradients (a full copy per layer); views of the
+    weight give the same function without it. Anything else runs megatron's forward.
+    """
+
+    def forward(self, hidden_states: torch.Tensor, per_token_scale: Any = None, **kwargs: Any):  # noqa: ANN201
+        c, fc1 = self.config, self.linear_fc1
+        plain_swiglu = (
+            per_token_scale is None
+            and c.gated_linear_unit
+            and c.activation_func is F.silu
+            and not c.use_te_activation_func
+            and not c.bias_activation_fusion
+            and c.activation_func_clamp_value is None
+            and c.glu_linear_offset == 0
+            and getattr(fc1, "fused_tp1", False)
+        )
+        if not plain_swiglu:
+            return super().forward(hidden_states, per_token_scale, **kwargs)
+        w_gate, w_up = fc1.weight.chunk(2, dim=0)
+        b_gate, b_up = fc1.bias.chunk(2) if fc1.bias is not None else (None, None)
+        h = F.silu(F.linear(hidden_states, w_gate, b_gate)) * F.linear(hidden_states, w_up, b_up)
+        return self.linear_fc2(h)
+
+
+_megatron_apply_rotary = megatron_attention.apply_rotary_pos_emb
+_rotary_cache: list[Any] = [None, None, None, None]  # freqs, dtype, cos, sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(
+    t: torch.Tensor,
+    freqs: torch.Tensor,
+    config: TransformerConfig,
+    cu_seqlens: torch.Tensor | None = None,
+    mscale: float = 1.0,
+    cp_group: Any = None,
+) -> torch.Tensor:
+    """megatron-core's unfused RoPE (rotate-half, full rotary dim) with cos/sin computed once per forward.
+
+    megatron's version recomputes cos and sin of the same frequencies for q and k of every
+    layer and concatenates an empty pass-through slice (a full copy, forward and backward).
+    Every other case (fusion, packed sequences, interleaved, partial rotary dim, mscale, MLA)
+    goes to megatron's own function.
+    """
+    if (
+        cu_seqlens is not None
+        or config.apply_rope_fusion
+        or config.rotary_interleaved
+        or config.multi_latent_attention
+        or mscale != 1.0
+        or freqs.shape[-1] != t.shape[-1]
+    ):
+        return _megatron_apply_rotary(t, freqs, config, cu_seqlens=cu_seqlens, mscale=mscale, cp_group=cp_group)
+    cache = _rotary_cache
+    if cache[0] is not freqs or cache[1] != t.dtype:  # one frequency tensor reaches every layer
+        cache[:] = [freqs, t.dtype, freqs.cos().to(t.dtype), freqs.sin().to(t.dtype)]
+    return t * cache[2] + _rotate_half(t) * cache[3]
+
+
+def use_local_rotary() -> None:
+    """Route megatron's attention to :func:`apply_rotary_pos_emb` (it calls the module-level name)."""
+    megatron_attention.apply_rotary_pos_emb = apply_rotary_pos_emb
 
 
 class BatchFirstEmbedding(LanguageModelEmbedding):
