@@ -1,0 +1,223 @@
+"""Per-rank memory of a training run, from the config and the topology, without building a model.
+
+Model states (parameters, gradients, optimizer) follow the engines' own layouts: megatron-core's
+DDP buffers and distributed optimizer (``parallel/plan/buffers.py``), DeepSpeed ZeRO 0-3 flat
+partitions (``parallel/plan/zero.py``). Activations are the bytes saved for backward by the local
+spec (``parallel/plan/activations.py``) times the micro-batches a pipeline stage holds at its peak.
+``benchmarks/plan_accuracy.py`` compares every term with a census of a real run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import DictConfig
+
+from parallel.plan import activations as act
+from parallel.plan.buffers import ddp_buffer
+from parallel.plan.params import GPT2_VOCAB, Chunk, Shape, chunks
+from parallel.topology import Topology
+
+ADAM_STEP_BYTES = 4  # torch AdamW keeps a one-element fp32 ``step`` tensor per parameter tensor
+
+
+@dataclass
+class RankMemory:
+    """One rank role's bytes, by kind; ``items`` itemises each kind (``kind.detail``: bytes)."""
+
+    where: str  # e.g. "pp stage 0 (tp rank 0, dp rank 0)"
+    params: int  # on the device
+    grads: int
+    optimizer: int  # Adam moments + fp32 master copy, after sharding; 0 if offloaded
+    activations: int  # peak saved-for-backward bytes incl. pipeline in-flight micro-batches
+    comm_buffers: int  # gradient buckets, all-gather buffers
+    logits: int  # logits and loss of the last stage
+    cpu_offload: int = 0  # bytes in host memory (DeepSpeed offload)
+    items: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        """Device bytes."""
+        return self.params + self.grads + self.optimizer + self.activations + self.comm_buffers + self.logits
+
+    @property
+    def model_states(self) -> int:
+        """Parameters + gradients + optimizer, wherever they live (device and host)."""
+        return self.params + self.grads + self.optimizer + self.cpu_offload
+
+
+@dataclass
+class MemoryPlan:
+    ranks: list[RankMemory]  # one per distinct rank role (at least one per pipeline stage)
+
+    @property
+    def largest(self) -> RankMemory:
+        return max(self.ranks, key=lambda r: r.total)
+
+
+@dataclass(frozen=True)
+class Run:
+    """What the estimate needs beyond the shapes, resolved once from the config."""
+
+    engine: str
+    zero_stage: int
+    offload: bool
+    distributed_optimizer: bool
+    bf16: bool
+    micro_batch: int
+    micro_batches: int  # per step on one dp rank
+    seq: int
+    recompute: str
+    spec: str  # local | te
+    attention: str
+
+    @property
+    def dtype_bytes(self) -> int:
+        return 2 if self.bf16 else 4
+
+
+def resolve_vocab_and_seq(cfg: DictConfig, vocab_size: int | None, seq_len: int | None) -> tuple[int, int]:
+    """The vocabulary and window length: given, else the data manifest's, else GPT-2's vocabulary
+    and ``model.seq_len``."""
+    if vocab_size is not None and seq_len is not None:
+        return vocab_size, seq_len
+    manifest = None
+    if "data" in cfg and cfg.data.get("dir"):
+        from conf.errors import UserError
+        from data.shards import load_manifest
+
+        try:
+            manifest = load_manifest(cfg.data.dir)
+        except (UserError, OSError, ValueError, KeyError):
+            manifest = None
+    vocab = vocab_size if vocab_size is not None else (manifest.vocab_size if manifest else GPT2_VOCAB)
+    seq = seq_len if seq_len is not None else (manifest.seq_len if manifest else int(cfg.model.seq_len))
+    return int(vocab), int(seq)
+
+
+def _run(cfg: DictConfig, topo: Topology, seq: int) -> Run:
+    par, train, model = cfg.parallel, cfg.train, cfg.model
+    dist_opt = str(par.get("distributed_optimizer", "auto")).lower()
+    spec = str(model.get("spec", "auto"))
+    if spec == "auto":
+        spec = "local"  # the planner runs anywhere; ask for model.spec=te to plan the GPU spec
+    return Run(
+        engine=str(par.engine),
+        zero_stage=int(par.get("zero_stage", 0)),
+        offload=str(par.get("offload", "none")) == "cpu",
+        distributed_optimizer=topo.dp > 1 if dist_opt == "auto" else dist_opt == "true",
+        bf16=bool(train.get("bf16", False)),
+        micro_batch=int(train.micro_batch),
+        micro_batches=int(train.global_batch) // (int(train.micro_batch) * topo.dp),
+        seq=seq,
+        recompute=str(model.get("recompute", "none")),
+        spec=spec,
+        attention=str(model.get("attention", "sdpa")),
+    )
+
+
+def _megatron_states(stage: list[Chunk], topo: Topology, run: Run, shape: Shape) -> tuple[dict[str, int], int]:
+    """(items, dp rank with the largest optimizer shard) for one pipeline stage under megatron-core."""
+    e = run.dtype_bytes
+    items: dict[str, int] = {}
+    buffers = []
+    for chunk in stage:
+        numels = [_numel(s) for _, s in chunk.params]
+        shared = [_shared(name, chunk, topo, shape) for name, _ in chunk.params]
+        buffers.append(ddp_buffer(numels, shared, topo.dp, run.distributed_optimizer))
+    padded = sum(b.numel for b in buffers)
+    shards = [sum(b.shard_numel[r] for b in buffers) for r in range(topo.dp)]
+    worst = max(range(topo.dp), key=lambda r: shards[r])
+    items["params.weights"] = padded * e
+    items["grads.main_grad_buffer"] = padded * 4  # grad_reduce_in_fp32
+    own = shards[worst]
+    items["optimizer.adam_moments"] = own * 8
+    if run.bf16:
+        items["optimizer.fp32_master"] = own * 4
+    items["optimizer.adam_step"] = sum(b.shard_tensors[worst] for b in buffers) * ADAM_STEP_BYTES
+    if topo.sequence_parallel:  # megatron's GlobalMemoryBuffer: the all-gathered [s, b, h] input
+        items["comm_buffers.sp_allgather"] = run.seq * run.micro_batch * shape.hidden * e
+    return items, worst
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _shared(name: str, chunk: Chunk, topo: Topology, shape: Shape) -> bool:
+    """megatron marks the tied embedding ``shared_embedding`` only when it spans pipeline stages."""
+    if not shape.tied or topo.pp == 1:
+        return False
+    return (chunk.pre_process and name == "embedding.word_embeddings.weight") or (
+        chunk.post_process and name == "output_layer.weight"
+    )
+
+
+def _activations(stage: list[Chunk], topo: Topology, run: Run, shape: Shape) -> dict[str, int]:
+    """Peak saved bytes of one stage: in-flight chunk-micro-batches x what each saves."""
+    batch_first = topo.tp == 1 and topo.pp == 1 and run.attention == "sdpa" and run.spec == "local"
+    sp, e = topo.sequence_parallel, run.dtype_bytes
+    m = act.Micro(run.seq, run.micro_batch, topo.tp, sp, e, batch_first, run.attention)
+    per_layer = act.layer(shape, m, run.recompute) if run.spec == "local" else {}
+    layer_bytes = sum(per_layer.values()) if per_layer else act.korthikanti(shape, m, run.recompute)
+    pp_rank = stage[0].pp_rank
+    flights = act.in_flight(topo.pp, topo.vpp, pp_rank, run.micro_batches)
+    per_chunk = [c.layers * layer_bytes for c in stage]
+    # the peak holds `flights` chunk-forwards; a stage's chunks are all the same size
+    items = {"activations.layers": flights * per_chunk[0]}
+    first = [c for c in stage if c.pre_process]
+    if first:
+        items["activations.embedding"] = flights * sum(act.embedding(shape, m).values())
+    if any(c.post_process for c in stage):
+        items["activations.final_norm_and_head"] = sum(act.head(shape, m).values())
+    if run.recompute != "none":  # one layer's activations rebuilt during its backward
+        full = act.layer(shape, m, "none") if run.spec == "local" else {"k": act.korthikanti(shape, m, "none")}
+        items["activations.recompute_peak"] = sum(full.values()) - (layer_bytes if run.recompute == "full" else 0)
+    return items
+
+
+def estimate_memory(
+    cfg: DictConfig, topo: Topology, vocab_size: int | None = None, seq_len: int | None = None
+) -> MemoryPlan:
+    """Every pipeline stage's bytes on its largest rank (tp ranks hold the same shapes; the dp rank
+    is the one with the largest optimizer shard). ``vocab_size`` / ``seq_len``: the tokenizer's
+    vocabulary and the data's window, else the data manifest's (``data.dir``), else GPT-2's 50257
+    and ``model.seq_len``."""
+    vocab, seq = resolve_vocab_and_seq(cfg, vocab_size, seq_len)
+    shape = Shape.from_config(cfg.model, vocab)
+    run = _run(cfg, topo, seq)
+    ranks = []
+    for stage in chunks(shape, topo.tp, topo.pp, topo.vpp):
+        if run.engine == "megatron":
+            items, dp_rank = _megatron_states(stage, topo, run, shape)
+        else:
+            from parallel.plan.zero import deepspeed_states
+
+            items, dp_rank = deepspeed_states(stage[0], topo, run, shape, cfg)
+        items.update(_activations(stage, topo, run, shape))
+        if any(c.post_process for c in stage):
+            m = act.Micro(run.seq, run.micro_batch, topo.tp, topo.sequence_parallel, run.dtype_bytes, False)
+            items.update(act.loss(shape, m))
+        where = f"pp stage {stage[0].pp_rank} (tp rank 0, dp rank {dp_rank})"
+        ranks.append(_rank(where, items))
+    return MemoryPlan(ranks)
+
+
+def _rank(where: str, items: dict[str, int]) -> RankMemory:
+    def kind(prefix: str) -> int:
+        return sum(v for k, v in items.items() if k.startswith(prefix + "."))
+
+    return RankMemory(
+        where=where,
+        params=kind("params"),
+        grads=kind("grads"),
+        optimizer=kind("optimizer"),
+        activations=kind("activations"),
+        comm_buffers=kind("comm_buffers"),
+        logits=kind("logits"),
+        cpu_offload=kind("cpu_offload"),
+        items=dict(items),
+    )
