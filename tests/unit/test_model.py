@@ -119,6 +119,42 @@ def test_modern_shape_is_megatrons_and_batch_first_rope_matches(single_process) 
     assert (last[0] - last[1]).abs().max() > 1e-4
 
 
+def test_cpu_fast_paths_equal_megatrons_own(single_process, monkeypatch) -> None:  # noqa: ANN001
+    """The tp = 1 SwiGLU as two linears over fc1's halves, RoPE with cos/sin once per forward and
+    SDPA's own GQA give exactly megatron's MLP forward and rotary embedding (loss and gradients)."""
+    from megatron.core.transformer import attention as megatron_attention
+    from megatron.core.transformer.mlp import MLP
+
+    from pretrain.model import layers
+
+    m = compose(["model=llama-tiny", "data.dir=unused"]).model
+    tokens = torch.randint(0, 67, (2, 33))
+    calls = {"mlp": 0, "rope": 0}
+
+    def counted(name: str, fn):  # noqa: ANN001, ANN202
+        def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    results = []
+    for fast in (False, True):
+        model = build_gpt(m, 67, transformer_config(m), seed=3)
+        mlp, rope = (layers.LocalMLP.forward, layers.apply_rotary_pos_emb) if fast else (MLP.forward, None)
+        monkeypatch.setattr(layers.LocalMLP, "forward", counted("mlp", mlp) if fast else mlp)
+        rope = counted("rope", rope) if fast else layers._megatron_apply_rotary
+        monkeypatch.setattr(megatron_attention, "apply_rotary_pos_emb", rope)
+        loss = model(tokens[:, :-1], position_ids(2, 32), None, labels=tokens[:, 1:]).mean()
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    assert calls == {"mlp": m.num_layers, "rope": 2 * m.num_layers}  # the fast paths did run
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=1e-7)
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grads_b[name], grad, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
 def test_recompute_gives_the_same_loss_and_gradients(single_process, preset: str) -> None:  # noqa: ANN001
     """model.recompute=selective|full (megatron-core's recompute_granularity) changes memory, not maths;
