@@ -34,6 +34,7 @@ from conf.groups import (
     TaskConfig,
     TrainConfig,
 )
+from conf.prepare_schema import PrepareConfig
 
 
 @dataclass
@@ -75,6 +76,7 @@ GROUPS: dict[str, type] = {
     "eval": EvalConfig,
 }
 ROOTS: dict[str, type] = {"config": PretrainRoot, "finetune": FinetuneRoot}  # config file -> its schema
+ROOTS["prepare"] = PrepareConfig  # gpt-prepare's (conf/prepare_schema.py)
 
 
 def register() -> None:
@@ -82,6 +84,7 @@ def register() -> None:
     store = ConfigStore.instance()
     store.store(name="pretrain_schema", node=PretrainRoot)
     store.store(name="finetune_schema", node=FinetuneRoot)
+    store.store(name="prepare_schema", node=PrepareConfig)
     for name, schema in GROUPS.items():  # for users' own configs: `- /schema/train@train`
         store.store(group="schema", name=name, node=schema)
 

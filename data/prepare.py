@@ -1,39 +1,56 @@
 """``gpt-prepare``: documents → tokenizer → fixed-length token windows → webdataset shards.
 
-Documents (``.txt`` files, or ``.jsonl`` lines with a text field) are tokenized
-and joined into one stream with an end-of-text token after each document. The
-stream is split like nanoGPT's: the first ``1 - val_fraction`` of the tokens is
-training data, the rest validation. Each split is cut into windows of
-``seq_len + 1`` tokens with stride ``seq_len`` (window *i* covers tokens
-``[i·seq_len, (i+1)·seq_len]``), so every token is predicted exactly once and a
-split of ``T`` tokens yields ``(T - 1) // seq_len`` windows.
+Documents (``.txt`` files, or ``.jsonl`` lines with a text field; plain, ``.gz`` or ``.zst``) are
+streamed (``data/corpus.py``), tokenized by ``workers`` processes (``data/prepare_pool.py``) and
+joined into one stream with an end-of-text token after each document. The stream is split like
+nanoGPT's: the first ``1 - val_fraction`` of the tokens is training data, the rest validation.
+Each split is cut into windows of ``seq_len + 1`` tokens with stride ``seq_len`` (window *i*
+covers tokens ``[i·seq_len, (i+1)·seq_len]``), so every token is predicted exactly once and a
+split of ``T`` tokens yields ``(T - 1) // seq_len`` windows. The output is byte-identical for any
+``workers``.
+
+The corpus is never held in memory: each input file's tokens go to a part file in a work dir
+beside ``out`` (``data/prepare_work.py``: what makes an interrupted run resumable, file by file);
+once all are done, the shards are cut from the parts. ``dedup=true`` drops exact duplicate
+documents (``data/prepare_dedup.py``). ``bpe`` trains on a bounded sample
+(``tokenizer_sample_bytes``); ``char`` reads the corpus once more for its alphabet.
 
 ``out`` is an owned output directory (``data/output_dir.py``): a new or empty directory,
 or one holding only an earlier gpt-prepare output, which ``overwrite=true`` replaces.
-Anything else in it is refused before any work, and never deleted. Everything is written
-into a hidden temporary directory and swapped into place at the end; a failure leaves
+Anything else in it is refused before any work, and never deleted. Shards and manifest are
+written into a hidden temporary directory and swapped into place at the end; a failure leaves
 ``out`` untouched.
 """
 
 from __future__ import annotations
 
-import glob
+import bisect
+import hashlib
 import json
+import sys
+from concurrent.futures import Executor
 from pathlib import Path
+from typing import Any
 
 import hydra
-import numpy as np
-from omegaconf import DictConfig
-from tqdm import tqdm
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+import conf.schema  # noqa: F401 - registers prepare_schema, which conf/prepare.yaml composes on
 from conf.errors import UserError
-from data.jsonl import iter_jsonl
+from conf.prepare_schema import PrepareConfig
+from data.corpus import corpus_pieces, first_text, resolve_inputs, sample_texts
 from data.output_dir import check_output_dir, owned_output
-from data.shards import FORMAT, MANIFEST, write_manifest, write_shard
-from data.tokenizer import TOKENIZER_FILE, Tokenizer, existing_tokenizer, train_tokenizer
+from data.prepare_dedup import HashSet
+from data.prepare_pool import make_executor, ordered_map, write_shard_task
+from data.prepare_progress import Progress
+from data.prepare_tokenize import tokenize_file
+from data.prepare_work import WorkDir, worth_keeping
+from data.shards import FORMAT, MANIFEST, write_manifest
+from data.tokenizer import TOKENIZER_FILE, BPETokenizer, CharTokenizer, Tokenizer, train_tokenizer
 
-SUFFIXES = (".txt", ".jsonl")
 COMMAND = "gpt-prepare"
+__all__ = ["prepare", "resolve_inputs", "legacy_shard_set"]
 
 
 def legacy_shard_set(out: Path) -> set[str] | None:
@@ -51,119 +68,185 @@ def legacy_shard_set(out: Path) -> set[str] | None:
     return {MANIFEST, TOKENIZER_FILE, *shards}
 
 
-def resolve_inputs(spec: str) -> list[Path]:
-    """A file, a directory (its .txt/.jsonl files, recursively) or a glob → sorted files."""
-    if not spec:
-        raise UserError("input=: empty; give a file, a directory or a glob")
-    path = Path(spec).expanduser()
-    if path.is_file():
-        files = [path]
-    elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
+def typed_config(cfg: DictConfig | PrepareConfig) -> PrepareConfig:
+    """``cfg`` checked against :class:`PrepareConfig` (a config built in Python skips Hydra's check)."""
+    if isinstance(cfg, PrepareConfig):
+        config = cfg
     else:
-        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
-    if not files:
-        raise UserError(f"input={spec}: no such file, or no .txt/.jsonl files match")
-    return files
-
-
-def read_documents(files: list[Path], text_field: str) -> list[str]:
-    """Read every document; a non-UTF-8 file or bad JSONL line is named in the error."""
-    docs: list[str] = []
-    for path in files:
         try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise UserError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from exc
-        if path.suffix == ".jsonl":
-            for lineno, record in iter_jsonl(path, text):
-                if not isinstance(record.get(text_field), str):
-                    raise UserError(f"{path}:{lineno}: no string field {text_field!r}")
-                if record[text_field]:
-                    docs.append(record[text_field])
-        elif text:
-            docs.append(text)
-    if not docs or not any(d.strip() for d in docs):
-        raise UserError(f"input: {', '.join(map(str, files[:3]))}: empty (no text to tokenize)")
-    return docs
+            config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PrepareConfig), cfg))
+        except MissingMandatoryValue as exc:
+            key = str(getattr(exc, "full_key", "") or getattr(exc, "key", "") or "input")
+            raise UserError(f"{key}=: required (pass {key}=...)") from None
+        except OmegaConfBaseException as exc:
+            raise UserError(conf.schema.one_line(exc, config_name="prepare")) from None
+    config.check()
+    return config
 
 
-def tokenize(docs: list[str], tokenizer: Tokenizer, dtype: str) -> np.ndarray:
-    """One token stream, each document followed by end-of-text."""
-    parts = []
-    for doc in tqdm(docs, desc="tokenize", unit="doc", disable=len(docs) < 2):
-        parts.append(np.asarray(tokenizer.encode(doc) + [tokenizer.eot_id], dtype=dtype))
-    return np.concatenate(parts)
+def settings_of(config: PrepareConfig) -> dict[str, Any]:
+    """What the tokens of a part depend on: a resumed run must match these."""
+    settings: dict[str, Any] = {"tokenizer": config.tokenizer, "text_field": config.text_field, "dedup": config.dedup}
+    if config.tokenizer == "bpe":
+        settings.update(vocab_size=config.vocab_size, tokenizer_sample_bytes=config.tokenizer_sample_bytes)
+    if config.tokenizer.startswith("file:"):  # the same path may hold another tokenizer by now
+        path = Path(config.tokenizer.split(":", 1)[1]).expanduser()
+        path = path if path.is_file() else path / TOKENIZER_FILE
+        settings["tokenizer_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return settings
 
 
-def windows(stream: np.ndarray, seq_len: int) -> np.ndarray:
-    """Windows of seq_len+1 tokens with stride seq_len (each token is a target once)."""
-    count = (len(stream) - 1) // seq_len
-    if count <= 0:
-        return np.empty((0, seq_len + 1), dtype=stream.dtype)
-    index = np.arange(count)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
-    return stream[index]
+def build_tokenizer(config: PrepareConfig, files: list[Path], given: Tokenizer | None) -> Tokenizer:
+    if given is not None:
+        return given
+    if config.tokenizer == "char":
+        print(f"char: collecting the alphabet (one pass over {len(files)} input files)", flush=True)
+        return CharTokenizer.train(text for text, _ in corpus_pieces(files, config.text_field))
+    print(f"bpe: training vocab_size={config.vocab_size} on up to {config.tokenizer_sample_bytes / 1e6:.0f} MB")
+    return BPETokenizer.train(sample_texts(files, config.text_field, config.tokenizer_sample_bytes), config.vocab_size)
 
 
-def write_split(out: Path, name: str, data: np.ndarray, shard_size: int) -> dict:
-    shards = []
-    starts = range(0, len(data), shard_size)
-    for number, start in enumerate(tqdm(starts, desc=f"write {name}", unit="shard")):
-        path = out / f"{name}-{number:06d}.tar"
-        info = write_shard(path, data[start : start + shard_size], start)
-        shards.append({"file": path.name, "num_samples": info.num_samples, "sha256": info.sha256, "bytes": info.size})
-    return {"num_samples": int(len(data)), "num_tokens": int(len(data) * (data.shape[1] - 1)), "shards": shards}
+def shard_tasks(
+    out: Path, name: str, base: int, length: int, config: PrepareConfig, parts: list[tuple[str, int, int]]
+) -> list[tuple[str, int, int, int, list[tuple[str, int, int]]]]:
+    """One task per shard of the split ``[base, base + length)`` of the token stream: which slices of
+    which part files its windows come from."""
+    seq_len, size = config.seq_len, config.shard_size
+    count = (length - 1) // seq_len
+    starts = [p[1] for p in parts]
+    tasks = []
+    for number, first in enumerate(range(0, count, size)):
+        n = min(size, count - first)
+        lo, hi = base + first * seq_len, base + (first + n) * seq_len + 1
+        slices = []
+        for path, start, tokens in parts[max(bisect.bisect_right(starts, lo) - 1, 0) :]:
+            if start >= hi:
+                break
+            a, b = max(lo, start), min(hi, start + tokens)
+            if a < b:
+                slices.append((path, a - start, b - a))
+        tasks.append((str(out / f"{name}-{number:06d}.tar"), first, n, seq_len, slices))
+    return tasks
 
 
-def prepare(cfg: DictConfig) -> Path:
-    """Run the whole preparation; returns the output directory."""
-    if not 0.0 <= float(cfg.val_fraction) < 1.0:
-        raise UserError(f"val_fraction={cfg.val_fraction}: must be in [0, 1)")
-    if int(cfg.seq_len) < 1 or int(cfg.shard_size) < 1:
-        raise UserError(f"seq_len={cfg.seq_len}, shard_size={cfg.shard_size}: must be positive")
-    if not cfg.out:
-        raise UserError("out=: give the output directory")
-    out = Path(cfg.out).expanduser()
-    files = resolve_inputs(str(cfg.input))
-    inputs = [Path(str(cfg.input)).expanduser(), *files]
-    check_output_dir(out, COMMAND, bool(cfg.overwrite), inputs=inputs, legacy=legacy_shard_set)
-    kind = str(cfg.tokenizer)
-    given = existing_tokenizer(kind) if kind.startswith("file:") else None  # refused before any reading
-    docs = read_documents(files, str(cfg.text_field))
-    tokenizer = given or train_tokenizer(kind, lambda: iter(docs), int(cfg.vocab_size))
-    dtype = "uint16" if tokenizer.vocab_size <= 2**16 else "uint32"
-    stream = tokenize(docs, tokenizer, dtype)
-    seq_len = int(cfg.seq_len)
-    n_val = int(len(stream) * float(cfg.val_fraction))
-    splits = {"train": windows(stream[: len(stream) - n_val], seq_len)}
-    if n_val:
-        splits["val"] = windows(stream[len(stream) - n_val :], seq_len)
-    for name, data in splits.items():
-        if len(data) == 0:
-            raise UserError(f"input={cfg.input}: the {name} split has fewer than seq_len+1={seq_len + 1} tokens")
-
-    with owned_output(out, COMMAND, bool(cfg.overwrite), inputs=inputs, legacy=legacy_shard_set) as tmp:
+def finalise(
+    config: PrepareConfig,
+    out: Path,
+    inputs: list[Path],
+    files: list[Path],
+    work: WorkDir,
+    tokenizer: Tokenizer,
+    dtype: str,
+    executor: Executor | None,
+) -> dict:
+    """Cut the finished parts into shards and write the manifest (last) into ``out``'s temp dir."""
+    done = work.done
+    parts, total = [], 0
+    for index in range(len(files)):
+        parts.append((str(work.part(index)), total, done[index]["tokens"]))
+        total += done[index]["tokens"]
+    n_val = int(total * config.val_fraction)
+    splits = {"train": (0, total - n_val)} | ({"val": (total - n_val, n_val)} if n_val else {})
+    for name, (_, length) in splits.items():
+        if (length - 1) // config.seq_len <= 0:
+            raise UserError(
+                f"input={config.input}: the {name} split has fewer than seq_len+1={config.seq_len + 1} tokens"
+            )
+    with owned_output(out, COMMAND, config.overwrite, inputs=inputs, legacy=legacy_shard_set) as tmp:
         tokenizer.save(tmp)
+        written = {}
+        for name, (base, length) in splits.items():
+            tasks = shard_tasks(tmp, name, base, length, config, [p for p in parts if p[2]])
+            bar = Progress(len(tasks), f"write {name} shards")
+            shards = []
+            for entry in ordered_map(executor, write_shard_task, tasks, 2 * config.workers + 2):
+                shards.append(entry)
+                bar.update(1)
+            bar.close()
+            samples = sum(s["num_samples"] for s in shards)
+            written[name] = {"num_samples": samples, "num_tokens": samples * config.seq_len, "shards": shards}
         manifest = {
             "tokenizer": tokenizer.kind,
             "vocab_size": tokenizer.vocab_size,
             "eot_id": tokenizer.eot_id,
-            "seq_len": seq_len,
+            "seq_len": config.seq_len,
             "dtype": dtype,
-            "window_stride": seq_len,
-            "splits": {n: write_split(tmp, n, d, int(cfg.shard_size)) for n, d in splits.items()},
+            "window_stride": config.seq_len,
+            "splits": written,
             "source": {
                 "inputs": [str(f) for f in files],
-                "num_documents": len(docs),
-                "num_tokens": int(len(stream)),
-                "val_fraction": float(cfg.val_fraction),
+                "num_documents": sum(d["documents"] for d in done.values()),
+                "num_tokens": total,
+                "val_fraction": config.val_fraction,
+                "dedup": config.dedup,
+                "num_duplicates": sum(d["duplicates"] for d in done.values()),
             },
         }
         write_manifest(tmp, manifest)
+    return manifest
+
+
+def prepare(cfg: DictConfig | PrepareConfig) -> Path:
+    """Run the whole preparation (or resume an interrupted one); returns the output directory."""
+    config = typed_config(cfg)
+    out = Path(config.out).expanduser()
+    files = resolve_inputs(config.input)
+    inputs = [Path(config.input).expanduser(), *files]
+    check_output_dir(out, COMMAND, config.overwrite, inputs=inputs, legacy=legacy_shard_set)
+    kind = config.tokenizer
+    given = None if kind in ("char", "bpe") else train_tokenizer(kind, lambda: iter(()), 0)  # refused up front
+    settings = settings_of(config)
+    if not first_text(files, config.text_field):
+        raise UserError(f"input: {', '.join(map(str, files[:3]))}: empty (no text to tokenize)")
+    work = WorkDir.open(out.resolve(), settings, files, config.resume)
+    try:
+        manifest = _run(config, out, inputs, files, work, given)
+    except BaseException:
+        if worth_keeping(work.record):
+            print(f"note: finished work kept in {work.path}; the same command resumes it", file=sys.stderr)
+            work.close()
+        else:
+            work.remove()
+        raise
+    work.remove()
     for name, split in manifest["splits"].items():
-        print(f"{name}: {split['num_samples']} windows of {seq_len + 1} tokens in {len(split['shards'])} shards")
-    print(f"tokenizer={tokenizer.kind} vocab_size={tokenizer.vocab_size} → {out}")
+        print(f"{name}: {split['num_samples']} windows of {config.seq_len + 1} tokens in {len(split['shards'])} shards")
+    source = manifest["source"]
+    removed = f" ({source['num_duplicates']} exact duplicates removed)" if config.dedup else ""
+    print(f"documents: {source['num_documents']}{removed}, tokens: {source['num_tokens']}")
+    print(f"tokenizer={manifest['tokenizer']} vocab_size={manifest['vocab_size']} → {out}")
     return out
+
+
+def _run(
+    config: PrepareConfig, out: Path, inputs: list[Path], files: list[Path], work: WorkDir, given: Tokenizer | None
+) -> dict:
+    done = work.done
+    if done:
+        print(f"resuming: {len(done)} of {len(files)} input files already tokenized ({work.path})", flush=True)
+    tokenizer = work.tokenizer()
+    if tokenizer is None:
+        tokenizer = build_tokenizer(config, files, given)
+        work.save_tokenizer(tokenizer)
+    dtype = "uint16" if tokenizer.vocab_size <= 2**16 else "uint32"
+    seen = None
+    if config.dedup:
+        seen = HashSet()
+        for hashes in work.hashes():
+            seen.add_unique(hashes)
+    executor = make_executor(config.workers, work.path, dtype)
+    try:
+        sizes = [p.stat().st_size for p in files]
+        progress = Progress(sum(sizes), "tokenize", initial=sum(sizes[i] for i in done))
+        window = 2 * config.workers + 2
+        for index, path in enumerate(files):
+            if index not in done:
+                tokenize_file(work, index, path, executor, window, config.text_field, seen, progress)
+        progress.close()
+        return finalise(config, out, inputs, files, work, tokenizer, dtype, executor)
+    finally:
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="prepare")
@@ -175,6 +258,9 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    from conf.cli import check_group_choices
+
+    check_group_choices(sys.argv[1:], groups=(), config_name="prepare")
     _hydra_main()
 
 

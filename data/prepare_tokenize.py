@@ -1,0 +1,139 @@
+"""One input file → one part of the token stream (``data/prepare_work.py``), tokenized by the pool.
+
+The parent reads and chunks the documents, the workers tokenize (and hash) the chunks, the parent
+takes the results in order, drops duplicates and appends the tokens to the part file: memory is a
+few chunks, whatever the size of the file.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from conf.errors import UserError
+from data import corpus
+from data.prepare_dedup import HashSet, combine
+from data.prepare_pool import encode_chunk, ordered_map
+from data.prepare_progress import Progress
+from data.prepare_work import WorkDir, file_stat
+
+
+@dataclass
+class OpenDocument:
+    """A document whose pieces came in earlier chunks: where its tokens start, its pieces' hashes."""
+
+    start: int
+    hashes: list[np.ndarray] = field(default_factory=list)
+
+
+class PartWriter:
+    """Appends tokens to ``part-NNNNNN.bin.partial`` (and kept hashes to ``.hashes.partial``)."""
+
+    def __init__(self, work: WorkDir, index: int, dedup: bool) -> None:
+        self.tokens = 0
+        self.bin = self._open(work.path / f"{work.part(index).name}.partial")
+        self.hashes = self._open(work.path / f"{work.part(index, 'hashes').name}.partial") if dedup else None
+
+    @staticmethod
+    def _open(path: Path) -> BinaryIO:
+        try:
+            return open(path, "wb")  # noqa: SIM115 - closed in close()
+        except OSError as exc:
+            raise UserError(f"{path}: cannot write ({exc.strerror})") from exc
+
+    def write(self, tokens: np.ndarray) -> None:
+        self.bin.write(tokens.tobytes())
+        self.tokens += len(tokens)
+
+    def truncate(self, tokens: int, itemsize: int) -> None:
+        """Drop everything after the first ``tokens`` tokens (a long document found to be a duplicate)."""
+        self.bin.seek(tokens * itemsize)
+        self.bin.truncate()
+        self.tokens = tokens
+
+    def close(self) -> None:
+        for handle in (self.bin, self.hashes):
+            if handle is not None:
+                handle.flush()
+                handle.close()
+
+
+def tokenize_file(
+    work: WorkDir,
+    index: int,
+    path: Path,
+    executor: Executor | None,
+    window: int,
+    text_field: str,
+    seen: HashSet | None,
+    progress: Progress,
+) -> dict:
+    """Tokenize one input file into its part and record it as done; returns its counts."""
+    stat = file_stat(path)
+    writer = PartWriter(work, index, seen is not None)
+    documents = duplicates = 0
+    open_doc: OpenDocument | None = None
+    pieces = corpus.file_pieces(path, text_field, progress.update)
+    tasks = ((texts, ends, seen is not None) for texts, ends in corpus.chunks(pieces))
+    try:
+        for tokens, lengths, ends, hashes in ordered_map(executor, encode_chunk, tasks, window):
+            if seen is None:
+                writer.write(tokens)
+                documents += int(ends.sum())
+                continue
+            kept, dropped, open_doc = _dedup_chunk(writer, tokens, lengths, ends, hashes, seen, open_doc)
+            documents += kept
+            duplicates += dropped
+    finally:
+        writer.close()
+        pieces.close()
+    entry = {"stat": stat, "tokens": writer.tokens, "documents": documents, "duplicates": duplicates}
+    work.finish_part(index, entry)
+    return entry
+
+
+def _dedup_chunk(
+    writer: PartWriter,
+    tokens: np.ndarray,
+    lengths: np.ndarray,
+    ends: np.ndarray,
+    hashes: np.ndarray,
+    seen: HashSet,
+    open_doc: OpenDocument | None,
+) -> tuple[int, int, OpenDocument | None]:
+    """Write a chunk's tokens without its duplicate documents; returns (kept, dropped, the open document).
+
+    A chunk holds whole documents, and possibly the end of one that began in an earlier chunk
+    (``open_doc``, already written: truncated away if it is a duplicate) and the start of one that
+    goes on in the next (written now, decided later)."""
+    last_ends = np.flatnonzero(ends)
+    if len(last_ends) == 0:  # the whole chunk continues one long document
+        if open_doc is None:
+            open_doc = OpenDocument(writer.tokens)
+        open_doc.hashes.append(hashes)
+        writer.write(tokens)
+        return 0, 0, open_doc
+    firsts = np.concatenate([[0], last_ends[:-1] + 1])
+    pieces = last_ends - firsts + 1
+    doc_hashes = hashes[last_ends].copy()
+    for k in sorted(set(np.flatnonzero(pieces > 1).tolist()) | ({0} if open_doc is not None else set())):
+        earlier = open_doc.hashes if k == 0 and open_doc is not None else []
+        doc_hashes[k] = combine(np.concatenate([*earlier, hashes[firsts[k] : last_ends[k] + 1]]))
+    keep = seen.first_seen(doc_hashes)
+    if open_doc is not None and not keep[0]:
+        writer.truncate(open_doc.start, tokens.itemsize)
+    closed = int(last_ends[-1]) + 1
+    piece_keep = np.repeat(keep, pieces)
+    complete = int(lengths[:closed].sum())
+    writer.write(tokens[:complete][np.repeat(piece_keep, lengths[:closed])])
+    if writer.hashes is not None:
+        writer.hashes.write(doc_hashes[keep].astype("<u8").tobytes())
+    next_doc = None
+    if closed < len(ends):  # the chunk ends inside a document
+        next_doc = OpenDocument(writer.tokens, [hashes[closed:]])
+        writer.write(tokens[complete:])
+    return int(keep.sum()), int((~keep).sum()), next_doc
