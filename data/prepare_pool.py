@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from data.prepare_dedup import piece_hashes
-from data.shards import write_shard
+from data.prepare_shards import write_shard_fast
 from data.tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer, TiktokenTokenizer, Tokenizer, load_tokenizer
 
 T = TypeVar("T")
@@ -125,5 +125,5 @@ def write_shard_task(task: tuple[str, int, int, int, list[tuple[str, int, int]]]
     path, first_window, count, seq_len, parts = task
     stream = read_tokens(parts, _STATE["dtype"])
     index = np.arange(count)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
-    info = write_shard(Path(path), stream[index], first_window)
+    info = write_shard_fast(Path(path), stream[index], first_window)
     return {"file": Path(path).name, "num_samples": info.num_samples, "sha256": info.sha256, "bytes": info.size}

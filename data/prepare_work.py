@@ -74,12 +74,16 @@ class WorkDir:
             os.close(lock)
             raise UserError(f"out={out}: another gpt-prepare is writing it now ({path} is locked)") from None
         work = cls(path, fresh, lock)
-        if existed and record is not None and resume and worth_keeping(record):
-            work._check_resumable(record, settings, names, out)
-            work.record = record
-        elif existed:
-            work._remove_parts()
-        work._save()
+        try:
+            if existed and record is not None and resume and worth_keeping(record):
+                work._check_resumable(record, settings, names, out)
+                work.record = record
+            elif existed:
+                work._remove_parts()
+            work._save()
+        except BaseException:
+            work.close()
+            raise
         return work
 
     def _check_resumable(self, record: dict, settings: dict, names: list[str], out: Path) -> None:
