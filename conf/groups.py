@@ -162,6 +162,7 @@ class TrainConfig:
     sample_prompt: str = ""
     peak_tflops: float | None = None  # device peak for MFU (e.g. 989 for H100 bf16); null: measured
     log_samples: bool = False  # write run.dir/samples_rank<R>.jsonl: the sample ids of every step
+    preflight: str = "warn"  # memory check at start (gpt-plan's estimate vs the device): warn | error | off
 
     def check(self) -> None:
         for key in ("lr", "micro_batch", "global_batch", "eval_micro_batch", "keep_last"):
@@ -189,6 +190,8 @@ class TrainConfig:
             if str(name).upper() not in signal.Signals.__members__:
                 raise UserError(f"train.preempt_signals: unknown signal {name!r} (e.g. SIGTERM, SIGUSR1)")
         _positive("train.peak_tflops", self.peak_tflops)
+        if self.preflight not in ("warn", "error", "off"):
+            raise UserError(f"train.preflight={self.preflight}: expected warn, error or off")
         if self.lr_mult is not None:
             mults = self.lr_mult if isinstance(self.lr_mult, dict) else None
             if mults is None or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in mults.values()):
@@ -365,3 +368,41 @@ def _wandb_credentials() -> bool:
         return netrc.netrc(str(path)).authenticators(host) is not None
     except (OSError, netrc.NetrcParseError):
         return False
+
+
+@dataclass
+class HardwareConfig:
+    """The machine a plan is for (gpt-plan, and gpt-pretrain's preflight): ``conf/hardware/*.yaml``.
+
+    Rates are per device. ``matmul_efficiency`` is the fraction of the peak the model's matrix
+    products reach, calibrated against measured runs (benchmarks/README.md); ``calibrate`` measures
+    peak, memory bandwidth and collectives on this machine instead (the ``cpu`` preset does).
+    Memory is in GiB (2**30 bytes, as torch and nvidia-smi count it)."""
+
+    name: str = "auto"  # auto: this machine (its GPU's preset, or cpu)
+    memory_gb: float | None = None  # per device; null: detected (GPU memory; host RAM / processes on a CPU)
+    peak_tflops_bf16: float | None = None  # dense datasheet peak
+    peak_tflops_fp32: float | None = None
+    matmul_efficiency: float = 0.5
+    memory_bandwidth_gbps: float | None = None  # device memory (HBM) GB/s: element-wise ops, optimizer step
+    intra_node_gbps: float | None = None  # collective bus bandwidth per device inside a node (NVLink)
+    inter_node_gbps: float | None = None  # per device between nodes (InfiniBand / RoCE)
+    pcie_gbps: float | None = None  # host <-> device (CPU offload)
+    host_gbps: float = 20.0  # host memory bandwidth the offloaded optimizer step reaches
+    latency_us: float = 10.0  # per collective / point-to-point message
+    layer_overhead_us: float = 0.0  # per layer and micro-batch (forward + backward): op dispatch, small kernels
+    gpus_per_node: int = 8
+    nodes: int = 1
+    calibrate: bool | None = None  # null: measure on this machine for cpu (and auto without a GPU)
+
+    def check(self) -> None:
+        for key in ("gpus_per_node", "nodes"):
+            _at_least(f"hardware.{key}", getattr(self, key), 1)
+        for key in ("memory_gb", "peak_tflops_bf16", "peak_tflops_fp32", "memory_bandwidth_gbps", "host_gbps"):
+            _positive(f"hardware.{key}", getattr(self, key))
+        for key in ("intra_node_gbps", "inter_node_gbps", "pcie_gbps"):
+            _positive(f"hardware.{key}", getattr(self, key))
+        _at_least("hardware.latency_us", self.latency_us, 0)
+        _at_least("hardware.layer_overhead_us", self.layer_overhead_us, 0)
+        if not 0 < self.matmul_efficiency <= 1:
+            raise UserError(f"hardware.matmul_efficiency={self.matmul_efficiency:g}: must be in (0, 1]")

@@ -26,6 +26,7 @@ from conf.groups import (
     DataConfig,
     EvalConfig,
     FinetuneConfig,
+    HardwareConfig,
     InitConfig,
     LoggingConfig,
     ModelConfig,
@@ -48,6 +49,17 @@ class PretrainRoot:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run: RunConfig = field(default_factory=RunConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)  # in-loop lm-eval (off unless eval.every_steps)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)  # the preflight's device (train.preflight)
+
+
+@dataclass
+class PlanRoot(PretrainRoot):
+    """gpt-plan's config (``conf/plan.yaml``): gpt-pretrain's, plus what the planner is asked."""
+
+    search: bool = False  # rank every layout of the world size (hardware.gpus_per_node x hardware.nodes)
+    top: int = 20  # rows of the search table
+    plot: str | None = None  # write the search's memory vs tokens/s scatter here (a .png)
+    vocab_size: int | None = None  # the tokenizer's size when neither data.dir nor run.dir tells (null: 50257)
 
 
 @dataclass
@@ -74,8 +86,10 @@ GROUPS: dict[str, type] = {
     "task": TaskConfig,
     "finetune": FinetuneConfig,
     "eval": EvalConfig,
+    "hardware": HardwareConfig,
 }
-ROOTS: dict[str, type] = {"config": PretrainRoot, "finetune": FinetuneRoot}  # config file -> its schema
+# config file -> its schema
+ROOTS: dict[str, type] = {"config": PretrainRoot, "finetune": FinetuneRoot, "plan": PlanRoot}
 ROOTS["prepare"] = PrepareConfig  # gpt-prepare's (conf/prepare_schema.py)
 
 
@@ -85,6 +99,7 @@ def register() -> None:
     store.store(name="pretrain_schema", node=PretrainRoot)
     store.store(name="finetune_schema", node=FinetuneRoot)
     store.store(name="prepare_schema", node=PrepareConfig)
+    store.store(name="plan_schema", node=PlanRoot)
     for name, schema in GROUPS.items():  # for users' own configs: `- /schema/train@train`
         store.store(group="schema", name=name, node=schema)
 

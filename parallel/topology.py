@@ -92,6 +92,12 @@ class Topology:
                 f"train.global_batch={train.global_batch} is not divisible by "
                 f"train.micro_batch*dp={train.micro_batch}*{dp}"
             )
+        micro_batches = train.global_batch // (train.micro_batch * dp)
+        if vpp > 1 and micro_batches % pp:  # megatron-core's interleaved schedule raises mid-step otherwise
+            raise UserError(
+                f"parallel.vpp={vpp}: the interleaved schedule needs the micro-batches per step ({micro_batches} = "
+                f"train.global_batch/(train.micro_batch*dp)) to be a multiple of parallel.pp={pp}"
+            )
         if "data" in cfg and cfg.data.num_streams % dp:
             raise UserError(f"data.num_streams={cfg.data.num_streams} is not divisible by dp={dp}")
         engine = _check_engine(par, tp, pp)

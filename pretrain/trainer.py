@@ -27,6 +27,7 @@ from parallel.train_state import TrainState
 from parallel.watchdog import Watchdog
 from pretrain.metrics import Metrics
 from pretrain.preemption import INTERRUPTED_EXIT_CODE, StopRequest
+from pretrain.preflight import preflight
 from pretrain.resume import check_resume, config_changes
 from pretrain.skip_policy import SkipPolicy
 from pretrain.tasks import Task
@@ -129,6 +130,8 @@ class Trainer:
         topo = Topology.from_config(cfg)
         run_dir = Path(cfg.run.dir)
         check_run_dir(run_dir, (*RUN_DIR_NAMES, "metrics.tmp", "results.json"), command=task.command)
+        # train.preflight: will this layout fit the device? (gpt-plan's estimate, before any process group)
+        preflight(cfg, topo, task.vocab_size, getattr(getattr(task, "manifest", None), "seq_len", None))
         ckpts = CheckpointDir(run_dir, int(cfg.train.keep_last))
         topo.init(int(cfg.train.seed), float(cfg.parallel.timeout_s))
         rank0 = topo.rank == 0
@@ -173,6 +176,7 @@ class Trainer:
             step = state.step
             if restore_data:
                 task.load_state_dict(state.data)
+                events += getattr(task, "resume_events", list)()  # e.g. a mixture's new weights
             else:
                 events.append({"event": "new_data", "data_dir": cfg.data.dir, "was": state.data_identity})
             policy.load_state_dict(state.skip_policy)

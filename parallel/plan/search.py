@@ -1,0 +1,173 @@
+"""``gpt-plan search=true``: every layout of a world size, checked, sized and timed, fastest first.
+
+A layout is (tp, pp, vpp, micro-batch, recomputation, optimizer sharding) with dp = world / (tp*pp);
+the global batch, model and data stay the config's. Each goes through the checks gpt-pretrain makes
+(``Topology.from_config``; the caller's ``compatible`` for a run dir to resume), the memory estimate
+(a layout whose largest rank does not fit the device is dropped, never listed) and the step-time
+model. tp stays inside a node (its collectives are per layer); micro-batches are the divisors of
+the per-rank batch up to 32.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from conf.errors import UserError
+from parallel.plan.hardware import Hardware
+from parallel.plan.memory import MemoryPlan, estimate_memory
+from parallel.plan.time import StepTime, estimate_time
+from parallel.topology import Topology
+
+MAX_MICRO_BATCH = 32
+MAX_VPP = 8
+RECOMPUTE = ("none", "selective", "full")
+
+
+class Plain(dict):
+    """A resolved config as nested dicts read like a DictConfig (``cfg.model.get(...)``, ``cfg.train.lr``):
+    the checks and estimates run a thousand times per search, and OmegaConf's node access is ~100x slower."""
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        self[key] = value
+
+    @classmethod
+    def of(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return cls({k: cls.of(v) for k, v in value.items()})
+        if isinstance(value, list):
+            return [cls.of(v) for v in value]
+        return value
+
+    def update_key(self, dotted: str, value: Any) -> None:
+        *parents, last = dotted.split(".")
+        node = self
+        for part in parents:
+            node = node[part]
+        node[last] = value
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    vpp: int
+    micro_batch: int
+    recompute: str
+    engine: str  # megatron | deepspeed
+    distributed_optimizer: bool = False  # megatron
+    zero_stage: int = 0  # deepspeed
+    offload: bool = False  # deepspeed
+
+    @property
+    def optimizer(self) -> str:
+        if self.engine == "megatron":
+            return "dist-opt" if self.distributed_optimizer else "replicated"
+        return f"zero{self.zero_stage}" + ("+offload" if self.offload else "")
+
+    def overrides(self) -> dict[str, object]:
+        """The keys that select this layout (gpt-pretrain's spelling)."""
+        out: dict[str, object] = {
+            "parallel.tp": self.tp,
+            "parallel.pp": self.pp,
+            "parallel.vpp": self.vpp,
+            "train.micro_batch": self.micro_batch,
+            "model.recompute": self.recompute,
+            "parallel.engine": self.engine,
+        }
+        if self.engine == "megatron":
+            out["parallel.distributed_optimizer"] = self.distributed_optimizer
+            out["parallel.zero_stage"] = 0
+            out["parallel.offload"] = "none"
+        else:
+            out["parallel.distributed_optimizer"] = "auto"
+            out["parallel.zero_stage"] = self.zero_stage
+            out["parallel.offload"] = "cpu" if self.offload else "none"
+        return out
+
+    def command_line(self) -> str:
+        return " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in self.overrides().items())
+
+
+@dataclass
+class Ranked:
+    layout: Layout
+    dp: int
+    memory: MemoryPlan
+    time: StepTime
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def layouts(cfg: DictConfig, world: int, gpus_per_node: int) -> Iterator[Layout]:
+    """Every candidate for ``world`` ranks (the checks decide which are valid)."""
+    layers, global_batch = int(cfg.model.num_layers), int(cfg.train.global_batch)
+    for tp in [d for d in _divisors(world) if d <= gpus_per_node]:
+        for pp in [d for d in _divisors(world // tp) if layers % d == 0]:
+            dp = world // (tp * pp)
+            if global_batch % dp:
+                continue
+            vpps = [v for v in _divisors(layers // pp) if v <= MAX_VPP] if pp > 1 else [1]
+            micros = [b for b in _divisors(global_batch // dp) if b <= MAX_MICRO_BATCH]
+            optimizers = [("megatron", False, 0, False)]
+            if dp > 1:
+                optimizers.append(("megatron", True, 0, False))
+            if pp == 1:
+                optimizers += [("deepspeed", False, s, False) for s in (0, 1, 2, 3)]
+                optimizers += [("deepspeed", False, s, True) for s in (1, 2, 3)]
+            for vpp in vpps:
+                for micro in micros:
+                    for recompute in RECOMPUTE:
+                        for engine, dist, stage, offload in optimizers:
+                            yield Layout(tp, pp, vpp, micro, recompute, engine, dist, stage, offload)
+
+
+def search(
+    cfg: DictConfig,
+    hw: Hardware,
+    vocab_size: int,
+    seq_len: int,
+    compatible: Callable[[DictConfig, Topology], str | None] | None = None,
+) -> tuple[list[Ranked], Counter]:
+    """(layouts that pass every check and fit, fastest first; why the others were dropped)."""
+    world = hw.world_size
+    work = Plain.of(OmegaConf.to_container(cfg, resolve=True))  # set per layout, in place
+    kept: list[Ranked] = []
+    dropped: Counter = Counter()
+    too_big: set[tuple] = set()  # (structure, recompute) whose smaller micro-batch did not fit
+    for layout in layouts(cfg, world, hw.gpus_per_node):
+        structure = (layout.tp, layout.pp, layout.vpp, layout.optimizer, layout.recompute)
+        if structure in too_big:  # activations only grow with the micro-batch
+            dropped["does not fit"] += 1
+            continue
+        for key, value in layout.overrides().items():
+            work.update_key(key, value)
+        try:
+            topo = Topology.from_config(work, world_size=world, rank=0)
+        except UserError:
+            dropped["fails a check"] += 1
+            continue
+        problem = compatible(work, topo) if compatible else None
+        if problem:
+            dropped["cannot resume run.dir"] += 1
+            continue
+        memory = estimate_memory(work, topo, vocab_size=vocab_size, seq_len=seq_len)
+        if not hw.fits(memory):
+            too_big.add(structure)
+            dropped["does not fit"] += 1
+            continue
+        kept.append(Ranked(layout, topo.dp, memory, estimate_time(work, topo, hw, vocab_size, seq_len)))
+    kept.sort(key=lambda r: (-r.time.tokens_per_s, r.memory.largest.total))
+    return kept, dropped

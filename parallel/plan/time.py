@@ -1,0 +1,238 @@
+"""Step time of a run on given hardware, from the config and the topology alone (never a model).
+
+Each rank runs ``m`` micro-batches through its pipeline stage; the slowest stage sets the pace, and
+the pipeline adds ``(pp - 1) / vpp`` micro-batch times of bubble (1F1B, interleaved). One micro-batch
+on a stage costs its matrix products (forward + 2x backward) at the hardware's rate, fused causal
+attention, element-wise passes over the activations at memory bandwidth, the recomputation asked for,
+tensor-parallel collectives (4 all-gathers / reduce-scatters per layer with sequence parallelism, the
+same bytes as 2 + 2 all-reduces without) and pipeline sends. After the last micro-batch: gradient
+reduction over dp (the engines do not overlap it: megatron ``overlap_grad_reduce=False``, DeepSpeed
+``overlap_comm=False``), the optimizer step at memory bandwidth, DeepSpeed's per-micro-batch ZeRO-2
+reductions and ZeRO-3 parameter gathers, and offload's host traffic. Every term is exposed time; the
+model does not overlap what the engines do not.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+
+from omegaconf import DictConfig
+
+from parallel.plan.hardware import Hardware
+from parallel.plan.memory import resolve_vocab_and_seq
+from parallel.plan.params import Shape, chunks
+from parallel.topology import Topology
+
+# element-wise passes over a layer's activations (forward + backward, bytes = passes x tokens x width x
+# dtype): norms, residual adds, bias adds, layout copies on the hidden width; GELU / SwiGLU on the FFN width
+H_PASSES = 40
+F_PASSES = {"gelu": 8, "swiglu": 14}
+DROPOUT_PASSES = 6  # mask generation and application, three sites per layer
+CE_PASSES = 6  # fp32 logits: softmax, loss, gradient
+# AdamW step bytes per parameter: read param, grad, 2 moments; write param, moments; grad norm + clip
+ADAM_BYTES = 40
+ADAM_BF16_EXTRA = 6  # bf16: read the fp32 main copy, write the bf16 weights
+
+
+@dataclass
+class StepTime:
+    """Seconds per step, by term (exposed time, summing to ``step_s``), and what follows from it."""
+
+    terms: dict[str, float]
+    tokens_per_step: int
+    model_flops_per_token: float
+    world_size: int
+    peak_flops: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def step_s(self) -> float:
+        return sum(self.terms.values())
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_per_step / self.step_s
+
+    @property
+    def mfu(self) -> float:
+        """Model FLOPs (6N + attention, no recomputation) per second over all devices' peak."""
+        return self.model_flops_per_token * self.tokens_per_s / (self.world_size * self.peak_flops)
+
+
+def model_flops_per_token(shape: Shape, seq: int) -> float:
+    """pretrain/model/gpt.py ``flops_per_token``: 6 x matmul parameters (output layer included) +
+    6 x layers x seq x hidden (attention scores and values, PaLM's convention)."""
+    h, kv = shape.hidden, shape.head_dim * shape.groups
+    mlp = (3 if shape.gated else 2) * h * shape.ffn
+    matmul = shape.layers * (2 * h * h + 2 * h * kv + mlp) + h * shape.vocab
+    return 6.0 * matmul + 6.0 * shape.layers * seq * h
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What the time model needs of one pipeline stage on one tp rank."""
+
+    layers: int
+    chunks: int
+    pre: bool  # embeddings
+    post: bool  # output layer and loss
+    params: int
+
+
+@functools.lru_cache(maxsize=256)
+def stages(shape: Shape, tp: int, pp: int, vpp: int) -> tuple[Stage, ...]:
+    """Every pipeline stage (cached: a search asks for the same ones many times)."""
+    return tuple(
+        Stage(
+            sum(c.layers for c in row),
+            len(row),
+            any(c.pre_process for c in row),
+            any(c.post_process for c in row),
+            sum(c.numel for c in row),
+        )
+        for row in chunks(shape, tp, pp, vpp)
+    )
+
+
+@dataclass(frozen=True)
+class Links:
+    """Bandwidth of each group's collectives (megatron's rank order: tp fastest, then dp, then pp)."""
+
+    tp: float
+    dp: float
+    pp: float
+
+    @classmethod
+    def of(cls, topo: Topology, hw: Hardware) -> Links:
+        per_node = hw.gpus_per_node
+
+        def bw(span: int) -> float:
+            return hw.intra_bw if span <= per_node else hw.inter_bw
+
+        return cls(bw(topo.tp), bw(topo.tp * topo.dp), bw(topo.tp * topo.dp * topo.pp))
+
+
+def _collective(nbytes: float, ranks: int, bw: float, latency: float, kind: str) -> float:
+    """Ring all-gather / reduce-scatter ((n-1)/n of the bytes) or all-reduce (twice that)."""
+    if ranks <= 1:
+        return 0.0
+    share = (ranks - 1) / ranks * nbytes * (2 if kind == "all-reduce" else 1)
+    return share / bw + latency
+
+
+def estimate_time(
+    cfg: DictConfig,
+    topo: Topology,
+    hw: Hardware,
+    vocab_size: int | None = None,
+    seq_len: int | None = None,
+) -> StepTime:
+    """The step time of ``cfg`` at ``topo`` on ``hw`` (``parallel.distributed_optimizer`` true / false /
+    auto = dp > 1), with its terms."""
+    vocab, seq = resolve_vocab_and_seq(cfg, vocab_size, seq_len)
+    shape = Shape.from_config(cfg.model, vocab)
+    par, train, model = cfg.parallel, cfg.train, cfg.model
+    tp, pp, vpp, dp, sp = topo.tp, topo.pp, topo.vpp, topo.dp, topo.sequence_parallel
+    b = int(train.micro_batch)
+    m = int(train.global_batch) // (b * dp)
+    e = 2 if bool(train.bf16) else 4
+    n = b * seq  # tokens of one micro-batch
+    h, f, hd = shape.hidden, shape.ffn, shape.head_dim
+    links = Links.of(topo, hw)
+    lat = hw.latency_s
+    recompute = str(model.get("recompute", "none"))
+    engine = str(par.engine)
+    notes: list[str] = []
+
+    # one layer, one micro-batch, on one tp rank: forward GEMMs, then forward + backward of everything
+    qkv = (shape.heads + 2 * shape.groups) * hd // tp
+    fc1 = (2 if shape.gated else 1) * f // tp
+    gemm_fwd = (
+        hw.gemm_s(n, h, qkv, e)
+        + hw.gemm_s(n, shape.heads * hd // tp, h, e)
+        + hw.gemm_s(n, h, fc1, e)
+        + hw.gemm_s(n, f // tp, h, e)
+    )
+    attention = hw.attention_s(b, shape.heads // tp, max(1, shape.groups // tp), seq, hd, e)
+    passes_h = H_PASSES + (DROPOUT_PASSES if float(model.get("dropout", 0.0)) > 0 else 0)
+    elem_bytes = n * e * (passes_h * h / (tp if sp else 1) + F_PASSES[str(model.get("mlp", "gelu"))] * f / tp)
+    elementwise = hw.elementwise_s(elem_bytes)
+    act_bytes = n * h * e
+    # 4 all-gathers / reduce-scatters forward and 4 backward (SP), or 2 + 2 all-reduces: the same bytes
+    tp_layer = 8 * _collective(act_bytes, tp, links.tp, 0.0, "all-gather") + (8 if sp else 4) * lat * (tp > 1)
+    redo = 0.0
+    if recompute == "full":  # the layer's forward again in backward, its collectives included
+        redo = gemm_fwd + attention / 3.5 + elementwise / 3 + tp_layer / 2
+    elif recompute == "selective":  # core attention's forward again
+        redo = attention / 3.5
+
+    def stage_terms(stage: Stage) -> dict[str, float]:
+        out = {
+            "matmul": stage.layers * 3 * gemm_fwd,
+            "attention": stage.layers * attention,
+            "elementwise": stage.layers * elementwise,
+            "recompute": stage.layers * redo,
+            "tp_comm": stage.layers * tp_layer,
+            "pp_p2p": 0.0,
+            "overhead": stage.layers * hw.layer_overhead_s,
+        }
+        if stage.post:
+            out["matmul"] += 3 * hw.gemm_s(n, h, shape.vocab // tp, e)
+            out["elementwise"] += hw.elementwise_s(CE_PASSES * n * shape.vocab / tp * 4 + 4 * act_bytes)
+            out["tp_comm"] += 2 * _collective(act_bytes, tp, links.tp, lat, "all-gather") + 3 * lat * (tp > 1)
+        if stage.pre:
+            out["elementwise"] += hw.elementwise_s(4 * act_bytes)
+            out["tp_comm"] += 2 * _collective(act_bytes, tp, links.tp, lat, "all-gather")
+        if pp > 1:  # activations forward, their gradients backward, per chunk
+            sent = act_bytes / (tp if sp else 1)
+            out["pp_p2p"] = 2 * stage.chunks * (sent / links.pp + lat)
+        return out
+
+    all_stages = stages(shape, tp, pp, vpp)
+    per_stage = [stage_terms(stage) for stage in all_stages]
+    slowest = max(range(pp), key=lambda r: sum(per_stage[r].values()))
+    micro = per_stage[slowest]
+    terms = {k: m * v for k, v in micro.items()}
+    terms["pp_bubble"] = (pp - 1) / vpp * sum(micro.values())
+
+    # after the micro-batches: gradients over dp, the optimizer step (the stage with the most parameters)
+    params = max(stage.params for stage in all_stages)
+    stage = int(par.get("zero_stage", 0)) if engine == "deepspeed" else 0
+    dist_opt = str(par.get("distributed_optimizer", "auto")).lower()
+    sharded = (dp > 1 if dist_opt == "auto" else dist_opt == "true") if engine == "megatron" else stage >= 1
+    grad_bytes = 4 if engine == "megatron" else e  # megatron reduces in fp32 (grad_reduce_in_fp32)
+    grads, weights = params * grad_bytes, params * e
+    buckets = 1 if engine == "megatron" else max(1, math.ceil(params / min(5e8, max(params, h * h))))
+    bw = links.dp
+    if engine == "megatron" or stage in (0, 1):
+        reduce = _collective(grads, dp, bw, lat * buckets, "reduce-scatter" if sharded else "all-reduce")
+    else:  # ZeRO-2/3 reduce-scatter every micro-batch's gradients
+        reduce = m * _collective(grads, dp, bw, lat * buckets, "reduce-scatter")
+    gather = _collective(weights, dp, bw, lat * buckets, "all-gather") if sharded else 0.0
+    if stage == 3:  # parameters gathered for every micro-batch's forward and backward, not after the step
+        gather = 2 * m * _collective(weights, dp, bw, lat * buckets, "all-gather")
+    terms["dp_comm"] = reduce + (gather if stage != 3 else 0.0)
+    terms["zero3_gather"] = gather if stage == 3 else 0.0
+    if pp > 1 and shape.tied:  # the embedding's gradient, all-reduced between the first and last stage
+        terms["dp_comm"] += _collective(shape.vocab // tp * h * 4, 2, links.pp, lat, "all-reduce")
+    owned = params / dp if sharded else params
+    step_bytes = owned * (ADAM_BYTES + (ADAM_BF16_EXTRA if e == 2 else 0))
+    offload = engine == "deepspeed" and str(par.get("offload", "none")) == "cpu"
+    terms["optimizer"] = step_bytes / (hw.host_bw if offload else hw.memory_bw)
+    terms["offload_pcie"] = 0.0
+    if offload:  # gradients to the host, updated weights back; ZeRO-3 also streams parameters in
+        terms["offload_pcie"] = owned * (grad_bytes + e) / hw.pcie_bw
+        if stage == 3:
+            terms["offload_pcie"] += 2 * m * owned * e / hw.pcie_bw
+    if recompute != "none":
+        notes.append(f"model.recompute={recompute}: its forward work is the 'recompute' term (not in MFU)")
+    return StepTime(
+        terms=terms,
+        tokens_per_step=int(train.global_batch) * seq,
+        model_flops_per_token=model_flops_per_token(shape, seq),
+        world_size=topo.world_size,
+        peak_flops=hw.peak_flops,
+        notes=notes,
+    )

@@ -1,0 +1,141 @@
+"""gpt-plan and gpt-pretrain's preflight (#20): every check is one line (exit 2), the search lists only
+layouts that fit, fastest first, ``--json`` parses, ``train.preflight`` refuses or warns before any work."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from conf.cli import compose
+from conf.errors import UserError
+
+H100 = ["hardware=h100-sxm", "logging.wandb=disabled"]
+ONE_NODE, TWO = "hardware.gpus_per_node=1", "hardware.gpus_per_node=2"
+
+
+def plan_run(overrides: list[str], capsys: pytest.CaptureFixture, as_json: bool = False) -> tuple[int, str, str]:
+    from pretrain.plan import run
+
+    code = run(compose(overrides, "plan"), as_json=as_json)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_each_check_fails_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from data.prepare import prepare
+    from tests.conftest import prepare_cfg
+
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question. " * 40)
+    shards = tmp_path / "shards"
+    prepare(prepare_cfg(input=str(text), out=str(shards), tokenizer="char", seq_len=64))
+    resumed = tmp_path / "run"
+    step = resumed / "checkpoints" / "step_4"
+    step.mkdir(parents=True)  # a DeepSpeed ZeRO-2 run's step (its train state is all the check reads)
+    state = {"step": 4, "config": {"parallel": {"zero_stage": 2}}, "vocab_size": 67, "engine": "deepspeed"}
+    (step / "train_state.json").write_text(json.dumps({**state, "version": 2}))
+    cases = {
+        "model.num_heads=4 is not divisible by parallel.tp=3": ["parallel.tp=3", "hardware.gpus_per_node=3"],
+        "world size 6 is not divisible by parallel.tp*parallel.pp=4*1": ["parallel.tp=4", "hardware.gpus_per_node=6"],
+        "parallel.pp=2 with parallel.engine=deepspeed": ["parallel.engine=deepspeed", "parallel.pp=2", TWO],
+        "train.global_batch=12 is not divisible by train.micro_batch*dp=12*8": [],
+        "has seq_len=64 > model.seq_len=32": [f"data.dir={shards}", "model.seq_len=32", ONE_NODE],
+        "holds a parallel.engine=deepspeed checkpoint": [f"run.dir={resumed}", ONE_NODE],
+        "train.preflight=maybe: expected warn, error or off": ["train.preflight=maybe", ONE_NODE],
+    }
+    for message, overrides in cases.items():
+        code, out, err = plan_run([*H100, *overrides], capsys)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (message, err)
+        assert f"FAIL  {lines[0][len('error: '):]}" in out
+
+
+def test_plan_itemises_memory_and_time(capsys: pytest.CaptureFixture) -> None:
+    args = [*H100, "model=gpt2-small", "parallel.tp=2", "parallel.pp=2", "parallel.vpp=3", "train.micro_batch=2"]
+    code, out, err = plan_run([*args, "train.global_batch=64", "train.bf16=true"], capsys, True)
+    report = json.loads(out)
+    assert code == 0 and not err and report["ok"] and report["layout"]["dp"] == 2
+    ranks = report["memory"]["ranks"]
+    assert [r["rank"] for r in ranks] == ["pp0", "pp1"] and report["memory"]["largest"] in ("pp0", "pp1")
+    for r in ranks:
+        kinds = ("params", "grads", "optimizer", "activations", "comm_buffers", "logits")
+        assert sum(r[f"{k}_gib"] for k in kinds) == pytest.approx(r["total_gib"])
+    time = report["time"]
+    assert sum(time["terms_s"].values()) == pytest.approx(time["step_s"])
+    assert time["terms_s"]["pp_bubble"] > 0 and time["terms_s"]["tp_comm"] > 0 and 0 < time["mfu"] < 1
+    assert time["tokens_per_s"] == pytest.approx(64 * 1024 / time["step_s"])
+    code, out, err = plan_run([*args, "train.global_batch=64", "hardware.memory_gb=0.5"], capsys)  # a 0.5 GiB device
+    assert code == 2 and err.startswith("error: preflight: rank pp") and "> 0.5 GiB on h100-sxm; try" in err
+
+
+def test_search_lists_only_layouts_that_fit_fastest_first(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    args = [*H100, "model=gpt2-small", "hardware.gpus_per_node=2", "train.global_batch=8", "search=true"]
+    code, out, _ = plan_run([*args, "train.bf16=true"], capsys, as_json=True)
+    everything = json.loads(out)["search"]["layouts"]
+    sizes = sorted(r["memory_gib"] for r in everything)
+    limit = sizes[len(sizes) // 2]  # half of them fit
+    plot = tmp_path / "plan.png"
+    code, out, err = plan_run([*args, "train.bf16=true", f"hardware.memory_gb={limit}", f"plot={plot}"], capsys, True)
+    found = json.loads(out)["search"]
+    rows = found["layouts"]
+    assert code == 0 and 0 < len(rows) < len(everything) and found["dropped"]["does not fit"] > 0
+    assert all(r["memory_gib"] <= limit for r in rows)
+    speeds = [r["tokens_per_s"] for r in rows]
+    assert speeds == sorted(speeds, reverse=True)
+    assert {r["engine"] for r in rows} == {"megatron", "deepspeed"}
+    assert {r["recompute"] for r in rows} >= {"none", "full"}
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    code, out, err = plan_run([*args, "hardware.memory_gb=0.01"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "error: search: no layout of 2 ranks" in err
+    assert "best:" not in out
+    foreign = tmp_path / "mine.png"
+    foreign.write_bytes(b"not ours")
+    with pytest.raises(UserError, match="not a plot gpt-plan wrote"):
+        plan_run([*args, f"plot={foreign}"], capsys)
+
+
+def test_json_flag_on_the_command_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from pretrain import plan
+
+    argv = ["gpt-plan", *H100, "model=gpt2-small", "hardware.nodes=2", "--json", "parallel.tp=4"]
+    argv.append("train.global_batch=48")
+    monkeypatch.setattr(sys, "argv", argv)
+    plan.main()
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and report["hardware"]["world_size"] == 16 and report["layout"]["dp"] == 4
+
+
+class _Task:
+    """What the Trainer reads of a task before its preflight: nothing past it may run."""
+
+    command, vocab_size = "gpt-pretrain", 67
+
+    def configure(self, cfg: object) -> None:
+        pass
+
+
+def test_preflight_refuses_or_warns_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from parallel.topology import Topology
+    from pretrain.trainer import Trainer
+
+    def no_work(*args: object) -> None:
+        raise RuntimeError("process groups: past the preflight")
+
+    monkeypatch.setattr(Topology, "init", no_work)
+    run_dir = tmp_path / "run"
+    base = ["data.dir=unused", f"run.dir={run_dir}", "hardware.memory_gb=0.0001"]
+    with pytest.raises(UserError, match=r"^preflight: rank pp0 needs .* > 0.1 MiB on cpu; try .*preflight=warn"):
+        Trainer(compose([*base, "train.preflight=error"])).run(_Task())
+    assert not run_dir.exists()
+    with pytest.raises(RuntimeError, match="past the preflight"):
+        Trainer(compose([*base, "train.preflight=warn"])).run(_Task())
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and out.startswith("warning: preflight (train.preflight=warn): rank pp0 needs")
+    with pytest.raises(RuntimeError, match="past the preflight"):
+        Trainer(compose([*base, "train.preflight=off"])).run(_Task())
+    assert capsys.readouterr().out == ""
