@@ -44,7 +44,7 @@ from data.output_dir import check_output_dir, owned_output
 from data.prepare_dedup import HashSet
 from data.prepare_pool import make_executor, ordered_map, write_shard_task
 from data.prepare_progress import Progress
-from data.prepare_tokenize import tokenize_file
+from data.prepare_tokenize import tokenize_files
 from data.prepare_work import WorkDir, worth_keeping
 from data.shards import FORMAT, MANIFEST, write_manifest
 from data.tokenizer import TOKENIZER_FILE, BPETokenizer, CharTokenizer, Tokenizer, train_tokenizer
@@ -238,10 +238,8 @@ def _run(
     try:
         sizes = [p.stat().st_size for p in files]
         progress = Progress(sum(sizes), "tokenize", initial=sum(sizes[i] for i in done))
-        window = 2 * config.workers + 2
-        for index, path in enumerate(files):
-            if index not in done:
-                tokenize_file(work, index, path, executor, window, config.text_field, seen, progress)
+        todo = [(index, path) for index, path in enumerate(files) if index not in done]
+        tokenize_files(work, todo, executor, 2 * config.workers + 2, config.text_field, seen, progress)
         progress.close()
         return finalise(config, out, inputs, files, work, tokenizer, dtype, executor)
     finally:

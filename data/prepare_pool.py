@@ -24,6 +24,7 @@ from data.prepare_shards import write_shard_fast
 from data.tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer, TiktokenTokenizer, Tokenizer, load_tokenizer
 
 T = TypeVar("T")
+K = TypeVar("K")
 R = TypeVar("R")
 _STATE: dict[str, Any] = {}
 
@@ -59,20 +60,33 @@ def make_executor(workers: int, tokenizer_dir: Path, dtype: str) -> Executor | N
 def ordered_map(executor: Executor | None, fn: Callable[[T], R], items: Iterable[T], window: int) -> Iterator[R]:
     """``map(fn, items)`` on the pool, in order, with at most ``window`` tasks in flight: the input
     is consumed only as fast as results are (``Pool.imap`` reads its whole input ahead)."""
+    for _, result in ordered_map_keyed(executor, fn, ((None, item) for item in items), window):
+        yield result  # type: ignore[misc]
+
+
+def ordered_map_keyed(
+    executor: Executor | None, fn: Callable[[T], R], items: Iterable[tuple[K, T | None]], window: int
+) -> Iterator[tuple[K, R | None]]:
+    """:func:`ordered_map` over ``(key, task)`` pairs, yielding ``(key, result)``; a ``None`` task is
+    passed through as a ``None`` result in its place (a marker: the end of an input file)."""
     if executor is None:
-        yield from map(fn, items)
+        for key, item in items:
+            yield key, None if item is None else fn(item)
         return
     pending: deque = deque()
     try:
-        for item in items:
-            pending.append(executor.submit(fn, item))
+        for key, item in items:
+            pending.append((key, None if item is None else executor.submit(fn, item)))
             if len(pending) >= window:
-                yield pending.popleft().result()
+                key, future = pending.popleft()
+                yield key, None if future is None else future.result()
         while pending:
-            yield pending.popleft().result()
+            key, future = pending.popleft()
+            yield key, None if future is None else future.result()
     finally:
-        for future in pending:
-            future.cancel()
+        for _, future in pending:
+            if future is not None:
+                future.cancel()
 
 
 def encode_texts(tokenizer: Tokenizer, texts: list[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:

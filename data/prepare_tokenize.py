@@ -7,6 +7,7 @@ few chunks, whatever the size of the file.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,9 +16,9 @@ from typing import BinaryIO
 import numpy as np
 
 from conf.errors import UserError
-from data import corpus
+from data.corpus import chunks, file_pieces
 from data.prepare_dedup import HashSet, combine
-from data.prepare_pool import encode_chunk, ordered_map
+from data.prepare_pool import encode_chunk, ordered_map_keyed
 from data.prepare_progress import Progress
 from data.prepare_work import WorkDir, file_stat
 
@@ -57,43 +58,77 @@ class PartWriter:
 
     def close(self) -> None:
         for handle in (self.bin, self.hashes):
-            if handle is not None:
+            if handle is not None and not handle.closed:
                 handle.flush()
                 handle.close()
 
 
-def tokenize_file(
+class FilePart:
+    """The part being written for one input file, and its counts."""
+
+    def __init__(self, work: WorkDir, index: int, path: Path, dedup: bool) -> None:
+        self.index, self.stat = index, file_stat(path)
+        self.writer = PartWriter(work, index, dedup)
+        self.documents = self.duplicates = 0
+        self.open_doc: OpenDocument | None = None
+
+    def add(self, result: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], seen: HashSet | None) -> None:
+        tokens, lengths, ends, hashes = result
+        if seen is None:
+            self.writer.write(tokens)
+            self.documents += int(ends.sum())
+            return
+        kept, dropped, self.open_doc = _dedup_chunk(self.writer, tokens, lengths, ends, hashes, seen, self.open_doc)
+        self.documents += kept
+        self.duplicates += dropped
+
+    def entry(self) -> dict:
+        return {
+            "stat": self.stat,
+            "tokens": self.writer.tokens,
+            "documents": self.documents,
+            "duplicates": self.duplicates,
+        }
+
+
+def tokenize_files(
     work: WorkDir,
-    index: int,
-    path: Path,
+    todo: list[tuple[int, Path]],
     executor: Executor | None,
     window: int,
     text_field: str,
     seen: HashSet | None,
     progress: Progress,
-) -> dict:
-    """Tokenize one input file into its part and record it as done; returns its counts."""
-    stat = file_stat(path)
-    writer = PartWriter(work, index, seen is not None)
-    documents = duplicates = 0
-    open_doc: OpenDocument | None = None
-    pieces = corpus.file_pieces(path, text_field, progress.update)
-    tasks = ((texts, ends, seen is not None) for texts, ends in corpus.chunks(pieces))
+) -> None:
+    """Tokenize the ``(index, path)`` input files into their parts, recording each as done when it
+    is: one stream of chunks through the pool, so that workers do not wait at file boundaries."""
+    dedup = seen is not None
+    paths = dict(todo)
+
+    def tasks() -> Iterator[tuple[int, tuple[list[str], list[bool], bool] | None]]:
+        for index, path in todo:
+            pieces = file_pieces(path, text_field, progress.update)
+            try:
+                for texts, ends in chunks(pieces):
+                    yield index, (texts, ends, dedup)
+            finally:
+                pieces.close()
+            yield index, None  # the end of this file
+
+    part: FilePart | None = None
     try:
-        for tokens, lengths, ends, hashes in ordered_map(executor, encode_chunk, tasks, window):
-            if seen is None:
-                writer.write(tokens)
-                documents += int(ends.sum())
+        for index, result in ordered_map_keyed(executor, encode_chunk, tasks(), window):
+            if part is None:
+                part = FilePart(work, index, paths[index], dedup)
+            if result is not None:
+                part.add(result, seen)
                 continue
-            kept, dropped, open_doc = _dedup_chunk(writer, tokens, lengths, ends, hashes, seen, open_doc)
-            documents += kept
-            duplicates += dropped
+            part.writer.close()
+            work.finish_part(index, part.entry())
+            part = None
     finally:
-        writer.close()
-        pieces.close()
-    entry = {"stat": stat, "tokens": writer.tokens, "documents": documents, "duplicates": duplicates}
-    work.finish_part(index, entry)
-    return entry
+        if part is not None:
+            part.writer.close()
 
 
 def _dedup_chunk(

@@ -171,36 +171,35 @@ def test_dedup_removes_normalised_exact_duplicates(tmp_path: Path, small_pieces:
 def test_an_interrupted_prepare_resumes_without_redoing_finished_files(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import data.prepare
+    import data.prepare_tokenize
+    from data.prepare_work import WorkDir
 
     _corpus(tmp_path / "src")
     cfg = {"input": str(tmp_path / "src"), "tokenizer": "char", "seq_len": 16, "dedup": True}
     prepare(prepare_cfg(out=str(tmp_path / "whole"), **cfg))
 
-    real, tokenized = data.prepare.tokenize_file, []
+    finish = WorkDir.finish_part
 
-    def interrupted(work, index, path, *args):  # noqa: ANN001, ANN002
-        if tokenized:
-            raise KeyboardInterrupt  # Ctrl-C after the first input file
-        tokenized.append(path.name)
-        return real(work, index, path, *args)
+    def then_ctrl_c(self: WorkDir, *args: object) -> None:
+        finish(self, *args)
+        raise KeyboardInterrupt  # right after the first input file is done
 
     out = tmp_path / "out"
-    monkeypatch.setattr(data.prepare, "tokenize_file", interrupted)
+    monkeypatch.setattr(WorkDir, "finish_part", then_ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         prepare(prepare_cfg(out=str(out), **cfg))
+    monkeypatch.setattr(WorkDir, "finish_part", finish)
     work = tmp_path / ".out.gpt-prepare-work"
     assert not out.exists() and sorted(p.name for p in work.glob("part-*.bin")) == ["part-000000.bin"]
     with pytest.raises(UserError, match=r"an interrupted gpt-prepare used dedup=True \(now False\).*resume=false"):
         prepare(prepare_cfg(out=str(out), **{**cfg, "dedup": False}))
 
-    def spy(work, index, path, *args):  # noqa: ANN001, ANN002
-        tokenized.append(path.name)
-        return real(work, index, path, *args)
-
-    monkeypatch.setattr(data.prepare, "tokenize_file", spy)
+    read, pieces = [], data.prepare_tokenize.file_pieces
+    monkeypatch.setattr(
+        data.prepare_tokenize, "file_pieces", lambda path, *a: read.append(path.name) or pieces(path, *a)
+    )
     prepare(prepare_cfg(out=str(out), **cfg))
-    assert tokenized == ["a.jsonl.gz", "b.jsonl.zst", "c.txt.zst"]  # a.jsonl.gz once
+    assert read == ["b.jsonl.zst", "c.txt.zst"]  # a.jsonl.gz is not tokenized again
     assert _outputs(out) == _outputs(tmp_path / "whole") and not work.exists()
 
 
