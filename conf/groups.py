@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import netrc
 import os
+import re
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,13 +202,45 @@ class TrainConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One source of a mixture (``data.sources``, ``data/mixture.py``): a shard set and its weight."""
+
+    dir: str = MISSING  # a gpt-prepare output, as data.dir
+    weight: float = 1.0  # relative: the weights are normalised to sum 1 (0: the source pauses)
+    name: str | None = None  # metric keys (tokens/<name>, val_loss/<name>) and resume match by it; null: dir's basename
+
+
+def source_name(directory: str, name: str | None) -> str:
+    """A source's name: as given, else the last component of its dir or URL."""
+    return name or str(directory).rstrip("/").rsplit("/", 1)[-1]
+
+
+@dataclass
 class DataConfig:
-    dir: str = MISSING  # a gpt-prepare output directory (manifest.json + shards)
+    dir: str | None = None  # a gpt-prepare output directory (manifest.json + shards); or data.sources
+    sources: list[SourceConfig] = field(default_factory=list)  # a weighted mixture (data/mixture.py)
     num_streams: int = 12  # canonical streams of the global order; fixes the order for every dp dividing it
     num_workers: int = 0  # DataLoader worker processes per rank
     allow_new: bool = False  # resume on another shard set of the same tokenizer (continued pretraining)
 
     def check(self) -> None:
+        if bool(self.dir) == bool(self.sources):
+            if self.dir:
+                raise UserError("data.dir and data.sources both set: pass one (data.dir=DIR is the one-source form)")
+            raise UserError("data.dir=: required (pass data.dir=DIR, or data.sources=[{dir:DIR,weight:W,name:N},...])")
+        seen: set[str] = set()
+        for i, source in enumerate(self.sources):
+            name = source_name(source.dir, source.name)
+            if source.dir.startswith("pipe:") and not source.name:
+                raise UserError(f"data.sources.{i}.name: required for a pipe: source")
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+                raise UserError(f"data.sources.{i}.name={name}: use letters, digits, '_', '.' or '-'")
+            if name in seen:
+                raise UserError(f"data.sources: two sources are named {name} (set data.sources.{i}.name=...)")
+            seen.add(name)
+            _at_least(f"data.sources.{i}.weight", source.weight, 0)
+        if self.sources and not any(s.weight > 0 for s in self.sources):
+            raise UserError("data.sources: every weight is 0; at least one must be > 0")
         _at_least("data.num_streams", self.num_streams, 1)
         _at_least("data.num_workers", self.num_workers, 0)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -114,7 +115,7 @@ def validate(cfg: DictConfig) -> None:
     Raises :class:`UserError` with one line naming the key (``train.max_steps=abc: expected an
     integer``). Top-level keys without a schema (another command's) are left alone.
     """
-    missing = sorted(OmegaConf.missing_keys(cfg))
+    missing = sorted(re.sub(r"\[(\d+)\]", r".\1", key) for key in OmegaConf.missing_keys(cfg))  # Hydra's list.0.key
     if missing:
         raise UserError(f"{missing[0]}=: required (pass {missing[0]}=...)")
     groups = [_typed(cfg, name) for name in GROUPS if name in cfg]

@@ -168,8 +168,13 @@ class TrainStream(IterableDataset):
                     order = GlobalOrder(self.manifest, "train", self.seed, epoch, self.num_streams)
                     readers, current_epoch = {}, epoch
                 if stream not in readers:
-                    readers[stream] = _StreamReader(order, self.manifest, stream, offset)
-                sample_id, window = next(readers[stream])
+                    readers[stream] = [_StreamReader(order, self.manifest, stream, offset), offset]
+                entry = readers[stream]  # [reader, its next offset]
+                while entry[1] < offset:  # the other workers' samples of this stream
+                    next(entry[0])
+                    entry[1] += 1
+                sample_id, window = next(entry[0])
+                entry[1] += 1
                 ids.append(sample_id)
                 rows.append(window)
             yield {"tokens": np.stack(rows), "ids": np.asarray(ids, dtype=np.int64)}
@@ -252,6 +257,8 @@ class TrainLoader:
                 f"{state['num_streams']}: the global sample order would change"
             )
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        if self.position + self.layout.global_batch > self._length(self.epoch):  # a larger global batch now
+            self.epoch, self.position = self.epoch + 1, 0  # the epoch's tail waits for the next shuffle, as always
         self._consumed, self._iterator = 0, None
 
 

@@ -50,6 +50,20 @@ def char_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def small_char_shards(char_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8,000 characters of tinyshakespeare with char_shards' tokenizer: a small second source of a
+    mixture (one train shard of 112 windows, so it runs through epochs while char_shards does not)."""
+    from data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("small")
+    text = root / "text.txt"
+    text.write_text(TINYSHAKESPEARE.read_text()[:8000])
+    tokenizer = f"file:{char_shards / 'tokenizer.json'}"
+    prepare(prepare_cfg(input=str(text), out=str(root / "shards"), tokenizer=tokenizer, seq_len=64))
+    return root / "shards"
+
+
 def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a console script as a user would (``python -m module``), capturing output."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", **(env or {})}

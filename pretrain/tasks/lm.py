@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig
 
 from conf.errors import UserError
+from data.mixture import MixtureLoader, Source, normalised
 from data.shards import Manifest, check_files, load_manifest
 from data.stream import Layout, TrainLoader, eval_batches
 from data.tokenizer import TOKENIZER_FILE, load_tokenizer
@@ -27,6 +28,7 @@ from parallel.train_state import TrainState
 from pretrain.flops import peak_flops
 from pretrain.in_loop_eval import InLoopEval
 from pretrain.metrics import truncate_after
+from pretrain.mixture import DataResume, open_sources, per_source_validation, weights_line
 from pretrain.model import build_gpt, flops_per_token, position_ids, transformer_config
 from pretrain.resume import check_data, data_identity
 
@@ -111,20 +113,28 @@ def validation_loss(
 
 
 class PretrainTask:
-    """L1 over the shards of ``data.dir``, in the dp-independent global order of ``data/stream.py``."""
+    """L1 over the shards of ``data.dir`` (or the mixture of ``data.sources``), in the dp-independent
+    global order of ``data/stream.py`` (``data/mixture.py``)."""
 
     command = "gpt-pretrain"
 
     def __init__(self, cfg: DictConfig):
-        cfg.data.dir = str(Path(cfg.data.dir).expanduser().resolve())  # config.yaml and checkpoints work from any cwd
-        self.manifest = load_manifest(cfg.data.dir)
-        check_files(self.manifest)
-        self.identity = data_identity(self.manifest)
-        if self.manifest.seq_len > cfg.model.seq_len:
-            raise UserError(
-                f"data.dir={self.manifest.directory} has seq_len={self.manifest.seq_len} > "
-                f"model.seq_len={cfg.model.seq_len}"
-            )
+        self.sources: list[Source] = []  # data.sources: a mixture (data/mixture.py, pretrain/mixture.py)
+        self.resume: DataResume | None = None
+        self.mixture_events: list[dict[str, Any]] = []
+        if cfg.data.get("sources"):
+            self.sources, self.identity = open_sources(cfg)  # one tokenizer, seq_len and dtype
+            self.manifest = self.sources[0].manifest
+        else:
+            cfg.data.dir = str(Path(cfg.data.dir).expanduser().resolve())  # config.yaml, checkpoints: any cwd
+            self.manifest = load_manifest(cfg.data.dir)
+            check_files(self.manifest)
+            self.identity = data_identity(self.manifest)
+            if self.manifest.seq_len > cfg.model.seq_len:
+                raise UserError(
+                    f"data.dir={self.manifest.directory} has seq_len={self.manifest.seq_len} > "
+                    f"model.seq_len={cfg.model.seq_len}"
+                )
         self.vocab_size = self.manifest.vocab_size
         self.files = (self.manifest.directory / TOKENIZER_FILE,)
         self.cfg = cfg
@@ -136,6 +146,9 @@ class PretrainTask:
         pass
 
     def check_resume(self, cfg: DictConfig, state: TrainState, step_dir: Path) -> bool:
+        if self.sources or "sources" in (state.data_identity or {}):  # a mixture now or then
+            self.resume = DataResume(cfg, state, self.identity)
+            return self.resume.restore or bool(self.sources)  # a mixture's new sources start at 0
         return check_data(cfg, state, self.identity)
 
     def model_spec(self, cfg: DictConfig, resuming: bool) -> ModelSpec:
@@ -144,9 +157,8 @@ class PretrainTask:
     def start(self, cfg: DictConfig, topo: Topology) -> None:
         self.topo = topo
         self.layout = Layout(int(cfg.train.global_batch), int(cfg.train.micro_batch), topo.dp_rank, topo.dp)
-        self.loader = TrainLoader(
-            self.manifest, self.layout, int(cfg.train.seed), int(cfg.data.num_streams), int(cfg.data.num_workers)
-        )
+        args = (self.layout, int(cfg.train.seed), int(cfg.data.num_streams), int(cfg.data.num_workers))
+        self.loader = MixtureLoader(self.sources, *args) if self.sources else TrainLoader(self.manifest, *args)
         self.tokens_per_step = self.layout.global_batch * self.manifest.seq_len
         # MFU: model FLOPs per token (6N + attention) over all ranks' peak
         self.model_flops = flops_per_token(cfg.model, self.vocab_size, self.manifest.seq_len)
@@ -169,7 +181,24 @@ class PretrainTask:
         return self.loader.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.resume is not None:  # a mixture now or then: sources matched by name and shard set
+            if not self.resume.restore:
+                return
+            state = self.resume.loader_state(state, mixture=bool(self.sources))
         self.loader.load_state_dict(state)
+        changed = getattr(self.loader, "changed", None)
+        if changed is not None:
+            self.mixture_events.append({"event": "mixture_weights", "old": changed[0], "new": changed[1]})
+            if self.topo.rank == 0:
+                print(weights_line(self.resume.step, *changed), flush=True)
+
+    def resume_events(self) -> list[dict[str, Any]]:
+        """What the resume changed in the data (``metrics.jsonl`` events; the Trainer logs them)."""
+        events = (self.resume.events if self.resume is not None else []) + self.mixture_events
+        for event in events:
+            if event["event"] == "mixture_sources" and self.topo.rank == 0:
+                print(f"data: data.allow_new=true: sources added {event['added']}, dropped {event['removed']}")
+        return events
 
     def checkpoint_extras(self) -> dict[str, Any]:
         return {"data_identity": self.identity}
@@ -177,18 +206,32 @@ class PretrainTask:
     def step_record(self, result: StepResult, step_time: float, step: int) -> dict[str, Any]:
         if self.sample_log is not None:
             ids = [i for batch in self._last for i in batch["ids"].tolist()]
-            self.sample_log.write(json.dumps({"step": step, "ids": ids}) + "\n")
-        return {
+            line = {"step": step, "ids": ids}
+            if self.sources:  # the index of each id's source in data.sources
+                line["sources"] = [i for batch in self._last for i in batch["source"].tolist()]
+            self.sample_log.write(json.dumps(line) + "\n")
+        record = {
             "tokens": step * self.tokens_per_step,
             "tokens_per_s": self.tokens_per_step / step_time,
             "mfu": self.model_flops * self.tokens_per_step / step_time / self.world_peak,
         }
+        if self.sources:  # consumed over all ranks (the global order is known to every rank)
+            seq = self.manifest.seq_len
+            record.update({f"tokens/{name}": n * seq for name, n in self.loader.samples().items()})
+        return record
 
     def cadence(self, cfg: DictConfig) -> tuple[int, int]:
         return int(cfg.train.eval_every), int(cfg.train.save_every)
 
     def evaluate(self, engine: Engine, topo: Topology, beat: Callable[[], None]) -> dict[str, float]:
         train = self.cfg.train
+        if self.sources:  # val_loss/<name> per source with a validation split; val_loss: their weighted mean
+            losses = {
+                s.name: validation_loss(engine, s.manifest, topo, int(train.eval_micro_batch), train.eval_batches, beat)
+                for s in self.sources
+            }
+            found = {name: loss for name, loss in losses.items() if loss is not None}
+            return per_source_validation(found, normalised(self.loader.weights))
         loss = validation_loss(engine, self.manifest, topo, int(train.eval_micro_batch), train.eval_batches, beat)
         return {} if loss is None else {"val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
 
