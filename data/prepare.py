@@ -42,7 +42,7 @@ from conf.prepare_schema import PrepareConfig
 from data.corpus import corpus_pieces, first_text, resolve_inputs, sample_texts
 from data.output_dir import check_output_dir, owned_output
 from data.prepare_dedup import HashSet
-from data.prepare_pool import make_executor, ordered_map, write_shard_task
+from data.prepare_pool import ordered_map, worker_pool, write_shard_task
 from data.prepare_progress import Progress
 from data.prepare_tokenize import tokenize_files
 from data.prepare_work import WorkDir, worth_keeping
@@ -234,17 +234,13 @@ def _run(
         seen = HashSet()
         for hashes in work.hashes():
             seen.add_unique(hashes)
-    executor = make_executor(config.workers, work.path, dtype)
-    try:
+    with worker_pool(config.workers, work.path, dtype) as executor:
         sizes = [p.stat().st_size for p in files]
         progress = Progress(sum(sizes), "tokenize", initial=sum(sizes[i] for i in done))
         todo = [(index, path) for index, path in enumerate(files) if index not in done]
         tokenize_files(work, todo, executor, 2 * config.workers + 2, config.text_field, seen, progress)
         progress.close()
         return finalise(config, out, inputs, files, work, tokenizer, dtype, executor)
-    finally:
-        if executor is not None:
-            executor.shutdown(wait=True, cancel_futures=True)
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="prepare")

@@ -2,12 +2,12 @@
 
 Results come back in submission order (:func:`ordered_map`), and every task is a pure function
 of its input, so the output is the same for any number of workers. ``workers=1`` runs the same
-functions in the calling process. Workers are spawned (not forked): the parent may already run
-threads (tokenizers' thread pool after BPE training, torch in a test process).
+functions in the calling process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from collections import deque
@@ -42,19 +42,38 @@ def init_worker(tokenizer_dir: str, dtype: str, in_worker: bool = True) -> None:
         _STATE["char_codes"], _STATE["char_ids"] = codes[order], order.astype(np.int64)
 
 
-def make_executor(workers: int, tokenizer_dir: Path, dtype: str) -> Executor | None:
-    """A process pool of ``workers`` (None for one: the caller's process does the work)."""
+@contextlib.contextmanager
+def worker_pool(workers: int, tokenizer_dir: Path, dtype: str) -> Iterator[Executor | None]:
+    """A process pool of ``workers`` (None for one: the caller's process does the work).
+
+    Forked where the platform forks (no re-import of the caller's ``__main__``, which a spawned
+    worker needs and a script without a ``__main__`` guard, or stdin, cannot give); the workers
+    touch only numpy and the tokenizer. ``TOKENIZERS_PARALLELISM=false`` while the pool lives:
+    a worker tokenizes on one thread, and tokenizers then does not warn about the fork.
+    """
     init_worker(str(tokenizer_dir), dtype, in_worker=False)
     if workers <= 1:
-        return None
+        yield None
+        return
     import multiprocessing
 
-    return ProcessPoolExecutor(
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    executor = ProcessPoolExecutor(
         max_workers=workers,
-        mp_context=multiprocessing.get_context("spawn"),
+        mp_context=multiprocessing.get_context(method),
         initializer=init_worker,
         initargs=(str(tokenizer_dir), dtype),
     )
+    try:
+        yield executor
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+        if saved is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
 
 
 def ordered_map(executor: Executor | None, fn: Callable[[T], R], items: Iterable[T], window: int) -> Iterator[R]:

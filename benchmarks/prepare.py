@@ -1,0 +1,184 @@
+"""gpt-prepare at scale: MB/s over the tokenizer's own ceiling (goal >= 0.7), and peak memory at
+4x the input (growth goal <= 10%).
+
+Side by side in one run, on a synthetic corpus written to a temp dir: the lines of
+tinyshakespeare and rotten_tomatoes, shuffled, in documents of 10-60 lines, as ``.jsonl`` files
+of ~25 MB (shuffled so that BPE meets many distinct words and merges). A byte-level BPE
+(``vocab_size`` 8192) is trained once with gpt-prepare's own trainer on a 20 MB sample and
+passed as ``tokenizer=file:`` so that both sides tokenize the same way and the ratio is about
+tokenizing, not training (the training time is printed apart).
+
+- ceiling: ``tokenizers``' ``encode_batch`` of the same documents, already in memory (no I/O,
+  no JSON, no shards), in batches of 1,000 with its own thread pool on the same cores;
+- gpt-prepare: ``python -m data.prepare ... workers=2 seq_len=1024`` end to end (start-up, reading,
+  tokenizing, part files, shards, manifest), input MB / wall seconds;
+- memory: the peak of the summed RSS of gpt-prepare's process tree (sampled every 50 ms), on
+  ``--mb`` MB and on ``--scale`` times as much.
+
+    nice python benchmarks/prepare.py [--mb 200] [--scale 4] [--workers 2]
+
+The last line is the worse of the two against its goal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import REPO, TINYSHAKESPEARE  # noqa: E402
+
+ROTTEN = REPO.parent / "shared" / "data"
+FILE_MB = 25
+CEILING = r"""
+import json, os, sys, time
+from tokenizers import Tokenizer
+tok = Tokenizer.from_file(sys.argv[1])
+docs = [json.loads(line)["text"] for path in sys.argv[2:] for line in open(path, encoding="utf-8")]
+size = sum(len(d.encode("utf-8")) for d in docs)
+start, cpu = time.perf_counter(), time.process_time()
+for i in range(0, len(docs), 1000):
+    tok.encode_batch(docs[i : i + 1000], add_special_tokens=False)
+print(json.dumps({"bytes": size, "seconds": time.perf_counter() - start, "cpu": time.process_time() - cpu}))
+"""
+
+
+def line_pool() -> list[str]:
+    lines = [line for line in TINYSHAKESPEARE.read_text().split("\n") if line.strip()]
+    for name in ("rotten_tomatoes.train.jsonl", "rotten_tomatoes.validation.jsonl"):
+        with open(ROTTEN / name, encoding="utf-8") as f:
+            lines += [json.loads(line)["text"] for line in f if line.strip()]
+    return lines
+
+
+def write_corpus(directory: Path, megabytes: int, seed: int, pool: list[str]) -> int:
+    """``megabytes`` of .jsonl documents of shuffled lines; returns the bytes written."""
+    directory.mkdir(parents=True)
+    rng = random.Random(seed)
+    written, number = 0, 0
+    while written < megabytes * 1e6:
+        path = directory / f"part-{number:04d}.jsonl"
+        with open(path, "w", encoding="utf-8") as f:
+            while f.tell() < FILE_MB * 1e6 and written + f.tell() < megabytes * 1e6:
+                f.write(json.dumps({"text": "\n".join(rng.choices(pool, k=rng.randint(10, 60)))}) + "\n")
+        written += path.stat().st_size
+        number += 1
+    return written
+
+
+def tree_rss(pid: int) -> int:
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += proc.memory_info().rss
+    return total
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # every waited-for descendant
+    return usage.ru_utime + usage.ru_stime
+
+
+def ceiling(tokenizer: Path, files: list[Path], threads: int) -> tuple[float, float]:
+    """(MB/s, MB per CPU second) of ``encode_batch`` on ``threads`` threads, the text in memory."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "true", "RAYON_NUM_THREADS": str(threads)}
+    command = [sys.executable, "-c", CEILING, str(tokenizer), *map(str, files)]
+    result = json.loads(subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout)
+    return result["bytes"] / result["seconds"] / 1e6, result["bytes"] / result["cpu"] / 1e6
+
+
+def run_prepare(corpus: Path, out: Path, tokenizer: Path, workers: int) -> tuple[float, int, float]:
+    """(wall seconds, peak RSS of the process tree, CPU seconds of the tree) of one gpt-prepare run."""
+    cmd = [sys.executable, "-m", "data.prepare", f"input={corpus}", f"out={out}", f"tokenizer=file:{tokenizer}"]
+    cmd += [f"workers={workers}", "seq_len=1024"]
+    cpu = children_cpu()
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak, done = [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], tree_rss(proc.pid))
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    output, _ = proc.communicate()
+    seconds = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    if proc.returncode != 0:
+        sys.exit(f"gpt-prepare failed:\n{output}")
+    return seconds, peak[0], children_cpu() - cpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mb", type=int, default=200)
+    parser.add_argument("--scale", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="bench-prepare-"))
+    pool = line_pool()
+    small = write_corpus(root / "small", args.mb, 0, pool)
+    large = write_corpus(root / "large", args.mb * args.scale, 1, pool)
+    print(f"corpus: {small / 1e6:.0f} MB and {large / 1e6:.0f} MB of .jsonl in {root}", flush=True)
+
+    from data.corpus import sample_texts
+    from data.tokenizer import BPETokenizer
+
+    files = sorted((root / "small").glob("*.jsonl"))
+    start = time.perf_counter()
+    BPETokenizer.train(sample_texts(files, "text", 20_000_000), 8192).save(root)
+    print(f"bpe training (vocab 8192, 20 MB sample): {time.perf_counter() - start:.1f} s", flush=True)
+    tokenizer = root / "tokenizer.json"
+
+    # alternated, so that a machine shared with others weighs on both sides alike
+    first, first_cpu = ceiling(tokenizer, files, args.workers)
+    seconds, peak_small, cpu_small = run_prepare(root / "small", root / "out-small", tokenizer, args.workers)
+    second, second_cpu = ceiling(tokenizer, files, args.workers)
+    ceiling_rate, ceiling_cpu = (first + second) / 2, (first_cpu + second_cpu) / 2
+    rate = small / seconds / 1e6
+    print(f"ceiling: encode_batch on {args.workers} threads, no I/O: {first:.2f} and {second:.2f} MB/s", flush=True)
+    print(
+        f"gpt-prepare workers={args.workers}: {rate:.2f} MB/s ({seconds:.1f} s), peak RSS {peak_small / 2**20:.0f} MiB"
+    )
+    seconds_large, peak_large, _ = run_prepare(root / "large", root / "out-large", tokenizer, args.workers)
+    print(
+        f"gpt-prepare on {large / 1e6:.0f} MB: {large / seconds_large / 1e6:.2f} MB/s ({seconds_large:.1f} s), "
+        f"peak RSS {peak_large / 2**20:.0f} MiB",
+        flush=True,
+    )
+    print(f"MB per CPU second (whole process tree), gpt-prepare / ceiling: {small / cpu_small / 1e6 / ceiling_cpu:.3f}")
+    ratio = rate / ceiling_rate
+    growth = peak_large / peak_small - 1
+    lines = [
+        (ratio / 0.7, f"gpt-prepare MB/s / encode_batch ceiling = {ratio:.3f} (goal >= 0.7)"),
+        (1.10 / (1 + growth), f"peak RSS growth at {args.scale}x the input = {100 * growth:+.1f}% (goal <= 10%)"),
+    ]
+    for _, line in sorted(lines, reverse=True):
+        print(line)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
