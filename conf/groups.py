@@ -217,11 +217,17 @@ def source_name(directory: str, name: str | None) -> str:
 
 @dataclass
 class DataConfig:
-    dir: str | None = None  # a gpt-prepare output directory (manifest.json + shards); or data.sources
-    sources: list[SourceConfig] = field(default_factory=list)  # a weighted mixture (data/mixture.py)
+    dir: str | None = None  # a gpt-prepare output directory (manifest.json + shards), http(s):// URL or pipe:COMMAND
+    sources: list[SourceConfig] = field(default_factory=list)  # a weighted mixture (data/mixture.py); or data.dir
     num_streams: int = 12  # canonical streams of the global order; fixes the order for every dp dividing it
     num_workers: int = 0  # DataLoader worker processes per rank
     allow_new: bool = False  # resume on another shard set of the same tokenizer (continued pretraining)
+    # remote shard sets (data/remote.py): on-disk cache of verified shards, retries, read-ahead
+    cache_dir: str | None = None  # null: no disk cache
+    cache_bytes: int = 10 * 2**30  # the cache's bound (least recently used shards evicted)
+    retries: int = 3  # retries of a failed or corrupt download (exponential backoff), then stop naming the URL
+    prefetch: int = 1  # shards read ahead per stream in background threads
+    timeout_s: float = 120.0  # HTTP: seconds without progress; pipe: seconds for the whole command
 
     def check(self) -> None:
         if bool(self.dir) == bool(self.sources):
@@ -243,6 +249,10 @@ class DataConfig:
             raise UserError("data.sources: every weight is 0; at least one must be > 0")
         _at_least("data.num_streams", self.num_streams, 1)
         _at_least("data.num_workers", self.num_workers, 0)
+        for key in ("retries", "prefetch"):
+            _at_least(f"data.{key}", getattr(self, key), 0)
+        _at_least("data.cache_bytes", self.cache_bytes, 1)
+        _positive("data.timeout_s", self.timeout_s)
 
 
 @dataclass

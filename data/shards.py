@@ -13,6 +13,7 @@ import io
 import json
 import os
 import tarfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,9 @@ from typing import Any
 import numpy as np
 
 from conf.errors import UserError
+from data.read_ahead import read_ahead
+from data.remote import Remote, RemoteOptions, is_remote
+from data.tokenizer import TOKENIZER_FILE
 
 MANIFEST = "manifest.json"
 FORMAT = "gpt-shards/1"
@@ -28,15 +32,25 @@ SAMPLE_FIELD = "tokens.bin"
 
 @dataclass(frozen=True)
 class ShardInfo:
-    path: Path
+    path: Path  # the local file; for a remote shard set, the file's name in it
     num_samples: int
     sha256: str
     size: int = -1  # bytes; -1 when unknown
+    remote: Remote | None = None  # set for an http(s):// or pipe: shard set (data/remote.py)
+
+    @property
+    def where(self) -> str:
+        """The file or URL that messages name."""
+        return str(self.path) if self.remote is None else self.remote.url(self.path.as_posix())
 
 
 @dataclass(frozen=True)
 class Manifest:
-    """What a reader needs to know about a shard set, validated on load."""
+    """What a reader needs to know about a shard set, validated on load.
+
+    ``directory`` holds ``manifest.json`` and ``tokenizer.json`` locally: the shard set itself, or
+    for a URL a private copy of those two files; ``location`` is what the user named (dir or URL).
+    """
 
     directory: Path
     tokenizer: str
@@ -46,19 +60,30 @@ class Manifest:
     dtype: str
     splits: dict[str, list[ShardInfo]]
     raw: dict[str, Any]
+    location: str = ""
 
     def shards(self, split: str) -> list[ShardInfo]:
         if split not in self.splits or not self.splits[split]:
-            raise UserError(f"{self.directory / MANIFEST}: split {split!r} has no shards")
+            where = self.location if is_remote(self.location) else self.directory / MANIFEST
+            raise UserError(f"{where}: split {split!r} has no shards")
         return self.splits[split]
 
     def num_samples(self, split: str) -> int:
         return sum(s.num_samples for s in self.shards(split))
 
 
-def load_manifest(directory: str | Path) -> Manifest:
+def load_manifest(directory: str | Path, remote: RemoteOptions | None = None) -> Manifest:
+    """The manifest of a shard set: a directory, or an ``http(s)://`` / ``pipe:`` URL read with
+    ``remote``'s retries, cache and read-ahead (:mod:`data.remote`)."""
+    store = None
+    location = str(directory)
+    if is_remote(directory):
+        store = Remote(str(directory), remote)
+        location = store.location
+        directory = store.download_metadata((MANIFEST, TOKENIZER_FILE))
     directory = Path(directory)
     path = directory / MANIFEST
+    where = store.url(MANIFEST) if store else path  # what messages name
     if not directory.is_dir():
         raise UserError(f"data.dir={directory}: no such directory (run gpt-prepare first)")
     if not path.is_file():
@@ -66,10 +91,16 @@ def load_manifest(directory: str | Path) -> Manifest:
     try:
         raw = json.loads(path.read_text())
         if raw.get("format") != FORMAT:
-            raise UserError(f"{path}: format {raw.get('format')!r}, expected {FORMAT!r}")
+            raise UserError(f"{where}: format {raw.get('format')!r}, expected {FORMAT!r}")
         splits = {
             name: [
-                ShardInfo(directory / s["file"], int(s["num_samples"]), s["sha256"], int(s.get("bytes", -1)))
+                ShardInfo(
+                    Path(s["file"]) if store else directory / s["file"],
+                    int(s["num_samples"]),
+                    s["sha256"],
+                    int(s.get("bytes", -1)),
+                    store,
+                )
                 for s in split["shards"]
             ]
             for name, split in raw["splits"].items()
@@ -83,17 +114,27 @@ def load_manifest(directory: str | Path) -> Manifest:
             dtype=raw["dtype"],
             splits=splits,
             raw=raw,
+            location=location,
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise UserError(f"{path}: malformed manifest ({exc!r})") from exc
+        raise UserError(f"{where}: malformed manifest ({exc!r})") from exc
 
 
 def check_files(manifest: Manifest) -> None:
     """Cheap up-front check (a stat per shard): every shard exists with its recorded size.
 
     Catches missing and truncated shards before training starts; bit-level
-    corruption is caught by the sha256 check when a shard is read.
+    corruption is caught by the sha256 check when a shard is read. Remote shards: one concurrent
+    round of HEAD requests over HTTP; a ``pipe:`` command cannot stat, its shards are checked when read.
     """
+    shards = [shard for split in manifest.splits.values() for shard in split]
+    remote = shards[0].remote if shards else None
+    if remote is not None:
+        sizes = remote.sizes([s.path.as_posix() for s in shards]) or [-1] * len(shards)
+        for shard, size in zip(shards, sizes, strict=True):
+            if min(size, shard.size) >= 0 and size != shard.size:
+                raise UserError(f"shard {shard.where}: {size} bytes, manifest says {shard.size} (truncated?)")
+        return
     for split in manifest.splits.values():
         for shard in split:
             if not shard.path.is_file():
@@ -161,12 +202,15 @@ def read_shard(shard: ShardInfo, dtype: str, seq_len: int) -> np.ndarray:
     The sha256 and the sample count are checked against the manifest so that a
     truncated or corrupted shard is reported by name instead of training on garbage.
     """
-    try:
-        blob = shard.path.read_bytes()
-    except OSError as exc:
-        raise UserError(f"shard {shard.path}: cannot read ({exc.strerror})") from exc
-    if hashlib.sha256(blob).hexdigest() != shard.sha256:
-        raise UserError(f"shard {shard.path}: sha256 mismatch with manifest (corrupt or truncated)")
+    if shard.remote is not None:  # verified there, retried when it does not match
+        blob = shard.remote.fetch(shard.path.as_posix(), shard.sha256, shard.size)
+    else:
+        try:
+            blob = shard.path.read_bytes()
+        except OSError as exc:
+            raise UserError(f"shard {shard.path}: cannot read ({exc.strerror})") from exc
+        if hashlib.sha256(blob).hexdigest() != shard.sha256:
+            raise UserError(f"shard {shard.path}: sha256 mismatch with manifest (corrupt or truncated)")
     width = seq_len + 1
     itemsize = np.dtype(dtype).itemsize
     fast = _fixed_stride_windows(blob, shard.num_samples, width, np.dtype(dtype))
@@ -182,11 +226,22 @@ def read_shard(shard: ShardInfo, dtype: str, seq_len: int) -> np.ndarray:
                 continue
             data = sample["data"]
             if len(data) != width * itemsize or count >= shard.num_samples:
-                raise UserError(f"shard {shard.path}: sample {sample['fname']} has the wrong size")
+                raise UserError(f"shard {shard.where}: sample {sample['fname']} has the wrong size")
             out[count] = np.frombuffer(data, dtype=dtype)
             count += 1
     except (tarfile.TarError, OSError) as exc:
-        raise UserError(f"shard {shard.path}: unreadable tar ({exc})") from exc
+        raise UserError(f"shard {shard.where}: unreadable tar ({exc})") from exc
     if count != shard.num_samples:
-        raise UserError(f"shard {shard.path}: {count} samples, manifest says {shard.num_samples}")
+        raise UserError(f"shard {shard.where}: {count} samples, manifest says {shard.num_samples}")
     return out
+
+
+def read_shards(
+    shards: Sequence[ShardInfo], dtype: str, seq_len: int, read: Callable[..., np.ndarray] | None = None
+) -> Iterator[np.ndarray]:
+    """``read(shard, dtype, seq_len)`` (:func:`read_shard`) of each shard in order; remote shards are
+    read ahead ``data.prefetch`` deep (:mod:`data.read_ahead`)."""
+    read = read or read_shard
+    remote = next((s.remote for s in shards if s.remote is not None), None)
+    depth = 0 if remote is None else remote.options.prefetch
+    return read_ahead(shards, lambda shard: read(shard, dtype, seq_len), depth)

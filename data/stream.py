@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from conf.errors import UserError
-from data.shards import Manifest, read_shard
+from data.shards import Manifest, read_shard, read_shards
 
 
 @dataclass(frozen=True)
@@ -90,15 +90,17 @@ class _StreamReader:
 
     def __init__(self, order: GlobalOrder, manifest: Manifest, stream: int, offset: int):
         self.order, self.manifest = order, manifest
-        self.segments = order.stream_segments(stream, offset)
+        segments = list(order.stream_segments(stream, offset))
+        self.segments = iter(segments)
+        infos = [order.shards[k] for k, _, _ in segments]  # remote shards are read ahead
+        self.windows = read_shards(infos, manifest.dtype, manifest.seq_len, read_shard)
         self.buffer: Iterator[tuple[int, np.ndarray]] = iter(())
 
     def __next__(self) -> tuple[int, np.ndarray]:
         for item in self.buffer:
             return item
         shard_index, first, last = next(self.segments)
-        info = self.order.shards[shard_index]
-        windows = read_shard(info, self.manifest.dtype, self.manifest.seq_len)
+        windows = next(self.windows)
         local = self.order.inner_permutation(shard_index)[first:last]
         ids = self.order.first_ids[shard_index] + local
         self.buffer = zip(ids.tolist(), windows[local], strict=True)
@@ -276,16 +278,15 @@ def eval_batches(
     if limit is not None:
         hi = min(hi, lo + limit * micro_batch)
     rows: list[np.ndarray] = []
-    start = 0
-    for info in shards:
-        end = start + info.num_samples
-        if end > lo and start < hi:
-            windows = read_shard(info, manifest.dtype, manifest.seq_len)
-            rows.extend(windows[max(lo - start, 0) : min(hi, end) - start])
-            while len(rows) >= micro_batch:
-                yield _eval_batch(rows[:micro_batch], micro_batch)
-                rows = rows[micro_batch:]
-        start = end
+    starts = np.cumsum([0] + [s.num_samples for s in shards]).tolist()
+    wanted = [k for k in range(len(shards)) if starts[k + 1] > lo and starts[k] < hi]
+    contents = read_shards([shards[k] for k in wanted], manifest.dtype, manifest.seq_len, read_shard)
+    for k, windows in zip(wanted, contents, strict=True):
+        start, end = starts[k], starts[k + 1]
+        rows.extend(windows[max(lo - start, 0) : min(hi, end) - start])
+        while len(rows) >= micro_batch:
+            yield _eval_batch(rows[:micro_batch], micro_batch)
+            rows = rows[micro_batch:]
     if rows:
         yield _eval_batch(rows, micro_batch)
 

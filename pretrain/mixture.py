@@ -23,6 +23,7 @@ from omegaconf import DictConfig, open_dict
 from conf.errors import UserError
 from conf.groups import source_name
 from data.mixture import Source
+from data.remote import RemoteOptions
 from data.shards import Manifest, check_files, load_manifest
 from parallel.train_state import TrainState
 from pretrain.resume import data_identity
@@ -42,7 +43,7 @@ def open_sources(cfg: DictConfig) -> tuple[list[Source], dict[str, Any]]:
         for spec in cfg.data.sources:
             spec.dir = _local(str(spec.dir))
             spec.name = source_name(spec.dir, spec.get("name"))
-            manifest = load_manifest(spec.dir)
+            manifest = load_manifest(spec.dir, RemoteOptions.from_config(cfg.data))  # a dir or URL
             check_files(manifest)
             sources.append(Source(str(spec.name), manifest, float(spec.weight)))
             identities.append(data_identity(manifest))

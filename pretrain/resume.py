@@ -72,7 +72,7 @@ def data_identity(manifest: Manifest) -> dict[str, Any]:
         "vocab_size": manifest.vocab_size,
         "tokenizer_sha256": _sha256(manifest.directory / TOKENIZER_FILE),
         "data_sha256": _sha256(manifest.directory / MANIFEST),
-        "data_dir": str(manifest.directory),
+        "data_dir": manifest.location or str(manifest.directory),  # a URL for a remote shard set
     }
 
 

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from conf.errors import UserError
 from data.mixture import MixtureLoader, Source, normalised
+from data.remote import RemoteOptions, is_remote
 from data.shards import Manifest, check_files, load_manifest
 from data.stream import Layout, TrainLoader, eval_batches
 from data.tokenizer import TOKENIZER_FILE, load_tokenizer
@@ -126,13 +127,14 @@ class PretrainTask:
             self.sources, self.identity = open_sources(cfg)  # one tokenizer, seq_len and dtype
             self.manifest = self.sources[0].manifest
         else:
-            cfg.data.dir = str(Path(cfg.data.dir).expanduser().resolve())  # config.yaml, checkpoints: any cwd
-            self.manifest = load_manifest(cfg.data.dir)
+            if not is_remote(cfg.data.dir):  # config.yaml and checkpoints work from any cwd
+                cfg.data.dir = str(Path(cfg.data.dir).expanduser().resolve())
+            self.manifest = load_manifest(cfg.data.dir, RemoteOptions.from_config(cfg.data))
             check_files(self.manifest)
             self.identity = data_identity(self.manifest)
             if self.manifest.seq_len > cfg.model.seq_len:
                 raise UserError(
-                    f"data.dir={self.manifest.directory} has seq_len={self.manifest.seq_len} > "
+                    f"data.dir={cfg.data.dir} has seq_len={self.manifest.seq_len} > "
                     f"model.seq_len={cfg.model.seq_len}"
                 )
         self.vocab_size = self.manifest.vocab_size

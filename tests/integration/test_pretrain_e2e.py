@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, run_cli
+from tests.remote_server import ShardServer
 
 FAST = [
     "model=tiny",
@@ -136,18 +137,22 @@ def test_resume_into_another_model_is_refused(char_shards: Path, tmp_path: Path)
 
 @pytest.mark.slow
 def test_bf16_mixed_precision_trains_and_resumes(char_shards: Path, tmp_path: Path) -> None:
+    """Also the end-to-end check of remote data: the shards come from a local HTTP server, and the
+    resume recognises the shard set at its URL (data/remote.py)."""
     run = tmp_path / "run"
-    args = [
-        f"data.dir={char_shards}",
-        f"run.dir={run}",
-        *FAST,
-        "train.bf16=true",
-        "logging.wandb=disabled",
-        "train.save_every=3",
-    ]
-    first = run_cli("pretrain.train", *args, "train.max_steps=3")
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = run_cli("pretrain.train", *args, "train.max_steps=6")
-    assert second.returncode == 0 and "resumed from" in second.stdout, second.stderr[-3000:]
+    with ShardServer(char_shards.parent) as server:
+        args = [
+            f"data.dir={server.url}/{char_shards.name}",
+            f"run.dir={run}",
+            *FAST,
+            "train.bf16=true",
+            "logging.wandb=disabled",
+            "train.save_every=3",
+        ]
+        first = run_cli("pretrain.train", *args, "train.max_steps=3")
+        assert first.returncode == 0, first.stderr[-3000:]
+        second = run_cli("pretrain.train", *args, "train.max_steps=6")
+        assert second.returncode == 0 and "resumed from" in second.stdout, second.stderr[-3000:]
+        assert any(name.endswith(".tar") for name in server.requests)  # the shards came over HTTP
     steps = losses(run)
     assert sorted(steps) == list(range(1, 7)) and steps[6] < steps[1]
