@@ -201,12 +201,15 @@ def prepare(cfg: DictConfig | PrepareConfig) -> Path:
     work = WorkDir.open(out.resolve(), settings, files, config.resume)
     try:
         manifest = _run(config, out, inputs, files, work, given)
-    except BaseException:
-        if worth_keeping(work.record):
-            print(f"note: finished work kept in {work.path}; the same command resumes it", file=sys.stderr)
-            work.close()
-        else:
+    except BaseException as exc:
+        if not worth_keeping(work.record):
             work.remove()
+            raise
+        work.close()
+        kept = f"{len(work.done)} of {len(files)} input files done and kept in {work.path}; the same command resumes"
+        if isinstance(exc, UserError):
+            raise UserError(f"{exc} ({kept})") from exc
+        print(f"note: {kept}", file=sys.stderr, flush=True)
         raise
     work.remove()
     for name, split in manifest["splits"].items():

@@ -93,8 +93,17 @@ def ordered_map_keyed(
             yield key, None if item is None else fn(item)
         return
     pending: deque = deque()
+    failure: Exception | None = None
     try:
-        for key, item in items:
+        iterator = iter(items)
+        while True:
+            try:
+                key, item = next(iterator)
+            except StopIteration:
+                break
+            except Exception as exc:  # noqa: BLE001 - e.g. a bad line: what was read before it still counts
+                failure = exc
+                break
             pending.append((key, None if item is None else executor.submit(fn, item)))
             if len(pending) >= window:
                 key, future = pending.popleft()
@@ -102,6 +111,8 @@ def ordered_map_keyed(
         while pending:
             key, future = pending.popleft()
             yield key, None if future is None else future.result()
+        if failure is not None:
+            raise failure
     finally:
         for _, future in pending:
             if future is not None:
