@@ -27,6 +27,7 @@ so nothing of its current epoch is repeated or skipped.
 from __future__ import annotations
 
 import itertools
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -37,8 +38,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from conf.errors import UserError
 from data.interleave import Interleave, integer_weights
-from data.shards import Manifest
-from data.stream import GlobalOrder, Layout, _as_is, _ignore_stop_signals, _StreamReader
+from data.shards import Manifest, ShardInfo, read_shard
+from data.stream import GlobalOrder, Layout, _as_is, _ignore_stop_signals
 
 FORMAT = 1  # "mixture" in a loader state; a state without it is data/stream.py's (epoch, position)
 BLOCK = 4096  # positions of this rank located at once (numpy), so the per-sample work is a read
@@ -97,6 +98,48 @@ class MixtureOrder:
         return out
 
 
+class _SharedShards:
+    """This rank's decoded shards, shared by its readers (least recently used dropped): a source
+    with fewer shards than streams has several streams in one shard, and a small source reads
+    the same shards every epoch; one read each instead of one per stream and epoch."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.held: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+
+    def get(self, source: int, index: int, info: ShardInfo, manifest: Manifest) -> np.ndarray:
+        key = (source, index)
+        if key in self.held:
+            self.held.move_to_end(key)
+            return self.held[key]
+        windows = self.held[key] = read_shard(info, manifest.dtype, manifest.seq_len)
+        if len(self.held) > self.capacity:
+            self.held.popitem(last=False)
+        return windows
+
+
+class _Reader:
+    """(sample id, window) of one source's canonical stream in one epoch, from an offset on."""
+
+    def __init__(
+        self, source: int, order: GlobalOrder, manifest: Manifest, stream: int, offset: int, shards: _SharedShards
+    ):
+        self.source, self.order, self.manifest, self.shards = source, order, manifest, shards
+        self.segments = order.stream_segments(stream, offset)
+        self.ids: list[int] = []
+        self.rows: np.ndarray | None = None
+        self.at = 0
+
+    def __next__(self) -> tuple[int, np.ndarray]:
+        if self.at == len(self.ids):
+            shard, first, last = next(self.segments)
+            windows = self.shards.get(self.source, shard, self.order.shards[shard], self.manifest)
+            local = self.order.inner_permutation(shard)[first:last]
+            self.ids, self.rows, self.at = (self.order.first_ids[shard] + local).tolist(), windows[local], 0
+        self.at += 1
+        return self.ids[self.at - 1], self.rows[self.at - 1]  # type: ignore[index]
+
+
 class MixtureStream(IterableDataset):
     """This rank's micro-batches from global position ``position`` on, forever.
 
@@ -130,6 +173,7 @@ class MixtureStream(IterableDataset):
         mb, k = self.layout.micro_batch, self.order.num_streams
         readers: dict[int, list] = {}  # source * K + stream -> [epoch, next offset, reader]
         orders: dict[tuple[int, int], GlobalOrder] = {}
+        shards = _SharedShards(len(self.sources) * (k // self.layout.dp_size + 1))  # one per stream read
         samples = (row for block in self._located() for row in zip(*block, strict=True))
         for j in itertools.count():
             chunk = list(itertools.islice(samples, mb))
@@ -144,7 +188,9 @@ class MixtureStream(IterableDataset):
                             del orders[old]
                         info_ = self.sources[source].manifest
                         orders[source, epoch] = GlobalOrder(info_, "train", self.seed, epoch, k)
-                    reader = _StreamReader(orders[source, epoch], self.sources[source].manifest, stream, offset)
+                    reader = _Reader(
+                        source, orders[source, epoch], self.sources[source].manifest, stream, offset, shards
+                    )
                     entry = readers[source * k + stream] = [epoch, offset, reader]
                 while entry[1] < offset:  # another worker's samples
                     next(entry[2])

@@ -157,3 +157,22 @@ def test_sources_must_share_a_tokenizer(char_shards: Path, tmp_path: Path) -> No
     other = prepare(prepare_cfg(input=str(text), out=str(tmp_path / "byte"), tokenizer="byte", seq_len=64))
     with pytest.raises(UserError, match=r"data.sources: byte \(.*byte\) and web \(.*\) have another tokenizer"):
         open_sources(mixture_cfg((char_shards, 1, "web"), (other, 1, "byte")))
+
+
+def test_each_rank_reads_only_its_streams_shards(
+    char_shards: Path, small_char_shards: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows of K keep reads local: at dp=2 the ranks read disjoint shards of the large source
+    (each of its 12 streams starts in its own shard), and every shard once."""
+    import data.mixture as mixture
+
+    reads: list[tuple[int, Path]] = []
+    original = mixture.read_shard
+    monkeypatch.setattr(mixture, "read_shard", lambda info, *a: reads.append((rank, info.path)) or original(info, *a))
+    for rank in (0, 1):
+        loader = MixtureLoader(two(char_shards, small_char_shards), Layout(8, 4, rank, 2), SEED, K)
+        for _ in range(60):
+            next(loader)
+    web = {r: {path for who, path in reads if who == r and path.parent == char_shards} for r in (0, 1)}
+    assert len(web[0]) == len(web[1]) == 6 and not web[0] & web[1], web
+    assert len(reads) == len(set(reads)) == 6 + 6 + 2  # every shard once per rank (books: one shard)
