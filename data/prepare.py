@@ -157,7 +157,7 @@ def finalise(
         written = {}
         for name, (base, length) in splits.items():
             tasks = shard_tasks(tmp, name, base, length, config, [p for p in parts if p[2]])
-            bar = Progress(len(tasks), f"write {name} shards")
+            bar = Progress(len(tasks), f"write {name}", unit="shard")
             shards = []
             for entry in ordered_map(executor, write_shard_task, tasks, 2 * config.workers + 2):
                 shards.append(entry)

@@ -22,7 +22,8 @@ def _duration(seconds: float) -> str:
 
 
 class Progress:
-    """Bytes of input done out of ``total`` (``initial`` of them done before this run started)."""
+    """Bytes of input (or shards: ``unit="shard"``) done out of ``total`` (``initial`` of them done
+    before this run started)."""
 
     def __init__(
         self,
@@ -32,14 +33,17 @@ class Progress:
         stream: TextIO | None = None,
         clock: Callable[[], float] = time.monotonic,
         interval: float = LOG_INTERVAL_S,
+        unit: str = "B",
     ) -> None:
         self.stream = stream or sys.stderr
         self.total, self.desc, self.initial, self.done = total, desc, initial, initial
-        self.clock, self.interval = clock, interval
+        self.clock, self.interval, self.unit = clock, interval, unit
         self.start = self.last = clock()
         tty = getattr(self.stream, "isatty", lambda: False)()
         self.bar = (
-            tqdm(total=total, initial=initial, desc=desc, unit="B", unit_scale=True, file=self.stream) if tty else None
+            tqdm(total=total, initial=initial, desc=desc, unit=unit, unit_scale=unit == "B", file=self.stream)
+            if tty
+            else None
         )
 
     def update(self, count: int) -> None:
@@ -56,6 +60,8 @@ class Progress:
         rate = (self.done - self.initial) / max(now - self.start, 1e-9)
         eta = _duration((self.total - self.done) / rate) if rate > 0 else "?"
         percent = 100 * self.done / max(self.total, 1)
+        if self.unit != "B":
+            return f"{self.desc}: {self.done} of {self.total} {self.unit}s ({percent:.0f}%), ETA {eta}"
         return (
             f"{self.desc}: {self.done / 1e6:.1f} of {self.total / 1e6:.1f} MB ({percent:.0f}%), "
             f"{rate / 1e6:.2f} MB/s, ETA {eta}"
