@@ -39,65 +39,153 @@ class Micro:
 
 
 def _norm(shape: Shape, m: Micro) -> int:
-    """A norm's saved input and statistics (fp32 mean / rstd per token)."""
-    stats = (2 if shape.layernorm else 1) * 4 * m.local_tokens
-    return m.local_tokens * shape.hidden * m.dtype_bytes + stats
+    """A norm's saved tensors: LayerNorm keeps its input and mean / rstd (in the activations'
+    dtype); torch's RMSNorm computes in fp32 and keeps the fp32 input, the fp32 normalised
+    input and rstd."""
+    n, h = m.local_tokens, shape.hidden
+    if shape.layernorm:
+        return n * h * m.dtype_bytes + 2 * n * m.dtype_bytes
+    return 2 * n * h * 4 + n * 4
+
+
+def _attention(shape: Shape, m: Micro, recompute: str) -> dict[str, int]:
+    """Core attention and what feeds it. SDPA on CPU keeps q, k, v, its output and the fp32
+    logsumexp; grouped k / v stay at their group count (SDPA's ``enable_gqa``). Batch-first
+    (tp = pp = 1) q, k, v are views of the qkv projection (or of the rotary outputs) and the
+    output feeds ``linear_proj`` as a view; seq-first they are contiguous copies, and so is the
+    output."""
+    e, t, tokens = m.dtype_bytes, m.tp, m.tokens
+    heads, q_width, kv_width = shape.heads // t, shape.heads // t * shape.head_dim, shape.groups // t * shape.head_dim
+    qkv = tokens * (q_width + 2 * kv_width) * e
+    rotated = tokens * (q_width + kv_width) * e if not shape.learned_positions else 0
+    lse = tokens * heads * 4
+    context = tokens * q_width * e
+    items: dict[str, int] = {}
+    if m.attention == "megatron":  # unfused: scores, softmax, then context
+        items["attention_inputs"] = qkv + rotated
+        items["scores_softmax"] = 2 * m.rows * heads * m.seq * m.seq * e
+        items["proj_input"] = context
+        return items
+    if recompute == "selective":  # the checkpointed core attention keeps its inputs only
+        items["core_attention_inputs"] = qkv + rotated  # q, k, v: views of qkv (q, k: of the rotary outputs)
+        items["proj_input"] = context
+        return items
+    if m.batch_first:
+        items["qkv"] = qkv  # SDPA's views of it (v's, with rotary positions)
+        if rotated:
+            items["rotary_outputs"] = rotated
+        items["sdpa_out"] = context + lse  # also linear_proj's input (a view)
+    else:
+        items["sdpa_inputs"] = qkv  # [b, heads, s, d] copies
+        items["sdpa_out"] = context + lse
+        items["proj_input"] = context  # [s, b, h] copy
+    return items
+
+
+def _mlp(shape: Shape, m: Micro) -> int:
+    """GELU keeps fc1's output and its own; SwiGLU at tp = 1 (pretrain/model/layers.py ``LocalMLP``)
+    the gate and up outputs, silu's and the product; megatron's SwiGLU above tp = 1 also the
+    whole fc1 output and ``x_linear + offset``."""
+    width = m.tokens * shape.ffn // m.tp * m.dtype_bytes
+    if not shape.gated:
+        return 2 * width
+    return 4 * width if m.tp == 1 and not m.sp else 5 * width
 
 
 def layer(shape: Shape, m: Micro, recompute: str = "none") -> dict[str, int]:
     """Saved bytes of one transformer layer for one micro-batch, itemised."""
-    e, t, n, tokens = m.dtype_bytes, m.tp, m.local_tokens, m.tokens
-    h, d = shape.hidden, shape.head_dim
-    heads, groups = shape.heads // t, shape.groups // t
+    n, h, e = m.local_tokens, shape.hidden, m.dtype_bytes
     if recompute == "full":  # only the layer's input survives the forward
         return {"layer_input": n * h * e}
-    items: dict[str, int] = {}
-    items["input_norm"] = _norm(shape, m)
-    items["qkv_input"] = n * h * e  # the norm's output (megatron keeps the sequence shard with SP)
-    qkv = tokens * (heads + 2 * groups) * d * e
-    q_k = tokens * (heads + groups) * d * e
-    attn: dict[str, int] = {}
-    if not shape.learned_positions:
-        attn["rope"] = qkv + q_k  # q, k views (the qkv output) and their rotate_half copies
-    if m.batch_first:
-        attn["sdpa_qkv"] = q_k if "rope" in attn else qkv  # views of the rope outputs / of qkv
-    else:
-        attn["sdpa_qkv"] = tokens * 3 * heads * d * e  # contiguous [b, heads, s, d] copies
-    if shape.groups != shape.heads and m.batch_first:
-        attn["gqa_repeat"] = tokens * 2 * heads * d * e
-    attn["sdpa_out"] = tokens * heads * d * e + tokens * heads * 4  # output + logsumexp (fp32)
-    if m.attention == "megatron":
-        attn["scores"] = m.rows * heads * m.seq * m.seq * (e + e)  # softmax output + its input
-    if recompute == "selective":  # the core attention's inputs only
-        attn = {"core_attention_inputs": q_k + tokens * groups * d * e if "rope" in attn else qkv}
-    items.update(attn)
-    items["proj_input"] = tokens * heads * d * e
-    items["mlp_norm"] = _norm(shape, m)
-    items["fc1_input"] = n * h * e
-    ffn = shape.ffn // t
-    if shape.gated:
-        items["mlp"] = tokens * ffn * e * 4  # fc1 output (2f), silu(x1), product (fc2's input)
-    else:
-        items["mlp"] = tokens * ffn * e * 2  # fc1 output (gelu's input), gelu output (fc2's input)
+    items = {"input_norm": _norm(shape, m), "qkv_input": n * h * e}  # megatron keeps the SP shard
+    items.update(_attention(shape, m, recompute))
+    items.update({"mlp_norm": _norm(shape, m), "fc1_input": n * h * e, "mlp": _mlp(shape, m)})
     return items
 
 
 def embedding(shape: Shape, m: Micro) -> dict[str, int]:
-    """The first stage: token (and position) indices."""
-    return {"embedding_indices": m.tokens * 8 * (2 if shape.learned_positions else 1)}
+    """The first stage's token (and position) indices; above tp = 1 the vocab-parallel embedding
+    keeps its masked indices and mask."""
+    ids = m.rows * (m.seq + 1) * 8 if m.tp == 1 else m.tokens * 9
+    return {"embedding_indices": ids + (m.tokens * 8 if shape.learned_positions else 0)}
+
+
+def rotary_tables(shape: Shape, m: Micro) -> int:
+    """cos and sin [s, 1, 1, d], computed once per forward of a chunk and kept by every layer."""
+    return 0 if shape.learned_positions else 2 * m.seq * shape.head_dim * m.dtype_bytes
 
 
 def head(shape: Shape, m: Micro) -> dict[str, int]:
     """The last stage before the loss: the final norm and the output layer's input."""
-    n, e = m.local_tokens, m.dtype_bytes
-    return {"final_norm": _norm(shape, m), "output_input": n * shape.hidden * e}
+    return {"final_norm": _norm(shape, m), "output_input": m.local_tokens * shape.hidden * m.dtype_bytes}
 
 
 def loss(shape: Shape, m: Micro) -> dict[str, int]:
-    """The loss: fp32 log-probabilities [tokens, vocab / tp] saved, and the logits' gradient of the
-    same size while the backward runs."""
+    """The loss keeps fp32 log-probabilities (tp = 1) or softmax (vocab-parallel) [tokens, vocab / tp],
+    the targets and the loss mask; the logits' gradient is as large while the backward runs."""
     saved = m.tokens * shape.vocab // m.tp * 4
-    return {"logits.saved": saved, "logits.grad": saved}
+    small = m.tokens * (8 + 4 + (1 if m.tp > 1 else 0)) + 4
+    return {"logits.saved": saved + small, "logits.grad": saved}
+
+
+@dataclass(frozen=True)
+class StageActivations:
+    """What one pipeline stage saves for backward, at its peak (the first backward after warm-up)."""
+
+    flights: int  # chunk-micro-batches held (megatron-core's schedule)
+    per_chunk: int  # one chunk's layers, one micro-batch
+    extra: int  # per chunk-micro-batch besides the layers: token indices (first stage)
+    shared: int  # kept once whatever the micro-batches in flight: rotary tables
+    head: int  # final norm + output layer input, last stage (one micro-batch at a time)
+    loss: int  # the saved log-probabilities, last stage
+    recompute: int  # what a layer rebuilt during its backward adds (recompute=selective|full)
+
+    @property
+    def saved_peak(self) -> int:
+        """The peak of saved bytes: the head and loss are freed before the first layer is rebuilt."""
+        held = self.flights * (self.per_chunk + self.extra) + self.shared
+        return held + max(self.head + self.loss, self.recompute)
+
+
+def stage(
+    shape: Shape,
+    m: Micro,
+    recompute: str,
+    *,
+    layers: int,
+    first: bool,
+    last: bool,
+    flights: int,
+    rotary_sets: int,
+    gpu_spec: bool = False,
+) -> StageActivations:
+    """One pipeline stage: ``flights`` chunk-micro-batches of ``layers`` layers each."""
+    if gpu_spec:
+        per_layer, full = korthikanti(shape, m, recompute), korthikanti(shape, m, "none")
+        rebuilt = full - per_layer if recompute != "none" else 0
+    else:
+        items = layer(shape, m, recompute)
+        per_layer, full_items = sum(items.values()), layer(shape, m, "none")
+        rebuilt = 0
+        if recompute == "full":  # the layer's saved tensors (its input is already held), cos/sin again
+            rebuilt = sum(full_items.values()) - per_layer + rotary_tables(shape, m)
+        elif recompute == "selective":  # the core attention again, once the layer's MLP was freed
+            attention = sum(_attention(shape, m, "none").values()) - sum(_attention(shape, m, "selective").values())
+            mlp = full_items["mlp_norm"] + full_items["fc1_input"] + full_items["mlp"]
+            rebuilt = max(attention - mlp, 0)
+    # full recompute: the checkpoint keeps the rotary frequencies instead of cos/sin
+    tables = (
+        0 if shape.learned_positions else rotary_tables(shape, m) if recompute != "full" else m.seq * shape.head_dim * 4
+    )
+    return StageActivations(
+        flights=flights,
+        per_chunk=layers * per_layer,
+        extra=sum(embedding(shape, m).values()) if first else 0,
+        shared=rotary_sets * tables,
+        head=sum(head(shape, m).values()) if last else 0,
+        loss=loss(shape, m)["logits.saved"] if last else 0,
+        recompute=rebuilt,
+    )
 
 
 def korthikanti(shape: Shape, m: Micro, recompute: str) -> int:

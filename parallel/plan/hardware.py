@@ -64,6 +64,11 @@ class Hardware:
         """A CPU "device" is host memory: offloaded states count against the same bytes."""
         return self.name == "cpu"
 
+    @property
+    def asynchronous(self) -> bool:
+        """A GPU runs kernels while the host launches the next ones; a CPU does one thing at a time."""
+        return self.name != "cpu"
+
     def needs(self, rank: RankMemory) -> float:
         """Bytes of ``rank`` counted against ``memory_bytes``."""
         return rank.total + (rank.cpu_offload if self.shares_host else 0)

@@ -34,6 +34,7 @@ class RankMemory:
     logits: int  # logits and loss of the last stage
     cpu_offload: int = 0  # bytes in host memory (DeepSpeed offload)
     items: dict[str, int] = field(default_factory=dict)
+    transient: list[str] = field(default_factory=list)  # item keys alive only in forward/backward
 
     @property
     def total(self) -> int:
@@ -44,6 +45,13 @@ class RankMemory:
     def model_states(self) -> int:
         """Parameters + gradients + optimizer, wherever they live (device and host)."""
         return self.params + self.grads + self.optimizer + self.cpu_offload
+
+    @property
+    def at_optimizer_step(self) -> int:
+        """Model states and buffers (device and host) alive when the optimizer update begins: what a
+        census of the live tensors counts then (``parallel.plan.census``)."""
+        gone = sum(self.items.get(k, 0) for k in self.transient)
+        return self.model_states + self.comm_buffers - gone
 
 
 @dataclass
@@ -116,8 +124,8 @@ def _run(cfg: DictConfig, topo: Topology, seq: int) -> Run:
     )
 
 
-def _megatron_states(stage: list[Chunk], topo: Topology, run: Run, shape: Shape) -> tuple[dict[str, int], int]:
-    """(items, dp rank with the largest optimizer shard) for one pipeline stage under megatron-core."""
+def _megatron_states(stage: list[Chunk], topo: Topology, run: Run, shape: Shape, dp_rank: int) -> dict[str, int]:
+    """Items of one dp rank of one pipeline stage under megatron-core."""
     e = run.dtype_bytes
     items: dict[str, int] = {}
     buffers = []
@@ -126,18 +134,21 @@ def _megatron_states(stage: list[Chunk], topo: Topology, run: Run, shape: Shape)
         shared = [_shared(name, chunk, topo, shape) for name, _ in chunk.params]
         buffers.append(ddp_buffer(numels, shared, topo.dp, run.distributed_optimizer))
     padded = sum(b.numel for b in buffers)
-    shards = [sum(b.shard_numel[r] for b in buffers) for r in range(topo.dp)]
-    worst = max(range(topo.dp), key=lambda r: shards[r])
+    worst = dp_rank
     items["params.weights"] = padded * e
     items["grads.main_grad_buffer"] = padded * 4  # grad_reduce_in_fp32
-    own = shards[worst]
+    own = sum(b.shard_numel[worst] for b in buffers)
     items["optimizer.adam_moments"] = own * 8
     if run.bf16:
         items["optimizer.fp32_master"] = own * 4
     items["optimizer.adam_step"] = sum(b.shard_tensors[worst] for b in buffers) * ADAM_STEP_BYTES
+    received = sum(1 for c in stage if not c.pre_process)
+    if received:  # each chunk fed by a previous stage keeps its last input and that input's grad
+        tokens = run.seq * run.micro_batch // (topo.tp if topo.sequence_parallel else 1)
+        items["comm_buffers.pipeline_input_and_grad"] = received * 2 * tokens * shape.hidden * e
     if topo.sequence_parallel:  # megatron's GlobalMemoryBuffer: the all-gathered [s, b, h] input
         items["comm_buffers.sp_allgather"] = run.seq * run.micro_batch * shape.hidden * e
-    return items, worst
+    return items
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -156,57 +167,88 @@ def _shared(name: str, chunk: Chunk, topo: Topology, shape: Shape) -> bool:
     )
 
 
-def _activations(stage: list[Chunk], topo: Topology, run: Run, shape: Shape) -> dict[str, int]:
-    """Peak saved bytes of one stage: in-flight chunk-micro-batches x what each saves."""
+def stage_activations(stage: list[Chunk], topo: Topology, run: Run, shape: Shape) -> act.StageActivations:
     batch_first = topo.tp == 1 and topo.pp == 1 and run.attention == "sdpa" and run.spec == "local"
-    sp, e = topo.sequence_parallel, run.dtype_bytes
-    m = act.Micro(run.seq, run.micro_batch, topo.tp, sp, e, batch_first, run.attention)
-    per_layer = act.layer(shape, m, run.recompute) if run.spec == "local" else {}
-    layer_bytes = sum(per_layer.values()) if per_layer else act.korthikanti(shape, m, run.recompute)
-    pp_rank = stage[0].pp_rank
-    flights = act.in_flight(topo.pp, topo.vpp, pp_rank, run.micro_batches)
-    per_chunk = [c.layers * layer_bytes for c in stage]
-    # the peak holds `flights` chunk-forwards; a stage's chunks are all the same size
-    items = {"activations.layers": flights * per_chunk[0]}
-    first = [c for c in stage if c.pre_process]
-    if first:
-        items["activations.embedding"] = flights * sum(act.embedding(shape, m).values())
-    if any(c.post_process for c in stage):
-        items["activations.final_norm_and_head"] = sum(act.head(shape, m).values())
-    if run.recompute != "none":  # one layer's activations rebuilt during its backward
-        full = act.layer(shape, m, "none") if run.spec == "local" else {"k": act.korthikanti(shape, m, "none")}
-        items["activations.recompute_peak"] = sum(full.values()) - (layer_bytes if run.recompute == "full" else 0)
+    m = act.Micro(
+        run.seq, run.micro_batch, topo.tp, topo.sequence_parallel, run.dtype_bytes, batch_first, run.attention
+    )
+    flights = act.in_flight(topo.pp, topo.vpp, stage[0].pp_rank, run.micro_batches)
+    return act.stage(
+        shape,
+        m,
+        run.recompute,
+        layers=stage[0].layers,
+        first=stage[0].pre_process,
+        last=any(c.post_process for c in stage),
+        flights=flights,
+        # cos/sin are cached per chunk: one set per run of consecutive forwards of one chunk
+        rotary_sets=1 if topo.vpp == 1 else -(-flights // topo.pp),
+        gpu_spec=run.spec != "local",
+    )
+
+
+def _activations(stage: list[Chunk], topo: Topology, run: Run, shape: Shape) -> dict[str, int]:
+    """Peak saved bytes of one stage (the loss's own bytes are under ``logits``)."""
+    a = stage_activations(stage, topo, run, shape)
+    items = {"activations.layers": a.flights * a.per_chunk}
+    if a.extra:
+        items["activations.token_indices"] = a.flights * a.extra
+    if a.shared:
+        items["activations.rotary_tables"] = a.shared
+    if a.head:
+        items["activations.final_norm_and_head"] = a.head
+    if a.recompute:
+        items["activations.recompute_peak"] = max(a.recompute - a.head - a.loss, 0)
     return items
 
 
+def stage_saved_peak(
+    cfg: DictConfig, topo: Topology, pp_rank: int, vocab_size: int | None = None, seq_len: int | None = None
+) -> int:
+    """The peak bytes saved for backward on ``pp_rank``'s stage (loss included): what
+    ``parallel.plan.census.SavedTensors`` measures over one training step."""
+    vocab, seq = resolve_vocab_and_seq(cfg, vocab_size, seq_len)
+    shape = Shape.from_config(cfg.model, vocab)
+    stage = chunks(shape, topo.tp, topo.pp, topo.vpp)[pp_rank]
+    return stage_activations(stage, topo, _run(cfg, topo, seq), shape).saved_peak
+
+
 def estimate_memory(
-    cfg: DictConfig, topo: Topology, vocab_size: int | None = None, seq_len: int | None = None
+    cfg: DictConfig,
+    topo: Topology,
+    vocab_size: int | None = None,
+    seq_len: int | None = None,
+    dp_ranks: str = "largest",
 ) -> MemoryPlan:
-    """Every pipeline stage's bytes on its largest rank (tp ranks hold the same shapes; the dp rank
-    is the one with the largest optimizer shard). ``vocab_size`` / ``seq_len``: the tokenizer's
-    vocabulary and the data's window, else the data manifest's (``data.dir``), else GPT-2's 50257
-    and ``model.seq_len``."""
+    """Every pipeline stage's bytes (tp ranks hold the same shapes). ``dp_ranks="largest"``: one
+    entry per stage, its dp rank with the most bytes; ``"all"``: one per (stage, dp rank).
+    ``vocab_size`` / ``seq_len``: the tokenizer's vocabulary and the data's window, else the data
+    manifest's (``data.dir``), else GPT-2's 50257 and ``model.seq_len``."""
     vocab, seq = resolve_vocab_and_seq(cfg, vocab_size, seq_len)
     shape = Shape.from_config(cfg.model, vocab)
     run = _run(cfg, topo, seq)
     ranks = []
     for stage in chunks(shape, topo.tp, topo.pp, topo.vpp):
-        if run.engine == "megatron":
-            items, dp_rank = _megatron_states(stage, topo, run, shape)
-        else:
-            from parallel.plan.zero import deepspeed_states
-
-            items, dp_rank = deepspeed_states(stage[0], topo, run, shape, cfg)
-        items.update(_activations(stage, topo, run, shape))
+        shared = _activations(stage, topo, run, shape)
         if any(c.post_process for c in stage):
             m = act.Micro(run.seq, run.micro_batch, topo.tp, topo.sequence_parallel, run.dtype_bytes, False)
-            items.update(act.loss(shape, m))
-        where = f"pp stage {stage[0].pp_rank} (tp rank 0, dp rank {dp_rank})"
-        ranks.append(_rank(where, items))
+            shared.update(act.loss(shape, m))
+        candidates = []
+        for dp_rank in range(topo.dp):
+            if run.engine == "megatron":
+                items, gone = _megatron_states(stage, topo, run, shape, dp_rank), ()
+            else:
+                from parallel.plan.zero import deepspeed_states, transient
+
+                items = deepspeed_states(stage[0], topo, run, shape, dp_rank)
+                gone = transient(run.zero_stage)
+            where = f"pp stage {stage[0].pp_rank} (tp rank 0, dp rank {dp_rank})"
+            candidates.append(_rank(where, {**items, **shared}, [k for k in gone if k in items]))
+        ranks += candidates if dp_ranks == "all" else [max(candidates, key=lambda r: r.total)]
     return MemoryPlan(ranks)
 
 
-def _rank(where: str, items: dict[str, int]) -> RankMemory:
+def _rank(where: str, items: dict[str, int], transient: list[str]) -> RankMemory:
     def kind(prefix: str) -> int:
         return sum(v for k, v in items.items() if k.startswith(prefix + "."))
 
@@ -220,4 +262,5 @@ def _rank(where: str, items: dict[str, int]) -> RankMemory:
         logits=kind("logits"),
         cpu_offload=kind("cpu_offload"),
         items=dict(items),
+        transient=transient,
     )

@@ -168,6 +168,11 @@ def estimate_time(
     elif recompute == "selective":  # core attention's forward again
         redo = attention / 3.5
 
+    # launching a layer's ops costs hw.layer_overhead_s of host time; a GPU runs them asynchronously, so
+    # only what its kernels do not cover is exposed; a CPU computes what it launches, so all of it is
+    work = 3 * gemm_fwd + attention + elementwise + redo + tp_layer
+    dispatch = hw.layer_overhead_s if not hw.asynchronous else max(0.0, hw.layer_overhead_s - work)
+
     def stage_terms(stage: Stage) -> dict[str, float]:
         out = {
             "matmul": stage.layers * 3 * gemm_fwd,
@@ -176,7 +181,7 @@ def estimate_time(
             "recompute": stage.layers * redo,
             "tp_comm": stage.layers * tp_layer,
             "pp_p2p": 0.0,
-            "overhead": stage.layers * hw.layer_overhead_s,
+            "overhead": stage.layers * dispatch,
         }
         if stage.post:
             out["matmul"] += 3 * hw.gemm_s(n, h, shape.vocab // tp, e)
