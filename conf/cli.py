@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import difflib
 import logging
 import os
+import re
 import sys
 import warnings
 from collections.abc import Iterator
@@ -163,6 +166,9 @@ def _check_composes(overrides: list[str], config_name: str) -> None:
     except (HydraException, OmegaConfBaseException) as exc:
         text = str(exc)
         written = _override_named(text, overrides)
+        element = _list_element_problem(exc, written)
+        if element:
+            fail(element)
         if "Ambiguous value for argument" in text:
             key = written.lstrip("+~").partition("=")[0]
             fail(f"{written}: a sweep needs --multirun (a list: {key}=[a,b]; a string with commas: quote it)")
@@ -179,6 +185,32 @@ def _check_composes(overrides: list[str], config_name: str) -> None:
     added = unknown_added_key(cfg, config_name)  # `+train.nope=1` composes: the schema refuses it
     if added:
         fail(added)
+
+
+def _list_element_problem(exc: BaseException, written: str) -> str:
+    """One line for an override of a list of typed elements (``data.sources``): an element the list
+    does not have yet (``data.sources.1.weight=`` without ``data.sources=[...]``), or a key its
+    elements do not have; '' for any other error."""
+    from conf import groups
+
+    key = written.lstrip("+~").partition("=")[0]
+    cause: BaseException | None = exc
+    while cause is not None:
+        text, full = str(cause), str(getattr(cause, "full_key", "") or "")
+        missing = re.fullmatch(r"(.+)\[(\d+)\]", full)
+        if missing and "Invalid type assigned: dict" in text:
+            name, index = missing.groups()
+            return f"{written}: {name} has no element {index} (give the list first: {name}=[{{...}},...])"
+        unknown = re.search(r"Key '(\w+)' not in '(\w+)'", text)
+        element = getattr(groups, unknown.group(2), None) if unknown else None
+        if unknown and dataclasses.is_dataclass(element) and ("[" in full or written.partition("=")[2].startswith("[")):
+            fields = [f.name for f in dataclasses.fields(element)]
+            close = difflib.get_close_matches(unknown.group(1), fields, n=1, cutoff=0.75)
+            hint = f"did you mean {close[0]}?" if close else f"an element has: {', '.join(fields)}"
+            where = re.sub(r"\[(\d+)\]", r".\1", full) if "[" in full else f"{key}: an element's key {unknown.group(1)}"
+            return f"{where}: unknown key ({hint})" if "[" in full else f"{where} is unknown ({hint})"
+        cause = cause.__cause__ or cause.__context__
+    return ""
 
 
 def _bad_syntax(exc: Exception) -> None:

@@ -27,6 +27,7 @@ so nothing of its current epoch is repeated or skipped.
 from __future__ import annotations
 
 import itertools
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from conf.errors import UserError
 from data.interleave import Interleave, integer_weights
-from data.shards import Manifest, ShardInfo, read_shard
+from data.shards import Manifest, ShardInfo, read_shard, read_shards
 from data.stream import GlobalOrder, Layout, _as_is, _ignore_stop_signals
 
 FORMAT = 1  # "mixture" in a loader state; a state without it is data/stream.py's (epoch, position)
@@ -105,16 +106,20 @@ class _SharedShards:
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self.held: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self.held: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()
+        self.lock = threading.Lock()  # remote shards are read ahead in threads (data/read_ahead.py)
 
-    def get(self, source: int, index: int, info: ShardInfo, manifest: Manifest) -> np.ndarray:
-        key = (source, index)
-        if key in self.held:
-            self.held.move_to_end(key)
-            return self.held[key]
-        windows = self.held[key] = read_shard(info, manifest.dtype, manifest.seq_len)
-        if len(self.held) > self.capacity:
-            self.held.popitem(last=False)
+    def get(self, source: int, info: ShardInfo, manifest: Manifest) -> np.ndarray:
+        key = (source, str(info.path))
+        with self.lock:
+            if key in self.held:
+                self.held.move_to_end(key)
+                return self.held[key]
+        windows = read_shard(info, manifest.dtype, manifest.seq_len)
+        with self.lock:
+            self.held[key] = windows
+            while len(self.held) > self.capacity:
+                self.held.popitem(last=False)
         return windows
 
 
@@ -124,8 +129,13 @@ class _Reader:
     def __init__(
         self, source: int, order: GlobalOrder, manifest: Manifest, stream: int, offset: int, shards: _SharedShards
     ):
-        self.source, self.order, self.manifest, self.shards = source, order, manifest, shards
-        self.segments = order.stream_segments(stream, offset)
+        self.order = order
+        segments = list(order.stream_segments(stream, offset))
+        self.segments = iter(segments)
+        infos = [order.shards[k] for k, _, _ in segments]  # remote shards are read ahead
+        self.windows = read_shards(
+            infos, manifest.dtype, manifest.seq_len, lambda info, *_: shards.get(source, info, manifest)
+        )
         self.ids: list[int] = []
         self.rows: np.ndarray | None = None
         self.at = 0
@@ -133,7 +143,7 @@ class _Reader:
     def __next__(self) -> tuple[int, np.ndarray]:
         if self.at == len(self.ids):
             shard, first, last = next(self.segments)
-            windows = self.shards.get(self.source, shard, self.order.shards[shard], self.manifest)
+            windows = next(self.windows)
             local = self.order.inner_permutation(shard)[first:last]
             self.ids, self.rows, self.at = (self.order.first_ids[shard] + local).tolist(), windows[local], 0
         self.at += 1

@@ -43,6 +43,8 @@ def open_sources(cfg: DictConfig) -> tuple[list[Source], dict[str, Any]]:
         for spec in cfg.data.sources:
             spec.dir = _local(str(spec.dir))
             spec.name = source_name(spec.dir, spec.get("name"))
+            if spec.dir == _local(spec.dir) and not Path(spec.dir).is_dir():
+                raise UserError(f"data.sources: {spec.name}: {spec.dir}: no such directory (run gpt-prepare first)")
             manifest = load_manifest(spec.dir, RemoteOptions.from_config(cfg.data))  # a dir or URL
             check_files(manifest)
             sources.append(Source(str(spec.name), manifest, float(spec.weight)))

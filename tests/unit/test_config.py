@@ -110,6 +110,8 @@ def test_validate_rejects_one_line() -> None:
         ("parallel=nope", "error: parallel=nope: unknown preset (known: default, dp-zero1, pp2, pp2-interleaved"),
         ("optim=nope", "error: optim=nope: unknown preset (known: adamw, gpt1-finetune, gpt3)"),
         ("train.lr=1,2", "error: train.lr=1,2: a sweep needs --multirun"),
+        ("data.sources=[{dir:/a,wieght:1}]", "error: data.sources: an element's key wieght is unknown (did you mean"),
+        ("data.sources.0.weight=0.5", "error: data.sources.0.weight=0.5: data.sources has no element 0 (give the list"),
     ],
 )
 def test_command_line_mistakes_are_one_line(override: str, line: str, capsys: pytest.CaptureFixture[str]) -> None:
