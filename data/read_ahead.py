@@ -12,6 +12,7 @@ exit. It is made per process, so a forked DataLoader worker never submits to its
 
 from __future__ import annotations
 
+import itertools
 import os
 import queue
 import threading
@@ -52,20 +53,19 @@ def submit(fn: Callable[..., Any], *args: Any) -> Future:
 
 def read_ahead(items: Sequence[Any], read: Callable[[Any], Any], depth: int) -> Iterator[Any]:
     """``read(item)`` for each item in order, with up to ``depth`` items read ahead of the one
-    being consumed (``depth=0``: in the caller's thread). Errors surface where their item is consumed."""
+    being consumed (``depth=0``: in the caller's thread). Errors surface where their item is consumed.
+
+    The first item is read in the caller's thread, which needs it at once: queued behind other
+    streams' read-ahead it would wait longer (a new epoch opens every stream at the same time)."""
     if depth <= 0:
         yield from map(read, items)
         return
-    pending: deque[Future] = deque()
     upcoming = iter(items)
-    for item in upcoming:
-        pending.append(submit(read, item))
-        if len(pending) > depth:
-            break
+    pending: deque[Future] = deque(submit(read, item) for item in itertools.islice(upcoming, 1, 1 + depth))
+    for first in itertools.islice(items, 0, 1):
+        yield read(first)
     while pending:
         result = pending.popleft().result()
+        pending.extend(submit(read, item) for item in itertools.islice(upcoming, 1))
         yield result
         del result  # the consumer holds it, not this frame, once it moves on
-        for item in upcoming:
-            pending.append(submit(read, item))
-            break

@@ -7,8 +7,10 @@ extended to a directory: ``{file}`` stands for the file's name in the shard set 
 shell-quoted, for each file read (manifest, tokenizer, shards).
 
 What comes from libraries and what is added here:
-- HTTP is fsspec's ``HTTPFileSystem`` (aiohttp): pooled connections, timeouts, a body cut short of
-  its ``Content-Length`` raises, 404 is ``FileNotFoundError``.
+- HTTP is urllib3 (pooled keep-alive connections, connect/read timeouts, redirects, a body cut
+  short of its ``Content-Length`` raises). Not fsspec's HTTP filesystem: its aiohttp transfers run
+  on an asyncio thread that costs the loader about twice urllib3's CPU per shard and contends for
+  the GIL with it (benchmarks/README.md, remote shards).
 - ``pipe:`` runs like webdataset's ``gopen_pipe`` (``shell=True``), but through ``subprocess.run``:
   gopen's pipe has no timeout on a hung command and lets its stderr go past the error message.
 - Hand-written, since neither has them: the retry policy (transient errors — resets, short reads,
@@ -27,15 +29,17 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from conf.errors import UserError
 from data.shard_cache import ShardCache
 
 SCHEMES = ("http://", "https://", "pipe:")
+T = TypeVar("T")
 FILE_FIELD = "{file}"
 
 
@@ -69,22 +73,23 @@ class _Permanent(Exception):
     """A failed attempt that a retry cannot fix (404, 403, a malformed URL)."""
 
 
-def _http_failure(exc: BaseException) -> Exception | None:
-    """Classify an fsspec/aiohttp error: transient, permanent, or None when it is not a transfer error."""
-    import asyncio
+def _http_response(pool: Any, method: str, url: str) -> Any:
+    """One request; raises _Transient or _Permanent unless the answer is 200."""
+    import urllib3
 
-    import aiohttp
-
-    if isinstance(exc, FileNotFoundError):
-        return _Permanent("not found (HTTP 404)")
-    if isinstance(exc, aiohttp.ClientResponseError):
-        status = f"HTTP {exc.status} {exc.message}".strip()
-        return _Transient(status) if exc.status >= 500 or exc.status in (408, 429) else _Permanent(status)
-    if isinstance(exc, aiohttp.InvalidURL):
-        return _Permanent(f"invalid URL ({exc})")
-    if isinstance(exc, aiohttp.ClientError | asyncio.TimeoutError | ConnectionError | OSError):
-        return _Transient(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
-    return None
+    try:
+        response = pool.request(method, url, preload_content=True)
+    except urllib3.exceptions.LocationValueError as exc:
+        raise _Permanent(f"invalid URL ({exc})") from exc
+    except urllib3.exceptions.HTTPError as exc:  # connect/read errors and timeouts, resets, short bodies
+        reason = getattr(exc, "reason", None) or exc
+        raise _Transient(f"{type(reason).__name__}: {reason}") from exc
+    if response.status == 200:
+        return response
+    if response.status == 404:
+        raise _Permanent("not found (HTTP 404)")
+    status = f"HTTP {response.status} {response.reason or ''}".strip()
+    raise _Transient(status) if response.status >= 500 or response.status in (408, 429) else _Permanent(status)
 
 
 class Remote:
@@ -103,10 +108,10 @@ class Remote:
         if opts.retries < 0 or opts.prefetch < 0 or opts.timeout_s <= 0 or opts.cache_bytes < 1:
             raise UserError(f"data.*: retries, prefetch >= 0, timeout_s > 0 and cache_bytes >= 1 needed ({opts})")
         self.cache = ShardCache(opts.cache_dir, opts.cache_bytes) if opts.cache_dir else None
-        self._fs: tuple[int, Any] | None = None
+        self._pool: tuple[int, Any] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_fs": None}  # a DataLoader worker opens its own session
+        return {**self.__dict__, "_pool": None}  # a DataLoader worker opens its own connections
 
     def url(self, name: str) -> str:
         if self.pipe:
@@ -114,16 +119,16 @@ class Remote:
         return f"{self.location}/{name}"
 
     def _http(self) -> Any:
-        """fsspec's HTTP filesystem of this process (a forked worker must not share aiohttp's session)."""
-        if self._fs is None or self._fs[0] != os.getpid():
-            import aiohttp
-            import fsspec
+        """urllib3's connection pool of this process (a forked worker must not share its sockets).
+        urllib3 retries nothing itself (the policy is :meth:`_retrying`'s) but follows redirects."""
+        if self._pool is None or self._pool[0] != os.getpid():
+            import urllib3
 
             t = self.options.timeout_s
-            timeout = aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=t)
-            fs = fsspec.filesystem("http", skip_instance_cache=True, client_kwargs={"timeout": timeout})
-            self._fs = (os.getpid(), fs)
-        return self._fs[1]
+            retries = urllib3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=5)
+            pool = urllib3.PoolManager(maxsize=8, retries=retries, timeout=urllib3.Timeout(connect=t, read=t))
+            self._pool = (os.getpid(), pool)
+        return self._pool[1]
 
     def _attempt(self, name: str) -> bytes:
         """One try at the whole file; raises _Transient or _Permanent."""
@@ -139,68 +144,62 @@ class Remote:
                 tail = done.stderr.decode(errors="replace").strip().splitlines()
                 raise _Transient(f"command exited {done.returncode}" + (f" ({tail[-1].strip()})" if tail else ""))
             return done.stdout
-        try:
-            return self._http().cat_file(url)
-        except Exception as exc:  # noqa: BLE001 - classified below, the rest re-raised
-            failure = _http_failure(exc)
-            if failure is None:
-                raise
-            raise failure from exc
+        return _http_response(self._http(), "GET", url).data
 
     def fetch(self, name: str, sha256: str | None = None, size: int = -1, what: str = "shard") -> bytes:
-        """The bytes of file ``name``, checked against ``size`` and ``sha256`` when given.
-
-        A failed or mismatching attempt is retried ``retries`` times, after ``backoff_s``, then
-        twice as long each time; then one ``UserError``: ``shard URL: <last reason> after N attempts``.
-        """
+        """The bytes of file ``name``, checked against ``size`` and ``sha256`` when given (from
+        the cache when it holds them)."""
         if sha256 and self.cache is not None:
             blob = self.cache.get(sha256)
             if blob is not None:
                 if hashlib.sha256(blob).hexdigest() == sha256:
                     return blob
                 self.cache.discard(sha256)
+
+        def attempt() -> bytes:
+            blob = self._attempt(name)
+            if size >= 0 and len(blob) != size:
+                raise _Transient(f"{len(blob)} bytes, manifest says {size}")
+            if sha256 and hashlib.sha256(blob).hexdigest() != sha256:
+                raise _Transient("sha256 mismatch")
+            return blob
+
+        blob = self._retrying(f"{what} {self.url(name)}", attempt)
+        if sha256 and self.cache is not None:
+            self.cache.put(sha256, blob)
+        return blob
+
+    def _retrying(self, what: str, attempt: Callable[[], T]) -> T:
+        """``attempt()``, retried ``retries`` times after a transient failure, ``backoff_s`` then
+        twice as long each time; then one ``UserError``: ``<what>: <last reason> after N attempts``."""
         attempts = self.options.retries + 1
-        for attempt in range(1, attempts + 1):
+        for number in range(1, attempts + 1):
             try:
-                blob = self._attempt(name)
-                if size >= 0 and len(blob) != size:
-                    raise _Transient(f"{len(blob)} bytes, manifest says {size}")
-                if sha256 and hashlib.sha256(blob).hexdigest() != sha256:
-                    raise _Transient("sha256 mismatch")
+                return attempt()
             except _Permanent as exc:
-                raise UserError(f"{what} {self.url(name)}: {exc}") from None
+                raise UserError(f"{what}: {exc}") from None
             except _Transient as exc:
                 reason = str(exc)
-                if attempt < attempts:
-                    time.sleep(self.options.backoff_s * 2 ** (attempt - 1))
-                continue
-            if sha256 and self.cache is not None:
-                self.cache.put(sha256, blob)
-            return blob
-        raise UserError(f"{what} {self.url(name)}: {reason} after {attempts} attempts")
+            if number < attempts:
+                time.sleep(self.options.backoff_s * 2 ** (number - 1))
+        raise UserError(f"{what}: {reason} after {attempts} attempts")
 
     def sizes(self, names: list[str]) -> list[int] | None:
-        """Each file's size from one concurrent round of HEAD requests (None for ``pipe:``, which
-        cannot stat): the cheap up-front check of ``data.shards.check_files``."""
+        """Each file's size from concurrent HEAD requests (None for ``pipe:``, which cannot stat):
+        the cheap up-front check of ``data.shards.check_files``; a missing shard is named."""
         if self.pipe or not names:
             return None
-        urls = [self.url(n) for n in names]
-        attempts = self.options.retries + 1
-        for attempt in range(1, attempts + 1):
+
+        def head(name: str) -> int:
             try:
-                return [-1 if size is None else int(size) for size in self._http().sizes(urls)]
-            except Exception as exc:  # noqa: BLE001 - classified below, the rest re-raised
-                failure = _http_failure(exc)
-                if failure is None:
-                    raise
-                if isinstance(exc, FileNotFoundError):
-                    raise UserError(f"shard {exc.args[0] if exc.args else self.location}: missing") from None
-                if isinstance(failure, _Permanent):
-                    raise UserError(f"data.dir={self.location}: cannot stat its shards ({failure})") from None
-                reason = str(failure)
-            if attempt < attempts:
-                time.sleep(self.options.backoff_s * 2 ** (attempt - 1))
-        raise UserError(f"data.dir={self.location}: cannot stat its shards ({reason}) after {attempts} attempts")
+                response = self._retrying(f"shard {self.url(name)}", lambda: _http_response(pool, "HEAD", url(name)))
+            except UserError as exc:
+                raise UserError(str(exc).replace(": not found (HTTP 404)", ": missing")) from None
+            return int(response.headers.get("Content-Length", -1))
+
+        pool, url = self._http(), self.url
+        with ThreadPoolExecutor(8) as heads:
+            return list(heads.map(head, names))
 
     def download_metadata(self, names: tuple[str, ...]) -> Path:
         """``names`` (manifest, tokenizer) fetched into a private temporary directory, removed at exit:
