@@ -272,11 +272,6 @@ class MixtureLoader:
         """Samples consumed from each source, over all ranks, since it joined the run."""
         return dict(zip(self.names, self.order.cursors(self.position).tolist(), strict=True))
 
-    def epochs(self) -> dict[str, float]:
-        """Each source's epochs so far (its cursor over its epoch length)."""
-        cursors = self.order.cursors(self.position)
-        return {n: float(c) / length for n, c, length in zip(self.names, cursors, self.lengths, strict=True)}
-
     def state_dict(self) -> dict[str, Any]:
         if self._consumed:
             raise RuntimeError("loader state requested in the middle of a global batch")
