@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any
 
-THREADS = 4  # fetches are I/O-bound; hashing and decoding release the GIL
+THREADS = 2  # enough for the bandwidth a trainer needs; more threads cost the loader CPU (GIL)
 
 _pool: tuple[int, queue.SimpleQueue] | None = None
 _lock = threading.Lock()
