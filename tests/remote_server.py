@@ -49,6 +49,7 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 64  # concurrent HEAD checks: a backlog of 5 drops SYNs (1 s retransmits)
     requests: Counter
     lock: threading.Lock
     fault: Fault | None
