@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -44,7 +45,9 @@ def _tensors_in(obj: Any, depth: int = 3) -> Iterator[torch.Tensor]:
 def live_storages() -> dict[int, int]:
     """Every live tensor storage of this process (gc's view after a collection; storages counted once)."""
     gc.collect()
-    return _storages(o for o in gc.get_objects() if isinstance(o, torch.Tensor))
+    with warnings.catch_warnings():  # isinstance() on deprecated torch objects warns
+        warnings.simplefilter("ignore")
+        return _storages(o for o in gc.get_objects() if isinstance(o, torch.Tensor))
 
 
 def _inner_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:

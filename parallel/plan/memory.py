@@ -10,13 +10,16 @@ spec (``parallel/plan/activations.py``) times the micro-batches a pipeline stage
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
 
 from parallel.plan import activations as act
 from parallel.plan.buffers import ddp_buffer
 from parallel.plan.params import GPT2_VOCAB, Chunk, Shape, chunks
-from parallel.topology import Topology
+
+if TYPE_CHECKING:  # the planner imports no torch (gpt-plan starts fast)
+    from parallel.topology import Topology
 
 ADAM_STEP_BYTES = 4  # torch AdamW keeps a one-element fp32 ``step`` tensor per parameter tensor
 

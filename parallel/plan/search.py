@@ -4,8 +4,9 @@ A layout is (tp, pp, vpp, micro-batch, recomputation, optimizer sharding) with d
 the global batch, model and data stay the config's. Each goes through the checks gpt-pretrain makes
 (``Topology.from_config``; the caller's ``compatible`` for a run dir to resume), the memory estimate
 (a layout whose largest rank does not fit the device is dropped, never listed) and the step-time
-model. tp stays inside a node (its collectives are per layer); micro-batches are the divisors of
-the per-rank batch up to 32.
+model. tp stays inside a node (its collectives are per layer); micro-batches are the powers of two
+up to 32 that divide the per-rank batch. A layout whose model states alone (weights and Adam
+moments of its largest stage) exceed the device is dropped before the full estimate.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from conf.errors import UserError
 from parallel.plan.hardware import Hardware
 from parallel.plan.memory import MemoryPlan, estimate_memory
-from parallel.plan.time import StepTime, estimate_time
+from parallel.plan.params import Shape
+from parallel.plan.time import StepTime, estimate_time, stages
 from parallel.topology import Topology
 
 MAX_MICRO_BATCH = 32
@@ -120,7 +122,7 @@ def layouts(cfg: DictConfig, world: int, gpus_per_node: int) -> Iterator[Layout]
             if global_batch % dp:
                 continue
             vpps = [v for v in _divisors(layers // pp) if v <= MAX_VPP] if pp > 1 else [1]
-            micros = [b for b in _divisors(global_batch // dp) if b <= MAX_MICRO_BATCH]
+            micros = [b for b in _divisors(global_batch // dp) if b <= MAX_MICRO_BATCH and not b & (b - 1)]
             optimizers = [("megatron", False, 0, False)]
             if dp > 1:
                 optimizers.append(("megatron", True, 0, False))
@@ -132,6 +134,16 @@ def layouts(cfg: DictConfig, world: int, gpus_per_node: int) -> Iterator[Layout]
                     for recompute in RECOMPUTE:
                         for engine, dist, stage, offload in optimizers:
                             yield Layout(tp, pp, vpp, micro, recompute, engine, dist, stage, offload)
+
+
+def _states_floor(layout: Layout, topo: Topology, cfg: Any, vocab_size: int) -> float:
+    """A lower bound of the largest stage's device bytes: its weights and Adam moments, as sharded."""
+    shape = Shape.from_config(cfg.model, vocab_size)
+    params = max(stage.params for stage in stages(shape, topo.tp, topo.pp, topo.vpp))
+    weights = params * (2 if cfg.train.bf16 else 4)
+    sharded = layout.distributed_optimizer or (layout.engine == "deepspeed" and layout.zero_stage >= 1)
+    moments = 0.0 if layout.offload else params * 8 / (topo.dp if sharded else 1)
+    return weights / (topo.dp if layout.engine == "deepspeed" and layout.zero_stage == 3 else 1) + moments
 
 
 def search(
@@ -158,6 +170,9 @@ def search(
             topo = Topology.from_config(work, world_size=world, rank=0)
         except UserError:
             dropped["fails a check"] += 1
+            continue
+        if _states_floor(layout, topo, work, vocab_size) > hw.memory_bytes:
+            dropped["does not fit"] += 1
             continue
         problem = compatible(work, topo) if compatible else None
         if problem:

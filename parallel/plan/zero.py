@@ -19,10 +19,12 @@ each rank owning 1/dp of it;
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from parallel.plan.params import Chunk, Shape
-from parallel.topology import Topology
+
+if TYPE_CHECKING:  # the planner imports no torch (gpt-plan starts fast)
+    from parallel.topology import Topology
 
 ADAM_STEP_BYTES = 4
 
