@@ -3,10 +3,10 @@ implementation's local (CPU) spec: torch norms, SDPA core attention, megatron-co
 
 Counted the way ``benchmarks/plan_census.py`` measures them (``saved_tensors_hooks``, one count per
 storage): each tensor below is one that autograd keeps until backward. The GPU / Transformer Engine
-path saves a little differently (fused LayerNorm+linear keeps the norm's input, not its output;
-flash attention keeps q, k, v, the output and the softmax statistics); for it :func:`korthikanti`
-gives Korthikanti et al. 2022's per-layer formula, which is what the planner uses when
-``model.spec`` resolves to ``te``. Only the local spec is measurable on this machine.
+path saves differently (fused LayerNorm+linear keeps the norm's input, not its output; flash
+attention keeps q, k, v, the output and the softmax statistics, never the scores); for it
+:func:`korthikanti` gives Korthikanti et al. 2022's per-layer formula without the softmax term,
+which is what the planner uses for ``model.spec=te``. Only the local spec is measurable here.
 """
 
 from __future__ import annotations
@@ -188,14 +188,18 @@ def stage(
     )
 
 
-def korthikanti(shape: Shape, m: Micro, recompute: str) -> int:
-    """Bytes per layer of Korthikanti et al. 2022 (Reducing Activation Recomputation, eq. 2-5):
-    sbh(34 + 5as/h)/t with SP, selective drops the 5as/h term, full keeps 2sbh; 16-bit activations."""
+def korthikanti(shape: Shape, m: Micro, recompute: str, flash: bool = True) -> int:
+    """Bytes per layer of Korthikanti et al. 2022 (Reducing Activation Recomputation, eq. 2-5) for
+    16-bit activations: sbh(34 + 5as/h)/t with SP, sbh(10 + (24 + 5as/h)/t) without, 2sbh for full
+    recompute. The 5as/h term is the materialised softmax (and its dropout mask): Transformer
+    Engine's fused / flash attention never stores it, so it counts only with ``flash=False``, as
+    selective recompute would. The 34 keeps the paper's GPT-3 layer (GELU MLP of 4h, LayerNorm,
+    dropout masks): an upper bound for dropout-free SwiGLU models."""
     s, b, h, a, t = m.seq, m.rows, shape.hidden, shape.heads, m.tp
     scale = m.dtype_bytes / 2
     if recompute == "full":
         return int(2 * s * b * h / (t if m.sp else 1) * scale)
-    attention = 0 if recompute == "selective" else 5 * a * s / h
+    attention = 0 if recompute == "selective" or flash else 5 * a * s / h
     if m.sp:
         return int(s * b * h * (34 + attention) / t * scale)
     return int(s * b * h * (10 + (24 + attention) / t) * scale)

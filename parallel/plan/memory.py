@@ -127,31 +127,31 @@ def _run(cfg: DictConfig, topo: Topology, seq: int) -> Run:
     )
 
 
-def _megatron_states(stage: list[Chunk], topo: Topology, run: Run, shape: Shape, dp_rank: int) -> dict[str, int]:
-    """Items of one dp rank of one pipeline stage under megatron-core."""
+def _megatron_states(stage: list[Chunk], topo: Topology, run: Run, shape: Shape) -> list[dict[str, int]]:
+    """Items of each dp rank of one pipeline stage under megatron-core (the buffers are laid out once)."""
     e = run.dtype_bytes
-    items: dict[str, int] = {}
     buffers = []
     for chunk in stage:
         numels = [_numel(s) for _, s in chunk.params]
         shared = [_shared(name, chunk, topo, shape) for name, _ in chunk.params]
         buffers.append(ddp_buffer(numels, shared, topo.dp, run.distributed_optimizer))
     padded = sum(b.numel for b in buffers)
-    worst = dp_rank
-    items["params.weights"] = padded * e
-    items["grads.main_grad_buffer"] = padded * 4  # grad_reduce_in_fp32
-    own = sum(b.shard_numel[worst] for b in buffers)
-    items["optimizer.adam_moments"] = own * 8
-    if run.bf16:
-        items["optimizer.fp32_master"] = own * 4
-    items["optimizer.adam_step"] = sum(b.shard_tensors[worst] for b in buffers) * ADAM_STEP_BYTES
+    common = {"params.weights": padded * e, "grads.main_grad_buffer": padded * 4}  # grad_reduce_in_fp32
     received = sum(1 for c in stage if not c.pre_process)
     if received:  # each chunk fed by a previous stage keeps its last input and that input's grad
         tokens = run.seq * run.micro_batch // (topo.tp if topo.sequence_parallel else 1)
-        items["comm_buffers.pipeline_input_and_grad"] = received * 2 * tokens * shape.hidden * e
+        common["comm_buffers.pipeline_input_and_grad"] = received * 2 * tokens * shape.hidden * e
     if topo.sequence_parallel:  # megatron's GlobalMemoryBuffer: the all-gathered [s, b, h] input
-        items["comm_buffers.sp_allgather"] = run.seq * run.micro_batch * shape.hidden * e
-    return items
+        common["comm_buffers.sp_allgather"] = run.seq * run.micro_batch * shape.hidden * e
+    per_rank = []
+    for dp_rank in range(topo.dp):
+        own = sum(b.shard_numel[dp_rank] for b in buffers)
+        items = {**common, "optimizer.adam_moments": own * 8}
+        if run.bf16:
+            items["optimizer.fp32_master"] = own * 4
+        items["optimizer.adam_step"] = sum(b.shard_tensors[dp_rank] for b in buffers) * ADAM_STEP_BYTES
+        per_rank.append(items)
+    return per_rank
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -236,15 +236,15 @@ def estimate_memory(
         if any(c.post_process for c in stage):
             m = act.Micro(run.seq, run.micro_batch, topo.tp, topo.sequence_parallel, run.dtype_bytes, False)
             shared.update(act.loss(shape, m))
-        candidates = []
-        for dp_rank in range(topo.dp):
-            if run.engine == "megatron":
-                items, gone = _megatron_states(stage, topo, run, shape, dp_rank), ()
-            else:
-                from parallel.plan.zero import deepspeed_states, transient
+        if run.engine == "megatron":
+            states, gone = _megatron_states(stage, topo, run, shape), ()
+        else:
+            from parallel.plan.zero import deepspeed_states, transient
 
-                items = deepspeed_states(stage[0], topo, run, shape, dp_rank)
-                gone = transient(run.zero_stage)
+            states = [deepspeed_states(stage[0], topo, run, shape, r) for r in range(topo.dp)]
+            gone = transient(run.zero_stage)
+        candidates = []
+        for dp_rank, items in enumerate(states):
             where = f"pp stage {stage[0].pp_rank} (tp rank 0, dp rank {dp_rank})"
             candidates.append(_rank(where, {**items, **shared}, [k for k in gone if k in items]))
         ranks += candidates if dp_ranks == "all" else [max(candidates, key=lambda r: r.total)]
