@@ -9,6 +9,15 @@ class UserError(Exception):
     """Bad input, bad config or missing files, explained in one line."""
 
 
+def unwrap_worker_error(exc: UserError) -> UserError:
+    """The one line of a UserError raised in a torch DataLoader worker, which torch re-raises with
+    the worker's whole traceback as the message."""
+    text, marker = str(exc), f"{UserError.__module__}.{UserError.__qualname__}: "
+    if "DataLoader worker" in text and marker in text:
+        return UserError(text.rsplit(marker, 1)[1].strip())
+    return exc
+
+
 class RunError(Exception):
     """The run cannot go on (disk full, no intact checkpoint, too many skipped steps), explained in
     one line; exit status 1, and whatever was committed before it stays intact."""

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from conf.errors import UserError
+from conf.errors import UserError, unwrap_worker_error
 from data.interleave import Interleave, integer_weights
 from data.shards import Manifest, ShardInfo, read_shard, read_shards
 from data.stream import GlobalOrder, Layout, _as_is, _ignore_stop_signals
@@ -254,7 +254,10 @@ class MixtureLoader:
                 self._iterator = iter(loader)
             else:
                 self._iterator = iter(dataset)
-        arrays = next(self._iterator)
+        try:
+            arrays = next(self._iterator)
+        except UserError as exc:  # from a DataLoader worker: keep its one line
+            raise unwrap_worker_error(exc) from None
         tokens = torch.from_numpy(arrays["tokens"].astype(np.int64))
         batch = {
             "tokens": tokens,

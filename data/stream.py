@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from conf.errors import UserError
+from conf.errors import UserError, unwrap_worker_error
 from data.shards import Manifest, read_shard, read_shards
 
 
@@ -235,7 +235,10 @@ class TrainLoader:
                 self._iterator = iter(loader)
             else:
                 self._iterator = iter(dataset)
-        arrays = next(self._iterator)
+        try:
+            arrays = next(self._iterator)
+        except UserError as exc:  # from a DataLoader worker: keep its one line
+            raise unwrap_worker_error(exc) from None
         tokens = torch.from_numpy(arrays["tokens"].astype(np.int64))
         mask = torch.ones(len(tokens), tokens.shape[1] - 1)
         batch = {"tokens": tokens, "ids": torch.from_numpy(arrays["ids"]), "mask": mask}

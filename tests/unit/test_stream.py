@@ -84,17 +84,19 @@ def test_eval_covers_the_split_with_equal_batch_counts(char_shards: Path) -> Non
     assert counts == [total, total]
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip"])
-def test_corrupt_shard_is_named(char_shards: Path, tmp_path: Path, damage: str) -> None:
+@pytest.mark.parametrize(("damage", "workers"), [("truncate", 0), ("flip", 1)])
+def test_corrupt_shard_is_named(char_shards: Path, tmp_path: Path, damage: str, workers: int) -> None:
+    """In one line, also from a DataLoader worker (torch re-raises it with the worker's traceback)."""
     copy = tmp_path / "ts"
     shutil.copytree(char_shards, copy)
     shard = sorted(copy.glob("train-*.tar"))[3]
     blob = shard.read_bytes()
     shard.write_bytes(blob[: len(blob) // 2] if damage == "truncate" else blob[:600] + b"X" + blob[601:])
-    loader = TrainLoader(load_manifest(copy), Layout(12, 12), 7, K)
-    with pytest.raises(UserError, match=shard.name):
+    loader = TrainLoader(load_manifest(copy), Layout(12, 12), 7, K, workers)
+    with pytest.raises(UserError, match=shard.name) as caught:
         for _ in range(GlobalOrder(load_manifest(copy), "train", 7, 0, K).length // 12):
             next(loader)
+    assert "\n" not in str(caught.value) and "Traceback" not in str(caught.value)
 
 
 def test_each_dp_rank_reads_only_its_share_of_the_shards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
