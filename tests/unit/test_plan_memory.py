@@ -102,9 +102,9 @@ def test_model_states_are_the_census_of_a_single_process_engine(single_process) 
 
 def test_pipeline_stages_census_and_in_flight_activations(tmp_path: Path) -> None:
     """Two ranks (gloo), pp=2 with the distributed optimizer's padded buffers: each stage's model states
-    (its layers, the embedding or the tied copy in its own bucket) and its activations over 4
+    (its layers, the embedding or the tied copy in its own bucket) and its activations over 2
     micro-batches of 1F1B (stage 0 holds two in flight)."""
-    common = ["parallel.pp=2", "train.micro_batch=2", "train.global_batch=8"]
+    common = ["parallel.pp=2", "train.micro_batch=2", "train.global_batch=4"]
     cases = [
         {"name": "states", "mode": "states", "overrides": [*common, "parallel.distributed_optimizer=true"]},
         {"name": "activations", "mode": "activations", "overrides": common},
