@@ -52,6 +52,7 @@ class Hardware:
     gpus_per_node: int
     nodes: int
     host_bytes: float = float("inf")  # host memory per device (offloaded optimizer states)
+    collectives: dict[str, tuple[float, float]] | None = None  # measured: kind -> (latency, s per byte)
     measured: dict[str, float] = field(default_factory=dict)  # what calibration measured (shown by gpt-plan)
     probe: Probe | None = None  # per-shape timings (calibrated hardware)
 
@@ -85,12 +86,36 @@ class Hardware:
         traffic = bytes_per * (m * k + k * n + m * n)
         return max(flops / (self.peak_flops * self.matmul_efficiency), traffic / self.memory_bw)
 
+    def linear_s(self, n: int, k: int, o: int, bytes_per: int) -> float:
+        """Seconds of a linear layer's forward and backward on ``n`` tokens, ``k`` -> ``o`` features:
+        its product, the input's gradient and the weight's (accumulated)."""
+        if self.probe is not None:
+            return self.probe.linear(n, k, o)
+        return self.gemm_s(n, k, o, bytes_per) + self.gemm_s(n, o, k, bytes_per) + self.gemm_s(k, n, o, bytes_per)
+
     def attention_s(self, batch: int, heads: int, groups: int, seq: int, head_dim: int, bytes_per: int) -> float:
         """Seconds of causal attention forward + backward (fused SDPA / flash) for one micro-batch."""
         if self.probe is not None:
             return self.probe.attention(batch, heads, groups, seq, head_dim)
         forward = 2.0 * batch * heads * seq * seq * head_dim  # QK^T and PV, causal half of 4*b*h*s^2*d
         return 3.5 * forward / (self.peak_flops * self.matmul_efficiency)  # backward ~2.5x (flash recomputes)
+
+    def collective_s(self, kind: str, nbytes: float, ranks: int, bw: float) -> float:
+        """Seconds of one collective over ``ranks`` on a link of bandwidth ``bw``; ``nbytes`` is the
+        whole tensor (all-reduced, gathered, or reduce-scattered; a send's message). Measured kinds
+        scale from the probe's 2 processes by the ring's (n-1)/n share."""
+        if ranks <= 1:
+            return 0.0
+        share = (ranks - 1) / ranks
+        if self.collectives and kind in self.collectives:
+            latency, per_byte = self.collectives[kind]
+            return latency + per_byte * nbytes * (1.0 if kind == "send" else share / 0.5)
+        if kind == "send":
+            return nbytes / bw + self.latency_s
+        return share * nbytes * (2 if kind == "all-reduce" else 1) / bw + self.latency_s
+
+    def latency(self, kind: str) -> float:
+        return self.collectives[kind][0] if self.collectives and kind in self.collectives else self.latency_s
 
     def elementwise_s(self, nbytes: float) -> float:
         return nbytes / self.memory_bw
@@ -206,7 +231,7 @@ def _threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _timed(fn: Callable[[], object], budget_s: float = 0.03, cuda: bool = False) -> float:
+def _timed(fn: Callable[[], object], budget_s: float = 0.06, cuda: bool = False) -> float:
     """Seconds per call of ``fn``: the best of rounds of calls (a round lasts >= 1 ms) within
     ``budget_s`` after a warm-up: the best is what the code reaches when the machine lets it."""
     import torch
@@ -251,6 +276,25 @@ class Probe:
                 self._cache[key] = _timed(lambda: a @ b, cuda=self.cuda)
         return self._cache[key]
 
+    def linear(self, n: int, k: int, o: int) -> float:
+        """``F.linear`` forward + backward through autograd, as a layer runs it (bias, gradient accumulation)."""
+        key = ("linear", n, k, o)
+        if key not in self._cache:
+            import torch
+            import torch.nn.functional as F
+
+            x = torch.randn(n, k, dtype=self.dtype, device=self.device, requires_grad=True)
+            w = torch.randn(o, k, dtype=self.dtype, device=self.device, requires_grad=True)
+            bias = torch.zeros(o, dtype=self.dtype, device=self.device, requires_grad=True)
+            grad = torch.ones(n, o, dtype=self.dtype, device=self.device)
+
+            def step() -> None:
+                F.linear(x, w, bias).backward(grad)
+
+            with _threads(self.threads):
+                self._cache[key] = _timed(step, cuda=self.cuda)
+        return self._cache[key]
+
     def attention(self, batch: int, heads: int, groups: int, seq: int, head_dim: int) -> float:
         key = ("sdpa", batch, heads, groups, seq, head_dim)
         if key not in self._cache:
@@ -268,7 +312,7 @@ class Probe:
                 out.backward(torch.ones_like(out))
 
             with _threads(self.threads):
-                self._cache[key] = _timed(step, budget_s=0.03, cuda=self.cuda)
+                self._cache[key] = _timed(step, cuda=self.cuda)
         return self._cache[key]
 
     def peak(self) -> float:
@@ -307,41 +351,63 @@ def calibrate_here(hw: Hardware, bf16: bool, processes: int, keep: set[str]) -> 
     hw.measured["copy GB/s"] = hw.memory_bw / 1e9
     hw.measured["threads/rank"] = threads
     if processes > 1 and not probe.cuda and {"intra_node_gbps", "latency_us"} - keep:
-        latency, bandwidth = allreduce_probe(processes)
-        if "latency_us" not in keep:
-            hw.latency_s = latency
-        if "intra_node_gbps" not in keep:
-            hw.intra_bw = bandwidth
+        hw.collectives = collectives_probe(processes)
+        latency, per_byte = hw.collectives["all-reduce"]
+        hw.latency_s, hw.intra_bw = latency, 1.0 / per_byte  # all-reduce's, as the presets state them
         hw.measured["all-reduce GB/s"] = hw.intra_bw / 1e9
         hw.measured["latency us"] = hw.latency_s * 1e6
 
 
-def _allreduce_worker(rank: int, world: int, store_path: str, queue: object) -> None:
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "send")
+
+
+def _collectives_worker(rank: int, world: int, store_path: str, queue: object) -> None:
+    """Time each collective the engines use, at 8 bytes and at 4 MiB (the whole tensor: gathered,
+    or before the reduce-scatter), between ``world`` gloo processes of one thread."""
+    import warnings
+
     import torch
     import torch.distributed as dist
 
+    warnings.filterwarnings("ignore", message=r".*is deprecated.*")  # *_into_tensor: what megatron calls
     torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
-    small, big = torch.zeros(1), torch.zeros(1 << 20)  # 4 bytes, 4 MiB
-    for _ in range(3):
-        dist.all_reduce(small)
-        dist.all_reduce(big)
-    start = time.perf_counter()
-    for _ in range(20):
-        dist.all_reduce(small)
-    latency = (time.perf_counter() - start) / 20
-    start = time.perf_counter()
-    for _ in range(5):
-        dist.all_reduce(big)
-    seconds = (time.perf_counter() - start) / 5
+
+    def ops(numel: int) -> dict[str, Callable[[], object]]:
+        full, part = torch.zeros(numel), torch.zeros(numel // world)
+        peer = 1 - rank if world == 2 else (rank + 1) % world
+
+        def send() -> None:
+            (dist.send if rank % 2 == 0 else dist.recv)(full, peer)
+            (dist.recv if rank % 2 == 0 else dist.send)(full, peer)
+
+        return {
+            "all-reduce": lambda: dist.all_reduce(full),
+            "all-gather": lambda: dist.all_gather_into_tensor(full, part),
+            "reduce-scatter": lambda: dist.reduce_scatter_tensor(part, full),
+            "send": send,  # there and back: two messages
+        }
+
+    small, big = ops(2 * world), ops(1 << 20)
+    result = {}
+    for kind in COLLECTIVES:
+        times = []
+        for fn, rounds in ((small[kind], 20), (big[kind], 5)):
+            fn()
+            dist.barrier()
+            start = time.perf_counter()
+            for _ in range(rounds):
+                fn()
+            times.append((time.perf_counter() - start) / rounds / (2 if kind == "send" else 1))
+        result[kind] = (times[0], max(times[1] - times[0], 1e-12) / ((1 << 20) * 4))
     if rank == 0:
-        bus = 2.0 * (world - 1) / world * big.numel() * 4
-        queue.put((latency, bus / max(seconds - latency, 1e-9)))  # type: ignore[attr-defined]
+        queue.put(result)  # type: ignore[attr-defined]
     dist.destroy_process_group()
 
 
-def allreduce_probe(processes: int) -> tuple[float, float]:
-    """(latency s, bus bandwidth bytes/s) of gloo all-reduces among ``min(processes, 2)`` forked processes."""
+def collectives_probe(processes: int) -> dict[str, tuple[float, float]]:
+    """{kind: (latency s, seconds per byte of the whole tensor)} among ``min(processes, 2)`` forked
+    gloo processes (all-reduce, all-gather and reduce-scatter into / from one tensor, send / recv)."""
     import multiprocessing as mp
 
     world = min(processes, 2)
@@ -349,13 +415,13 @@ def allreduce_probe(processes: int) -> tuple[float, float]:
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory(prefix="gpt-plan-probe-") as tmp:
         procs = [
-            ctx.Process(target=_allreduce_worker, args=(r, world, str(Path(tmp) / "store"), queue), daemon=True)
+            ctx.Process(target=_collectives_worker, args=(r, world, str(Path(tmp) / "store"), queue), daemon=True)
             for r in range(world)
         ]
         for p in procs:
             p.start()
         try:
-            result = queue.get(timeout=30)
+            result = queue.get(timeout=60)
         finally:
             for p in procs:
                 p.join(timeout=5)

@@ -34,6 +34,10 @@ CE_PASSES = 6  # fp32 logits: softmax, loss, gradient
 # AdamW step bytes per parameter: read param, grad, 2 moments; write param, moments; grad norm + clip
 ADAM_BYTES = 40
 ADAM_BF16_EXTRA = 6  # bf16: read the fp32 main copy, write the bf16 weights
+# DeepSpeed's host work beyond megatron's, in layer launches (hardware.layer_overhead_us): (per layer and
+# micro-batch: gradient hooks, ZeRO-3's fetch / release of each module; per step), by ZeRO stage; fitted
+# at dp=2 on the CPU against 2- and 8-layer runs (benchmarks/README.md)
+DEEPSPEED_HOST = {0: (0.0, 0.0), 1: (0.0, 1.0), 2: (1.6, 1.0), 3: (5.8, 7.0)}
 
 
 @dataclass
@@ -114,14 +118,6 @@ class Links:
         return cls(bw(topo.tp), bw(topo.tp * topo.dp), bw(topo.tp * topo.dp * topo.pp))
 
 
-def _collective(nbytes: float, ranks: int, bw: float, latency: float, kind: str) -> float:
-    """Ring all-gather / reduce-scatter ((n-1)/n of the bytes) or all-reduce (twice that)."""
-    if ranks <= 1:
-        return 0.0
-    share = (ranks - 1) / ranks * nbytes * (2 if kind == "all-reduce" else 1)
-    return share / bw + latency
-
-
 def estimate_time(
     cfg: DictConfig,
     topo: Topology,
@@ -141,7 +137,7 @@ def estimate_time(
     n = b * seq  # tokens of one micro-batch
     h, f, hd = shape.hidden, shape.ffn, shape.head_dim
     links = Links.of(topo, hw)
-    lat = hw.latency_s
+    comm = hw.collective_s
     recompute = str(model.get("recompute", "none"))
     engine = str(par.engine)
     notes: list[str] = []
@@ -149,19 +145,25 @@ def estimate_time(
     # one layer, one micro-batch, on one tp rank: forward GEMMs, then forward + backward of everything
     qkv = (shape.heads + 2 * shape.groups) * hd // tp
     fc1 = (2 if shape.gated else 1) * f // tp
-    gemm_fwd = (
-        hw.gemm_s(n, h, qkv, e)
-        + hw.gemm_s(n, shape.heads * hd // tp, h, e)
-        + hw.gemm_s(n, h, fc1, e)
-        + hw.gemm_s(n, f // tp, h, e)
-    )
+    linears = ((h, qkv), (shape.heads * hd // tp, h), (h, fc1), (f // tp, h))  # (in, out) on this tp rank
+    gemm_fwd = sum(hw.gemm_s(n, k, o, e) for k, o in linears)
+    gemm_all = sum(hw.linear_s(n, k, o, e) for k, o in linears)  # forward, the input's and weight's gradients
     attention = hw.attention_s(b, shape.heads // tp, max(1, shape.groups // tp), seq, hd, e)
     passes_h = H_PASSES + (DROPOUT_PASSES if float(model.get("dropout", 0.0)) > 0 else 0)
     elem_bytes = n * e * (passes_h * h / (tp if sp else 1) + F_PASSES[str(model.get("mlp", "gelu"))] * f / tp)
     elementwise = hw.elementwise_s(elem_bytes)
     act_bytes = n * h * e
-    # 4 all-gathers / reduce-scatters forward and 4 backward (SP), or 2 + 2 all-reduces: the same bytes
-    tp_layer = 8 * _collective(act_bytes, tp, links.tp, 0.0, "all-gather") + (8 if sp else 4) * lat * (tp > 1)
+    # per layer 2 all-gathers + 2 reduce-scatters forward and again backward (SP), or 2 + 2 all-reduces
+    if sp:
+        tp_layer = 4 * (comm("all-gather", act_bytes, tp, links.tp) + comm("reduce-scatter", act_bytes, tp, links.tp))
+    else:
+        tp_layer = 4 * comm("all-reduce", act_bytes, tp, links.tp)
+    # the embedding's output and the output layer's input: a reduce-scatter and an all-gather, and back
+    tp_ends = (
+        comm("all-gather", act_bytes, tp, links.tp) + comm("reduce-scatter", act_bytes, tp, links.tp)
+        if sp
+        else 2 * comm("all-reduce", act_bytes, tp, links.tp)
+    )
     redo = 0.0
     if recompute == "full":  # the layer's forward again in backward, its collectives included
         redo = gemm_fwd + attention / 3.5 + elementwise / 3 + tp_layer / 2
@@ -170,12 +172,15 @@ def estimate_time(
 
     # launching a layer's ops costs hw.layer_overhead_s of host time; a GPU runs them asynchronously, so
     # only what its kernels do not cover is exposed; a CPU computes what it launches, so all of it is
-    work = 3 * gemm_fwd + attention + elementwise + redo + tp_layer
-    dispatch = hw.layer_overhead_s if not hw.asynchronous else max(0.0, hw.layer_overhead_s - work)
+    zero = int(par.get("zero_stage", 0)) if engine == "deepspeed" else 0
+    per_layer, per_step = DEEPSPEED_HOST[zero] if engine == "deepspeed" else (0.0, 0.0)
+    host = hw.layer_overhead_s * (1 + per_layer)
+    work = gemm_all + attention + elementwise + redo + tp_layer
+    dispatch = host if not hw.asynchronous else max(0.0, host - work)
 
     def stage_terms(stage: Stage) -> dict[str, float]:
         out = {
-            "matmul": stage.layers * 3 * gemm_fwd,
+            "matmul": stage.layers * gemm_all,
             "attention": stage.layers * attention,
             "elementwise": stage.layers * elementwise,
             "recompute": stage.layers * redo,
@@ -184,15 +189,16 @@ def estimate_time(
             "overhead": stage.layers * dispatch,
         }
         if stage.post:
-            out["matmul"] += 3 * hw.gemm_s(n, h, shape.vocab // tp, e)
+            v = shape.vocab // tp
+            out["matmul"] += hw.linear_s(n, h, v, e)
             out["elementwise"] += hw.elementwise_s(CE_PASSES * n * shape.vocab / tp * 4 + 4 * act_bytes)
-            out["tp_comm"] += 2 * _collective(act_bytes, tp, links.tp, lat, "all-gather") + 3 * lat * (tp > 1)
+            out["tp_comm"] += tp_ends / 2 + 3 * comm("all-reduce", n * 4, tp, links.tp)  # + the loss's 3
         if stage.pre:
             out["elementwise"] += hw.elementwise_s(4 * act_bytes)
-            out["tp_comm"] += 2 * _collective(act_bytes, tp, links.tp, lat, "all-gather")
+            out["tp_comm"] += tp_ends / 2
         if pp > 1:  # activations forward, their gradients backward, per chunk
             sent = act_bytes / (tp if sp else 1)
-            out["pp_p2p"] = 2 * stage.chunks * (sent / links.pp + lat)
+            out["pp_p2p"] = 2 * stage.chunks * comm("send", sent, 2, links.pp)
         return out
 
     all_stages = stages(shape, tp, pp, vpp)
@@ -201,6 +207,7 @@ def estimate_time(
     micro = per_stage[slowest]
     terms = {k: m * v for k, v in micro.items()}
     terms["pp_bubble"] = (pp - 1) / vpp * sum(micro.values())
+    terms["overhead"] += per_step * hw.layer_overhead_s
 
     # after the micro-batches: gradients over dp, the optimizer step (the stage with the most parameters)
     params = max(stage.params for stage in all_stages)
@@ -211,17 +218,24 @@ def estimate_time(
     grads, weights = params * grad_bytes, params * e
     buckets = 1 if engine == "megatron" else max(1, math.ceil(params / min(5e8, max(params, h * h))))
     bw = links.dp
+
+    def dp_comm(kind: str, nbytes: float) -> float:  # in buckets: one latency each
+        extra = (buckets - 1) * hw.latency(kind) if dp > 1 else 0.0
+        return comm(kind, nbytes, dp, bw) + extra
+
     if engine == "megatron" or stage in (0, 1):
-        reduce = _collective(grads, dp, bw, lat * buckets, "reduce-scatter" if sharded else "all-reduce")
+        reduce = dp_comm("reduce-scatter" if sharded else "all-reduce", grads)
     else:  # ZeRO-2/3 reduce-scatter every micro-batch's gradients
-        reduce = m * _collective(grads, dp, bw, lat * buckets, "reduce-scatter")
-    gather = _collective(weights, dp, bw, lat * buckets, "all-gather") if sharded else 0.0
-    if stage == 3:  # parameters gathered for every micro-batch's forward and backward, not after the step
-        gather = 2 * m * _collective(weights, dp, bw, lat * buckets, "all-gather")
+        reduce = m * dp_comm("reduce-scatter", grads)
+    gather = dp_comm("all-gather", weights) if sharded else 0.0
+    if stage == 3:  # each module's weights gathered before its forward and its backward, every micro-batch
+        # (norms and biases stay whole: below stage3_param_persistence_threshold = 10 x hidden)
+        modules = [k * o for k, o in linears] * shape.layers + [shape.vocab * h]
+        gather = 2 * m * sum(comm("all-gather", numel * e, dp, bw) for numel in modules)
     terms["dp_comm"] = reduce + (gather if stage != 3 else 0.0)
     terms["zero3_gather"] = gather if stage == 3 else 0.0
     if pp > 1 and shape.tied:  # the embedding's gradient, all-reduced between the first and last stage
-        terms["dp_comm"] += _collective(shape.vocab // tp * h * 4, 2, links.pp, lat, "all-reduce")
+        terms["dp_comm"] += comm("all-reduce", shape.vocab // tp * h * 4, 2, links.pp)
     owned = params / dp if sharded else params
     step_bytes = owned * (ADAM_BYTES + (ADAM_BF16_EXTRA if e == 2 else 0))
     offload = engine == "deepspeed" and str(par.get("offload", "none")) == "cpu"
