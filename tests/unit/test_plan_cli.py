@@ -139,3 +139,12 @@ def test_preflight_refuses_or_warns_before_any_work(
     with pytest.raises(RuntimeError, match="past the preflight"):
         Trainer(compose([*base, "train.preflight=off"])).run(_Task())
     assert capsys.readouterr().out == ""
+
+
+def test_cpu_is_calibrated_here(capsys: pytest.CaptureFixture) -> None:
+    args = ["hardware=cpu", "hardware.gpus_per_node=2", "train.micro_batch=6", "parallel.tp=2", "vocab_size=67"]
+    code, out, _ = plan_run([*args, "logging.wandb=disabled"], capsys, as_json=True)
+    report = json.loads(out)
+    measured = report["hardware"]["measured"]
+    assert code == 0 and measured["threads/rank"] == 1 and measured["all-reduce GB/s"] > 0 and measured["TFLOP/s"] > 0
+    assert report["time"]["terms_s"]["tp_comm"] > 0 and report["time"]["terms_s"]["overhead"] > 0
