@@ -18,7 +18,7 @@ ALLOWED = {
     "pretrain": {"conf", "data", "parallel", "pretrain"},
 }
 COMMANDS = ("data.prepare", "pretrain.train", "pretrain.finetune", "pretrain.evaluate", "pretrain.generate",
-            "pretrain.export", "pretrain.hf_import")
+            "pretrain.export", "pretrain.hf_import", "pretrain.plan")
 
 
 def imported_packages(path: Path) -> set[tuple[str, int]]:
