@@ -35,12 +35,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
-from conf.errors import UserError, unwrap_worker_error
+from conf.errors import UserError
 from data.interleave import Interleave, integer_weights
 from data.shards import Manifest, ShardInfo, read_shard, read_shards
-from data.stream import GlobalOrder, Layout, _as_is, _ignore_stop_signals
+from data.stream import GlobalOrder, Layout, next_arrays, worker_iterator
 
 FORMAT = 1  # "mixture" in a loader state; a state without it is data/stream.py's (epoch, position)
 BLOCK = 4096  # positions of this rank located at once (numpy), so the per-sample work is a read
@@ -242,22 +242,8 @@ class MixtureLoader:
     def __next__(self) -> dict[str, torch.Tensor]:
         if self._iterator is None:
             dataset = MixtureStream(self.sources, self.layout, self.seed, self.order, self.position)
-            if self.num_workers:
-                loader = DataLoader(
-                    dataset,
-                    batch_size=None,
-                    num_workers=self.num_workers,
-                    collate_fn=_as_is,
-                    prefetch_factor=8,
-                    worker_init_fn=_ignore_stop_signals,
-                )
-                self._iterator = iter(loader)
-            else:
-                self._iterator = iter(dataset)
-        try:
-            arrays = next(self._iterator)
-        except UserError as exc:  # from a DataLoader worker: keep its one line
-            raise unwrap_worker_error(exc) from None
+            self._iterator = worker_iterator(dataset, self.num_workers)
+        arrays = next_arrays(self._iterator)
         tokens = torch.from_numpy(arrays["tokens"].astype(np.int64))
         batch = {
             "tokens": tokens,

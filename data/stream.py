@@ -196,6 +196,35 @@ def _as_is(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return batch
 
 
+def worker_iterator(dataset: IterableDataset, num_workers: int) -> Iterator[dict[str, np.ndarray]]:
+    """The dataset's micro-batches, produced in ``num_workers`` DataLoader processes (0: in this one)."""
+    if not num_workers:
+        return iter(dataset)
+    loader = DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=num_workers,
+        collate_fn=_as_is,
+        prefetch_factor=8,
+        worker_init_fn=_ignore_stop_signals,
+    )
+    return iter(loader)
+
+
+def next_arrays(iterator: Iterator[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The next micro-batch; on an error the DataLoader's workers are stopped first: they ignore
+    SIGTERM, so one left alive would hang the interpreter's exit (multiprocessing joins it)."""
+    try:
+        return next(iterator)
+    except BaseException as exc:
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        if isinstance(exc, UserError):  # from a DataLoader worker: keep its one line
+            raise unwrap_worker_error(exc) from None
+        raise
+
+
 class TrainLoader:
     """Iterates this rank's micro-batches and knows the exact resumable state.
 
@@ -223,22 +252,8 @@ class TrainLoader:
     def __next__(self) -> dict[str, torch.Tensor]:
         if self._iterator is None:
             dataset = TrainStream(self.manifest, self.layout, self.seed, self.num_streams, self.epoch, self.position)
-            if self.num_workers:
-                loader = DataLoader(
-                    dataset,
-                    batch_size=None,
-                    num_workers=self.num_workers,
-                    collate_fn=_as_is,
-                    prefetch_factor=8,
-                    worker_init_fn=_ignore_stop_signals,
-                )
-                self._iterator = iter(loader)
-            else:
-                self._iterator = iter(dataset)
-        try:
-            arrays = next(self._iterator)
-        except UserError as exc:  # from a DataLoader worker: keep its one line
-            raise unwrap_worker_error(exc) from None
+            self._iterator = worker_iterator(dataset, self.num_workers)
+        arrays = next_arrays(self._iterator)
         tokens = torch.from_numpy(arrays["tokens"].astype(np.int64))
         mask = torch.ones(len(tokens), tokens.shape[1] - 1)
         batch = {"tokens": tokens, "ids": torch.from_numpy(arrays["ids"]), "mask": mask}
