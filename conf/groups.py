@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING
+from omegaconf import MISSING, ListConfig
 
 from conf.errors import UserError
 
@@ -295,6 +295,17 @@ class PerplexityEvalConfig:
     path: str | None = None  # a text file; blank-line-separated paragraphs are its documents
 
 
+def fewshot_counts(value: object, key: str = "num_fewshot") -> list[int]:
+    """``num_fewshot`` (an int or a list) as a list of k >= 0, refused in one line otherwise."""
+    shots = list(value) if isinstance(value, ListConfig | list | tuple) else [value]
+    if not shots:
+        raise UserError(f"{key}=[]: give at least one k (e.g. {key}=[0,1,5])")
+    for k in shots:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise UserError(f"{key}={k}: each k must be an integer >= 0 (in-context examples)")
+    return shots
+
+
 @dataclass
 class EvalConfig:
     """In-loop evaluation of gpt-pretrain (``pretrain/in_loop_eval.py``): lm-eval tasks on the weights
@@ -304,7 +315,8 @@ class EvalConfig:
 
     every_steps: int | None = 0  # 0 / null: off
     tasks: list[str] = field(default_factory=list)  # sentiment, perplexity, or paths of lm-eval task YAMLs
-    num_fewshot: int = 0  # in-context examples (k) of every task
+    # in-context examples (k) of every task; a list [0,5] evaluates each k (keys eval/<task>/<k>shot/<metric>)
+    num_fewshot: Any = 0
     batch_size: int = 32  # sequences per scoring round (split over the data-parallel ranks)
     limit: int | None = None  # only the first N documents of each task
     seed: int = 1234  # few-shot sampling (gpt-eval's seed)
@@ -313,7 +325,7 @@ class EvalConfig:
 
     def check(self) -> None:
         _at_least("eval.every_steps", self.every_steps, 0)
-        _at_least("eval.num_fewshot", self.num_fewshot, 0)
+        fewshot_counts(self.num_fewshot, "eval.num_fewshot")
         _at_least("eval.batch_size", self.batch_size, 1)
         _at_least("eval.limit", self.limit, 1)
         if not self.every_steps:

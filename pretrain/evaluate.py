@@ -21,6 +21,7 @@ from omegaconf import DictConfig, ListConfig
 
 from conf.cli import CONF_DIR
 from conf.errors import UserError
+from conf.groups import fewshot_counts
 from data.jsonl import iter_jsonl
 from data.output_dir import check_run_dir
 
@@ -97,17 +98,6 @@ def perplexity_task(cfg: DictConfig, task_dir: Path) -> None:
 
 
 BUILDERS = {"sentiment": sentiment_task, "perplexity": perplexity_task}
-
-
-def fewshot_counts(value: object) -> list[int]:
-    """``num_fewshot`` (an int or a list) as a list of k >= 0, refused in one line otherwise."""
-    shots = list(value) if isinstance(value, ListConfig | list | tuple) else [value]
-    if not shots:
-        raise UserError("num_fewshot=[]: give at least one k (e.g. num_fewshot=[0,1,5])")
-    for k in shots:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise UserError(f"num_fewshot={k}: each k must be an integer >= 0 (in-context examples)")
-    return shots
 
 
 def run_lm_eval(cfg: DictConfig) -> dict[int, dict[str, Any]]:

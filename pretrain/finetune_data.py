@@ -5,6 +5,12 @@ An epoch is a permutation drawn from ``(seed, epoch)``; global batch ``b`` is it
 ``[bG, (b+1)G)``, cut into contiguous equal shares for the data-parallel ranks and those into
 micro-batches. The state is ``(epoch, position)``, so a resumed run (at any dp dividing G)
 continues with the same global batches. The epoch's last partial batch is dropped.
+
+The arrays are padded to the longest example of the task; each step's (or evaluation group's)
+micro-batches are cut to their own longest example, rounded up to ``quantum`` tokens (8, times tp
+under sequence parallelism). Padding is causal-invisible and masked, so only the cost changes: most
+examples of a task are far shorter than its longest. The width is computed from what this rank
+holds, which is the same on every stage and tp rank of one pipeline (they hold the same examples).
 """
 
 from __future__ import annotations
@@ -18,6 +24,17 @@ import torch
 from omegaconf import DictConfig
 
 
+def trim(batches: list[dict[str, torch.Tensor]], quantum: int) -> list[dict[str, torch.Tensor]]:
+    """The micro-batches' tokens cut to their longest example (last extract position + 1), rounded up."""
+    length = batches[0]["tokens"].shape[-1]
+    longest = max(int(batch["extract"].max()) for batch in batches) + 1
+    width = min(length, -(-longest // quantum) * quantum)
+    if width < length:
+        for batch in batches:
+            batch["tokens"] = batch["tokens"][..., :width].contiguous()
+    return batches
+
+
 def _micro_batch(arrays: dict[str, np.ndarray], index: np.ndarray, weight: np.ndarray) -> dict[str, torch.Tensor]:
     batch = {name: torch.from_numpy(np.ascontiguousarray(array[index])) for name, array in arrays.items()}
     batch["weight"] = torch.from_numpy(weight.astype(np.float32))
@@ -25,8 +42,17 @@ def _micro_batch(arrays: dict[str, np.ndarray], index: np.ndarray, weight: np.nd
 
 
 class TaskBatches:
-    def __init__(self, arrays: dict[str, np.ndarray], global_batch: int, micro: int, rank: int, dp: int, seed: int):
-        self.arrays, self.global_batch, self.micro = arrays, global_batch, micro
+    def __init__(
+        self,
+        arrays: dict[str, np.ndarray],
+        global_batch: int,
+        micro: int,
+        rank: int,
+        dp: int,
+        seed: int,
+        quantum: int = 8,
+    ):
+        self.arrays, self.global_batch, self.micro, self.quantum = arrays, global_batch, micro, quantum
         self.rank, self.dp, self.seed = rank, dp, seed
         self.size = len(arrays["labels"])
         self.epoch, self.position = 0, 0
@@ -40,7 +66,8 @@ class TaskBatches:
         if self.position + self.global_batch > self.size:
             self.epoch, self.position = self.epoch + 1, 0
         ones = np.ones(self.micro)
-        return [_micro_batch(self.arrays, mine[i : i + self.micro], ones) for i in range(0, share, self.micro)]
+        batches = [_micro_batch(self.arrays, mine[i : i + self.micro], ones) for i in range(0, share, self.micro)]
+        return trim(batches, self.quantum)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
@@ -50,7 +77,7 @@ class TaskBatches:
 
 
 def eval_micro_batches(
-    arrays: dict[str, np.ndarray], micro: int, rank: int, dp: int, pp: int
+    arrays: dict[str, np.ndarray], micro: int, rank: int, dp: int, pp: int, quantum: int = 8
 ) -> list[list[dict[str, torch.Tensor]]]:
     """This rank's contiguous share of a split in groups of micro-batches (a multiple of pp per
     group, as the interleaved schedule needs), padded with weight-0 examples so that every rank
@@ -65,7 +92,7 @@ def eval_micro_batches(
     index = np.where(weight > 0, index, 0)
     batches = [_micro_batch(arrays, index[i : i + micro], weight[i : i + micro]) for i in range(0, padded, micro)]
     step = per_group // micro
-    return [batches[i : i + step] for i in range(0, len(batches), step)]
+    return [trim(batches[i : i + step], quantum) for i in range(0, len(batches), step)]
 
 
 def write_results(run_dir: Path, cfg: DictConfig, results: dict[str, Any], task: dict[str, Any], init: Path) -> None:

@@ -58,6 +58,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
+from conf.groups import fewshot_counts
 from parallel.engine import Engine
 from parallel.topology import Topology
 
@@ -143,16 +144,18 @@ class RowScorer:
         return [-losses[i] for i in range(len(rows))]  # summed token loss = minus the log-likelihood
 
 
-def metric_record(results: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+def metric_record(results: dict[str, dict[str, Any]], shots: int | None = None) -> dict[str, float | None]:
     """lm-eval's ``results[task]["acc,none"]`` as ``{"eval/task/acc": value}`` (a filter other than
-    ``none`` is kept as a suffix; standard errors, counts and aliases are left out)."""
+    ``none`` is kept as a suffix; standard errors, counts and aliases are left out); with ``shots``
+    (several k evaluated) ``eval/task/<k>shot/acc``."""
     record: dict[str, float | None] = {}
     for task, metrics in results.items():
         for name, value in metrics.items():
             metric, _, filtering = str(name).partition(",")
             if "stderr" in metric or not isinstance(value, float):  # as gpt-eval's report (not sample_len)
                 continue
-            key = f"eval/{task}/{metric}" + (f"_{filtering}" if filtering and filtering != "none" else "")
+            scope = f"eval/{task}/" if shots is None else f"eval/{task}/{shots}shot/"
+            key = scope + metric + (f"_{filtering}" if filtering and filtering != "none" else "")
             record[key] = float(value) if math.isfinite(value) else None
     return record
 
@@ -210,7 +213,8 @@ class InLoopEval:
         ev = cfg.eval
         self.every = int(ev.every_steps)
         self.tasks = [str(t) for t in ev.tasks]
-        self.num_fewshot, self.batch_size, self.limit = int(ev.num_fewshot), int(ev.batch_size), ev.limit
+        self.shots = fewshot_counts(ev.num_fewshot, "eval.num_fewshot")
+        self.batch_size, self.limit = int(ev.batch_size), ev.limit
         self.seed = int(ev.seed)
         self.seq_len = int(cfg.model.seq_len)
         self.micro_rows = int(cfg.train.eval_micro_batch)
@@ -293,20 +297,23 @@ class InLoopEval:
             tokenizer = load_tokenizer(self.tokenizer_dir)
             self._lm = InLoopLM(tokenizer, scorer.max_length, self.batch_size, scorer.score)
         self._lm.score_rows = scorer.score  # this evaluation's engine and watchdog
-        out = simple_evaluate(
-            model=self._lm,
-            tasks=[task],
-            num_fewshot=self.num_fewshot,
-            task_manager=self._manager,
-            limit=self.limit,
-            log_samples=False,
-            random_seed=self.seed,
-            fewshot_random_seed=self.seed,
-            bootstrap_iters=0,
-        )
-        if not out or not out.get("results"):
-            raise RuntimeError("lm-eval returned no results")
-        return metric_record(out["results"])
+        record: dict[str, float | None] = {}
+        for k in self.shots:
+            out = simple_evaluate(
+                model=self._lm,
+                tasks=[task],
+                num_fewshot=k,
+                task_manager=self._manager,
+                limit=self.limit,
+                log_samples=False,
+                random_seed=self.seed,
+                fewshot_random_seed=self.seed,
+                bootstrap_iters=0,
+            )
+            if not out or not out.get("results"):
+                raise RuntimeError(f"lm-eval returned no results ({k}-shot)")
+            record.update(metric_record(out["results"], k if len(self.shots) > 1 else None))
+        return record
 
     def close(self) -> None:
         if self._task_dir is not None:

@@ -273,8 +273,15 @@ class FinetuneTask:
     def start(self, cfg: DictConfig, topo: Topology) -> None:
         self.topo = topo
         train = cfg.train
+        self.quantum = math.lcm(8, topo.tp) if topo.sequence_parallel else 8  # widths sequence parallelism can split
         self.batches = TaskBatches(
-            self.train_arrays, int(train.global_batch), int(train.micro_batch), topo.dp_rank, topo.dp, int(train.seed)
+            self.train_arrays,
+            int(train.global_batch),
+            int(train.micro_batch),
+            topo.dp_rank,
+            topo.dp,
+            int(train.seed),
+            self.quantum,
         )
 
     def begin(self, run_dir: Path, step: int) -> None:
@@ -323,7 +330,7 @@ class FinetuneTask:
         arrays = batch_arrays(self.data["examples"][split], self.data["length"], pad_id=0)
         micro, topo = int(self.cfg.train.eval_micro_batch), self.topo
         totals: dict[str, float] = {}
-        for group in eval_micro_batches(arrays, micro, topo.dp_rank, topo.dp, topo.pp):
+        for group in eval_micro_batches(arrays, micro, topo.dp_rank, topo.dp, topo.pp, self.quantum):
             for name, value in engine.eval_step(group).items():
                 totals[name] = totals.get(name, 0.0) + value
             beat()

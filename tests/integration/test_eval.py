@@ -228,7 +228,7 @@ def test_in_loop_eval_config_errors_before_training(char_shards: Path, tmp_path:
     from conf.cli import compose
     from conf.errors import UserError
     from conf.schema import validate
-    from pretrain.in_loop_eval import InLoopEval
+    from pretrain.in_loop_eval import InLoopEval, metric_record
 
     base = [f"data.dir={char_shards}", "eval.every_steps=2"]
     cases = [
@@ -238,11 +238,16 @@ def test_in_loop_eval_config_errors_before_training(char_shards: Path, tmp_path:
         (["eval.tasks=[hellaswag]"], "eval.tasks: unknown task 'hellaswag'"),
         ([f"eval.tasks=[{tmp_path}/none.yaml]"], "none.yaml: no such file"),
         (["eval.every_steps=-1"], "eval.every_steps=-1: must be >= 0"),
+        (["eval.tasks=[sentiment]", "eval.num_fewshot=[0,-1]"], "eval.num_fewshot=-1: each k must be an integer >= 0"),
     ]
     for args, line in cases:
         with pytest.raises(UserError, match=re.escape(line)):
             validate(compose([*base, *args]))
     validate(compose([f"data.dir={char_shards}", "eval.tasks=[sentiment]"]))  # off: the tasks are not read
+    # several k: one key per k (a single k keeps eval/<task>/<metric>)
+    results = {"sentiment": {"acc,none": 0.5, "acc_stderr,none": 0.1}}
+    assert metric_record(results, 5) == {"eval/sentiment/5shot/acc": 0.5}
+    assert metric_record(results) == {"eval/sentiment/acc": 0.5}
     cfg = compose([*base, "eval.tasks=[sentiment]", f"eval.sentiment.path={tmp_path}/none.jsonl"])
     validate(cfg)
     with pytest.raises(UserError, match="none.jsonl: no such file"):  # the task files, read at the task's start
