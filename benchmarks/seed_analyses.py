@@ -79,7 +79,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--work", default=None, help="keeps every part; a second call reuses the finished ones")
     parser.add_argument("--vocab-size", type=int, default=2048, help="BPE trained on TRAIN's texts")
     parser.add_argument("--seq-len", type=int, default=256, help="pretraining context (5-shot prompts need ~250)")
-    parser.add_argument("--pretrain-steps", type=int, default=5000, help="of 4 x seq-len tokens")
+    parser.add_argument("--pretrain-steps", type=int, default=4000, help="of 4 x seq-len tokens")
     parser.add_argument("--eval-every", type=int, default=500, help="in-loop zero-shot evaluation")
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--verbalizers", default="rotten=bad,fresh=good", help="LABEL=WORD,...: zero-shot answers")
@@ -136,7 +136,7 @@ def pretrain(args: argparse.Namespace, work: Path) -> Path:
             f"train.micro_batch={micro}",
             f"train.global_batch={micro}",
             f"train.eval_every={max(steps // 4, 1)}",
-            f"train.save_every={steps}",
+            f"train.save_every={args.eval_every}",  # an interrupted call resumes from the last evaluation
             "train.sample_tokens=0",
             f"eval.every_steps={args.eval_every}",
             f"eval.tasks=[{task}]",

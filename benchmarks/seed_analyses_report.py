@@ -56,9 +56,8 @@ def zero_shot(args: argparse.Namespace, pretrained: Path, lines: list[str]) -> t
     metrics = _rows(pretrained / "metrics.jsonl")
     losses = {row["step"]: row["val_loss"] for row in metrics if "val_loss" in row}
     keys = [f"{k}shot/{m}" for k in (0, 5) for m in ("acc", "acc_mutual_info")]
-    points = [
-        (row["step"], {key: row.get(f"eval/{TASK}/{key}") for key in keys}) for row in metrics if "eval_time_s" in row
-    ]
+    evaluated = {row["step"]: row for row in metrics if "eval_time_s" in row}  # a step evaluated twice: its last
+    points = [(step, {key: row.get(f"eval/{TASK}/{key}") for key in keys}) for step, row in sorted(evaluated.items())]
     lines += [
         f"\n## Zero-shot during pretraining ({len(docs)} VALIDATION reviews; majority label {majority:.4f})\n",
         "Accuracy ± its standard error sqrt(p(1-p)/n). PMI: each answer's likelihood over its "

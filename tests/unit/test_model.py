@@ -186,3 +186,40 @@ def test_recompute_gives_the_same_loss_and_gradients(single_process, preset: str
         for name, grad in grads_none.items():
             torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7)
     assert results["full"][2] < results["selective"][2] <= bytes_none
+
+
+def test_finetune_batches_cut_to_their_longest_example_give_the_same_loss(single_process) -> None:  # noqa: ANN001
+    """``TaskBatches`` cuts each step's tokens to its longest example (rounded up to 8): only padding
+    goes, so L3 and the head's scores are those of the full-width batch."""
+    import numpy as np
+
+    from pretrain.finetune_data import TaskBatches
+    from pretrain.finetune_model import FinetuneGPT, make_forward_step
+
+    cfg = single_process
+    lengths = np.array([5, 9, 3, 12, 7, 4, 11, 6])
+    arrays = {
+        "tokens": np.zeros((8, 1, 40), dtype=np.int64),
+        "extract": (lengths - 1)[:, None],
+        "labels": np.arange(8) % 2,
+        "choice_mask": np.ones((8, 1), dtype=np.float32),
+    }
+    rng = np.random.default_rng(0)
+    for i, n in enumerate(lengths):
+        arrays["tokens"][i, 0, :n] = rng.integers(1, 60, n)
+    batches = TaskBatches(arrays, global_batch=4, micro=4, rank=0, dp=1, seed=3)
+    (first,) = batches.next_step()
+    (second,) = batches.next_step()
+    widths = [b["tokens"].shape[-1] for b in (first, second)]
+    longest = [int(b["extract"].max()) + 1 for b in (first, second)]
+    assert widths == [-(-n // 8) * 8 for n in longest] and min(widths) < 40
+    model = FinetuneGPT(build_gpt(cfg.model, 67, transformer_config(cfg.model)), "classification", 2, 0.0, 1).eval()
+    step = make_forward_step(0.5, 64)
+    for batch in (first, second):
+        full = dict(batch, tokens=torch.zeros(4, 1, 40, dtype=torch.long))
+        full["tokens"][..., : batch["tokens"].shape[-1]] = batch["tokens"]
+        with torch.no_grad():
+            (out, scores), loss_func = step(iter([batch]), model)
+            (out_full, scores_full), loss_func_full = step(iter([full]), model)
+        torch.testing.assert_close(scores, scores_full, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(loss_func((out, scores))[0], loss_func_full((out_full, scores_full))[0])
