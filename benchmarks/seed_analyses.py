@@ -45,30 +45,52 @@ from omegaconf import OmegaConf  # noqa: E402
 from benchmarks.finetune_gain import run  # noqa: E402 - one subprocess runner for both scripts
 from benchmarks.seed_analyses_report import Run, report  # noqa: E402
 
+TASK = """task: sentiment_zero_shot
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    validation: {validation}
+    train: {train}
+output_type: multiple_choice
+validation_split: validation
+fewshot_split: train
+doc_to_text: {doc_to_text}
+doc_to_choice: {choices}
+doc_to_target: {target}
+target_delimiter: " "
+fewshot_delimiter: "\\n\\n"
+process_results: !function zero_shot_metrics.process_results
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: auc
+    aggregation: !function zero_shot_metrics.auc
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
 
 def zero_shot_task(args: argparse.Namespace, path: Path) -> None:
     """An lm-eval task: the review, the prompt, then the verbalizer of each label (GPT-1's zero-shot
-    sentiment); plain accuracy and accuracy against each answer's unconditional likelihood."""
-    import yaml
-
+    sentiment), scored by accuracy and by the AUC of the answers' margin (benchmarks/zero_shot_metrics.py,
+    copied next to the YAML, where lm-eval's ``!function`` looks)."""
     labels = sorted(args.verbalizers)
     targets = json.dumps({label: i for i, label in enumerate(labels)})
-    task = {
-        "task": "sentiment_zero_shot",
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"validation": str(args.validation), "train": str(args.train)}},
-        "output_type": "multiple_choice",
-        "validation_split": "validation",
-        "fewshot_split": "train",
-        "doc_to_text": "{{ text }}" + args.prompt,
-        "doc_to_choice": [args.verbalizers[label] for label in labels],
-        "doc_to_target": "{{ " + targets + "[label] }}",
-        "target_delimiter": " ",
-        "fewshot_delimiter": "\n\n",
-        "metric_list": [{"metric": "acc"}, {"metric": "acc_mutual_info"}],
-        "metadata": {"version": 1.0},
-    }
-    path.write_text(yaml.safe_dump(task, sort_keys=False))
+    quote = json.dumps  # a JSON string is a YAML double-quoted scalar
+    path.write_text(
+        TASK.format(
+            validation=quote(str(args.validation)),
+            train=quote(str(args.train)),
+            doc_to_text=quote("{{ text }}" + args.prompt),
+            choices=json.dumps([args.verbalizers[label] for label in labels]),
+            target=quote("{{ " + targets + "[label] }}"),
+        )
+    )
+    shutil.copy(Path(__file__).with_name("zero_shot_metrics.py"), path.with_name("zero_shot_metrics.py"))
+    spec = {"labels": labels, "field": "label"}
+    path.with_name("sentiment_zero_shot_labels.json").write_text(json.dumps(spec))
 
 
 def parse_args() -> argparse.Namespace:

@@ -53,27 +53,37 @@ def zero_shot(args: argparse.Namespace, pretrained: Path, lines: list[str]) -> t
     """The in-loop evaluations: (step, {metric: accuracy}) rows; the majority-label rate; documents."""
     docs = [json.loads(line)["label"] for line in args.validation.read_text().split("\n") if line.strip()]
     majority = Counter(docs).most_common(1)[0][1] / len(docs)
+    first = sorted(args.verbalizers)[0]
+    counts = (sum(label == first for label in docs), sum(label != first for label in docs))
     metrics = _rows(pretrained / "metrics.jsonl")
     losses = {row["step"]: row["val_loss"] for row in metrics if "val_loss" in row}
-    keys = [f"{k}shot/{m}" for k in (0, 5) for m in ("acc", "acc_mutual_info")]
+    keys = [f"{k}shot/{m}" for k in (0, 5) for m in ("acc", "auc")]
     evaluated = {row["step"]: row for row in metrics if "eval_time_s" in row}  # a step evaluated twice: its last
     points = [(step, {key: row.get(f"eval/{TASK}/{key}") for key in keys}) for step, row in sorted(evaluated.items())]
     lines += [
         f"\n## Zero-shot during pretraining ({len(docs)} VALIDATION reviews; majority label {majority:.4f})\n",
-        "Accuracy ± its standard error sqrt(p(1-p)/n). PMI: each answer's likelihood over its "
-        "likelihood without the review.\n",
-        "| step | LM val loss | 0-shot | 0-shot PMI | 5-shot | 5-shot PMI |",
+        "Accuracy ± sqrt(p(1-p)/n); AUC of the answers' log-likelihood margin (0.5: the review is not "
+        "read) ± Hanley and McNeil's standard error.\n",
+        "| step | LM val loss | 0-shot acc | 0-shot AUC | 5-shot acc | 5-shot AUC |",
         "|---|---|---|---|---|---|",
     ]
     for step, values in points:
-        cells = [_acc(values[key], len(docs)) for key in keys]
+        cells = [
+            "—" if values[key] is None else f"{values[key]:.4f} ± {standard_error(key, values[key], counts):.4f}"
+            for key in keys
+        ]
         loss = f"{losses[step]:.3f}" if step in losses else ""
         lines.append(f"| {step} | {loss} | " + " | ".join(cells) + " |")
-    return points, majority, len(docs)
+    return points, majority, counts
 
 
-def _acc(p: float | None, n: int) -> str:
-    return "—" if p is None else f"{p:.4f} ± {math.sqrt(p * (1 - p) / n):.4f}"
+def standard_error(key: str, p: float, counts: tuple[int, int]) -> float:
+    """Of an accuracy (binomial) or of an AUC (Hanley and McNeil 1982) over ``counts`` reviews per label."""
+    if not key.endswith("auc"):
+        return math.sqrt(p * (1 - p) / sum(counts))
+    n1, n2 = counts
+    q1, q2 = p / (2 - p), 2 * p * p / (1 + p)
+    return math.sqrt((p * (1 - p) + (n1 - 1) * (q1 - p * p) + (n2 - 1) * (q2 - p * p)) / (n1 * n2))
 
 
 def report(
@@ -88,7 +98,7 @@ def report(
     seconds: float,
 ) -> None:
     lines = [f"# seed_analyses: {args.train.name} / {args.validation.name} / {args.test.name}, {seconds:.0f} s"]
-    points, majority, docs = zero_shot(args, pretrained, lines)
+    points, majority, counts = zero_shot(args, pretrained, lines)
 
     lines += [
         "\n## Selection on VALIDATION (mean validation accuracy over the selection seeds)\n",
@@ -138,7 +148,7 @@ def report(
     ]
     lines += [f"| {k} | {mean_se(v)[0]:.4f} ± {mean_se(v)[1]:.4f} |" for k, v in sorted(by_k.items())]
 
-    lines += ["\n## Goals\n", *goals(points, docs, by_k, gains, args.label_counts)]
+    lines += ["\n## Goals\n", *goals(points, counts, by_k, gains, args.label_counts)]
     plots(work, points, majority, curve, args.label_counts, by_k)
     smallest = min(args.label_counts)
     lines.append(
@@ -154,14 +164,14 @@ def _init(scratch: bool) -> str:
     return "from scratch" if scratch else "pretrained"
 
 
-def goals(points: list, docs: int, by_k: dict, gains: dict, counts: list[int]) -> list[str]:
+def goals(points: list, docs: tuple[int, int], by_k: dict, gains: dict, counts: list[int]) -> list[str]:
     out = []
     if len(points) >= 2:
         (first_step, first), (last_step, last) = points[0], points[-1]
         for key, value in last.items():
             if value is None or first[key] is None:
                 continue
-            se = math.sqrt(sum(p * (1 - p) / docs for p in (first[key], value)))
+            se = math.hypot(*(standard_error(key, p, docs) for p in (first[key], value)))
             diff = value - first[key]
             verdict = "met" if diff > 2 * se else "not met"
             out.append(
@@ -196,12 +206,12 @@ def plots(work: Path, points: list, majority: float, curve: dict, counts: list[i
     size, dpi = (4.8, 3.2), 80  # small PNGs: they are committed to the README
     fig, ax = plt.subplots(figsize=size)
     steps = [step for step, _ in points]
-    styles = {"0shot/acc": "o-", "0shot/acc_mutual_info": "s--", "5shot/acc": "^-", "5shot/acc_mutual_info": "v--"}
+    styles = {"0shot/acc": "o-", "0shot/auc": "s--", "5shot/acc": "^-", "5shot/auc": "v--"}
     for key, style in styles.items():
-        label = key.replace("acc_mutual_info", "PMI")
+        label = key.replace("auc", "AUC")
         ax.plot(steps, [values[key] for _, values in points], style, markersize=3, label=label)
     ax.axhline(majority, color="grey", linewidth=0.8, linestyle=":", label="majority label")
-    ax.set(xlabel="pretraining step", ylabel="VALIDATION accuracy", title="Zero-shot sentiment during pretraining")
+    ax.set(xlabel="pretraining step", ylabel="VALIDATION accuracy, AUC", title="Zero-shot sentiment during pretraining")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(work / "zero_shot.png", dpi=dpi)
