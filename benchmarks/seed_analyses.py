@@ -6,9 +6,10 @@
 2. ``gpt-pretrain model=tiny`` on them with in-loop evaluation (``eval.every_steps``): a
    sentiment task in GPT-1's zero-shot form (the review, then `` very``; the answer is the more
    likely verbalizer, ``--verbalizers``), 0- and 5-shot, on VALIDATION → ``zero_shot.png``;
-3. ``gpt-finetune`` every run below, two side by side with one thread each. Every run makes the
-   same number of updates (``--finetune-steps``, batch 32): what varies is how many labeled
-   examples of TRAIN it sees (a seeded sample per seed).
+3. ``gpt-finetune`` every run below, two side by side with one thread each. A run makes
+   ``--finetune-steps`` updates of 32 examples, or one epoch where that is more (all labels: a
+   run that stops a third of the way through its examples would not measure them); what varies
+   is how many labeled examples of TRAIN it sees (a seeded sample per seed).
    - Selection: for each label count and init, λ ∈ {0, 0.5}, and for the pretrained model with and
      without LP-FT (``finetune.head_only_epochs``: about a third of the steps, where a whole number
      of epochs fits), over ``--select-seeds`` seeds; the configuration with the best mean accuracy
@@ -101,18 +102,20 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--work", default=None, help="keeps every part; a second call reuses the finished ones")
     parser.add_argument("--vocab-size", type=int, default=2048, help="BPE trained on TRAIN's texts")
     parser.add_argument("--seq-len", type=int, default=256, help="pretraining context (5-shot prompts need ~250)")
-    parser.add_argument("--pretrain-steps", type=int, default=4000, help="of 4 x seq-len tokens")
+    parser.add_argument("--pretrain-steps", type=int, default=3000, help="of 4 x seq-len tokens")
     parser.add_argument("--eval-every", type=int, default=500, help="in-loop zero-shot evaluation")
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--verbalizers", default="rotten=bad,fresh=good", help="LABEL=WORD,...: zero-shot answers")
     parser.add_argument("--prompt", default=" very", help="appended to the review (GPT-1's zero-shot sentiment)")
     parser.add_argument("--labels", nargs="+", default=["100", "300", "1000", "all"], help="label counts")
-    parser.add_argument("--finetune-steps", type=int, default=100, help="updates of every fine-tuning run")
+    parser.add_argument(
+        "--finetune-steps", type=int, default=100, help="updates of a fine-tuning run (at least one epoch)"
+    )
     parser.add_argument("--lr", type=float, default=1e-3, help="fine-tuning peak learning rate")
     parser.add_argument("--max-len", type=int, default=64, help="fine-tuning tokens per example")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     parser.add_argument("--select-seeds", type=int, default=2, help="the first N seeds choose λ and LP-FT")
-    parser.add_argument("--transfer-seeds", type=int, default=3)
+    parser.add_argument("--transfer-seeds", type=int, default=2)
     parser.add_argument("--transfer-labels", default="1000")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs side by side")
     args = parser.parse_args()
@@ -182,12 +185,17 @@ def _last_eval_step(run_dir: Path) -> int | None:
     return max(steps, default=None)
 
 
+def updates(args: argparse.Namespace, labels: int) -> int:
+    """A run's updates: ``--finetune-steps``, or one epoch where that is more (all the labels are seen)."""
+    return max(args.finetune_steps, min(labels, args.train_size) // 32)
+
+
 def lpft_epochs(args: argparse.Namespace, labels: int) -> int | None:
     """Head-only epochs of LP-FT: about a third of the updates, if a whole epoch fits in half of them."""
-    per_epoch = labels // 32
-    if per_epoch < 1 or per_epoch > args.finetune_steps // 2:
+    per_epoch, steps = labels // 32, updates(args, labels)
+    if per_epoch < 1 or per_epoch > steps // 2:
         return None
-    return max(1, round(args.finetune_steps / 3 / per_epoch))
+    return max(1, round(steps / 3 / per_epoch))
 
 
 class Runner:
@@ -213,7 +221,7 @@ class Runner:
             f"finetune.head_only_epochs={r.head_epochs}",
             *([] if r.layers is None else [f"finetune.transfer_layers={r.layers}"]),
             "finetune.epochs=1",  # the length is train.max_steps
-            f"train.max_steps={args.finetune_steps}",
+            f"train.max_steps={updates(args, r.labels)}",
             f"train.lr={args.lr}",
             f"train.seed={r.seed}",
             "train.eval_every=1000000",  # validation once, at the end

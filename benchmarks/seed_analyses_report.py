@@ -116,7 +116,8 @@ def report(
 
     curve: dict[tuple[int, bool], tuple[float, float, list[float]]] = {}
     lines += [
-        f"\n## Label curve: TEST accuracy, {len(args.seeds)} seeds, {args.finetune_steps} updates of 32 each\n",
+        f"\n## Label curve: TEST accuracy, {len(args.seeds)} seeds, {args.finetune_steps} updates of 32 "
+        "(one epoch where that is more)\n",
         "| labels | init | chosen on VALIDATION | val acc | TEST acc ± s.e. |",
         "|---|---|---|---|---|",
     ]
