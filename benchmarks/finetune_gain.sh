@@ -7,7 +7,4 @@ if [ $# -lt 3 ]; then
   echo "usage: bash benchmarks/finetune_gain.sh TRAIN_JSONL VALIDATION_JSONL EVAL_JSONL [options]" >&2
   exit 2
 fi
-here=$(cd "$(dirname "$0")/.." && pwd)
-py=python3
-if [ -x "$here/.venv/bin/python" ]; then py="$here/.venv/bin/python"; fi
-exec "$py" "$here/benchmarks/finetune_gain.py" "$@"
+exec bash "$(dirname "$0")/python.sh" "$(dirname "$0")/finetune_gain.py" "$@"

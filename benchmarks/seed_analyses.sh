@@ -9,7 +9,4 @@ if [ $# -lt 3 ]; then
   echo "usage: bash benchmarks/seed_analyses.sh TRAIN_JSONL VALIDATION_JSONL TEST_JSONL [options]" >&2
   exit 2
 fi
-here=$(cd "$(dirname "$0")/.." && pwd)
-py=python3
-if [ -x "$here/.venv/bin/python" ]; then py="$here/.venv/bin/python"; fi
-exec "$py" "$here/benchmarks/seed_analyses.py" "$@"
+exec bash "$(dirname "$0")/python.sh" "$(dirname "$0")/seed_analyses.py" "$@"

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import statistics
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 TASK = "sentiment_zero_shot"
 
@@ -198,43 +201,42 @@ def goals(points: list, docs: tuple[int, int], by_k: dict, gains: dict, counts: 
     return out
 
 
-def plots(work: Path, points: list, majority: float, curve: dict, counts: list[int], by_k: dict) -> None:
+@contextlib.contextmanager
+def _figure(path: Path, title: str, xlabel: str, ylabel: str) -> Iterator[Any]:
+    """One small PNG (they are committed to the README) around the axes drawn in the block."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    size, dpi = (4.8, 3.2), 80  # small PNGs: they are committed to the README
-    fig, ax = plt.subplots(figsize=size)
-    steps = [step for step, _ in points]
-    styles = {"0shot/acc": "o-", "0shot/auc": "s--", "5shot/acc": "^-", "5shot/auc": "v--"}
-    for key, style in styles.items():
-        label = key.replace("auc", "AUC")
-        ax.plot(steps, [values[key] for _, values in points], style, markersize=3, label=label)
-    ax.axhline(majority, color="grey", linewidth=0.8, linestyle=":", label="majority label")
-    ax.set(xlabel="pretraining step", ylabel="VALIDATION accuracy, AUC", title="Zero-shot sentiment during pretraining")
-    ax.legend(fontsize=7)
+    fig, ax = plt.subplots(figsize=(4.8, 3.2))
+    yield ax
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(work / "zero_shot.png", dpi=dpi)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=size)
-    for scratch in (False, True):
-        means = [curve[(n, scratch)][0] for n in counts]
-        errors = [curve[(n, scratch)][1] for n in counts]
-        ax.errorbar(counts, means, yerr=errors, marker="o", capsize=3, label=_init(scratch))
-    ax.set_xscale("log")
-    ax.set(xlabel="labeled examples", ylabel="TEST accuracy", title="Pretraining and the number of labels")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(work / "label_curve.png", dpi=dpi)
-    plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=size)
-    ks = sorted(by_k)
-    ax.errorbar(ks, [mean_se(by_k[k])[0] for k in ks], yerr=[mean_se(by_k[k])[1] for k in ks], marker="o", capsize=3)
-    ax.set(xlabel="pretrained blocks kept", ylabel="TEST accuracy", title="Layers transferred")
-    ax.set_xticks(ks)
-    fig.tight_layout()
-    fig.savefig(work / "transfer.png", dpi=dpi)
-    plt.close(fig)
+def plots(work: Path, points: list, majority: float, curve: dict, counts: list[int], by_k: dict) -> None:
+    title = "Zero-shot sentiment during pretraining"
+    with _figure(work / "zero_shot.png", title, "pretraining step", "VALIDATION accuracy, AUC") as ax:
+        steps = [step for step, _ in points]
+        styles = {"0shot/acc": "o-", "0shot/auc": "s--", "5shot/acc": "^-", "5shot/auc": "v--"}
+        for key, style in styles.items():
+            label = key.replace("auc", "AUC")
+            ax.plot(steps, [values[key] for _, values in points], style, markersize=3, label=label)
+        ax.axhline(majority, color="grey", linewidth=0.8, linestyle=":", label="majority label")
+    title = "Pretraining and the number of labels"
+    with _figure(work / "label_curve.png", title, "labeled examples", "TEST accuracy") as ax:
+        for scratch in (False, True):
+            means = [curve[(n, scratch)][0] for n in counts]
+            errors = [curve[(n, scratch)][1] for n in counts]
+            ax.errorbar(counts, means, yerr=errors, marker="o", capsize=3, label=_init(scratch))
+        ax.set_xscale("log")
+    with _figure(work / "transfer.png", "Layers transferred", "pretrained blocks kept", "TEST accuracy") as ax:
+        ks = sorted(by_k)
+        stats = [mean_se(by_k[k]) for k in ks]
+        ax.errorbar(ks, [m for m, _ in stats], yerr=[e for _, e in stats], marker="o", capsize=3)
+        ax.set_xticks(ks)
