@@ -67,7 +67,7 @@ def main() -> None:
     files = [Path(p).resolve() for p in (args.train, args.validation, args.eval)]
     for path in files:
         if not path.is_file():
-            sys.exit(f"error: {path}: no such file")
+            parser.exit(2, f"error: {path}: no such file\n")
     train, validation, evaluation = files
     work = Path(args.work or tempfile.mkdtemp(prefix="finetune-gain-")).resolve()
     work.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,8 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from benchmarks.finetune_gain import run  # noqa: E402 - one subprocess runner for both scripts
 from benchmarks.seed_analyses_report import Run, report  # noqa: E402
+from conf.errors import UserError  # noqa: E402
+from data.jsonl import iter_jsonl  # noqa: E402
 
 TASK = """task: sentiment_zero_shot
 dataset_path: json
@@ -122,18 +124,24 @@ def parse_args() -> argparse.Namespace:
     for key in ("train", "validation", "test"):
         path = Path(getattr(args, key)).resolve()
         if not path.is_file():
-            sys.exit(f"error: {key} file {path}: no such file")
+            parser.exit(2, f"error: {key} file {path}: no such file\n")
         setattr(args, key, path)
     try:
         args.verbalizers = dict(pair.split("=", 1) for pair in args.verbalizers.split(","))
     except ValueError:
-        sys.exit(f"error: --verbalizers {args.verbalizers}: expected LABEL=WORD,LABEL=WORD")
-    labels = {json.loads(line)["label"] for line in args.train.read_text().split("\n") if line.strip()}
-    if set(args.verbalizers) != {str(label) for label in labels}:
-        sys.exit(f"error: --verbalizers names {sorted(args.verbalizers)}, TRAIN's labels are {sorted(labels)}")
+        parser.exit(2, f"error: --verbalizers {args.verbalizers}: expected LABEL=WORD,LABEL=WORD\n")
+    try:
+        rows = [row for _, row in iter_jsonl(args.train)]
+        labels = {str(row["label"]) for row in rows}
+    except UserError as exc:
+        parser.exit(2, f"error: TRAIN file: {exc}\n")
+    except KeyError:
+        parser.exit(2, f"error: TRAIN file {args.train}: a row has no label\n")
+    if set(args.verbalizers) != labels:
+        parser.exit(2, f"error: --verbalizers names {sorted(args.verbalizers)}, TRAIN's labels are {sorted(labels)}\n")
     if not 1 <= args.select_seeds <= len(args.seeds) or not 1 <= args.transfer_seeds <= len(args.seeds):
-        sys.exit("error: --select-seeds and --transfer-seeds must be between 1 and the number of --seeds")
-    size = sum(1 for line in args.train.read_text().split("\n") if line.strip())
+        parser.exit(2, "error: --select-seeds and --transfer-seeds must be between 1 and the number of --seeds\n")
+    size = len(rows)
     args.label_counts = [size if n == "all" else int(n) for n in args.labels]
     args.train_size = size
     return args

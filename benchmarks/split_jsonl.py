@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 
@@ -25,10 +24,10 @@ def main() -> None:
     args = parser.parse_args()
     source, out = Path(args.input), Path(args.out_dir)
     if not source.is_file():
-        sys.exit(f"error: {source}: no such file")
+        parser.exit(2, f"error: {source}: no such file\n")
     targets = [out / "dev.jsonl", out / "test.jsonl"]
     if any(path.exists() for path in targets):
-        sys.exit(f"error: {out} already holds dev.jsonl or test.jsonl (not overwritten)")
+        parser.exit(2, f"error: {out} already holds dev.jsonl or test.jsonl (not overwritten)\n")
     out.mkdir(parents=True, exist_ok=True)
     sides: list[list[str]] = [[], []]
     for number, line in enumerate(source.read_text().split("\n")):
@@ -38,7 +37,7 @@ def main() -> None:
         group = str(row.get(args.by, f"row {number}"))
         sides[hashlib.sha256((args.salt + group).encode()).digest()[0] % 2].append(line)
     if not all(sides):
-        sys.exit(f"error: {source}: every row fell on one side ({len(sides[0])} / {len(sides[1])}); try --salt")
+        parser.exit(2, f"error: {source}: every row fell on one side ({len(sides[0])} / {len(sides[1])}); try --salt\n")
     for path, lines in zip(targets, sides, strict=True):
         path.write_text("\n".join(lines) + "\n")
         print(f"{path}: {len(lines)} rows")
