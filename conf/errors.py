@@ -10,11 +10,12 @@ class UserError(Exception):
 
 
 def unwrap_worker_error(exc: UserError) -> UserError:
-    """The one line of a UserError raised in a torch DataLoader worker, which torch re-raises with
-    the worker's whole traceback as the message."""
-    text, marker = str(exc), f"{UserError.__module__}.{UserError.__qualname__}: "
+    """The one line of a UserError (or a subclass) raised in a torch DataLoader worker, which torch
+    re-raises with the worker's whole traceback as the message."""
+    cls = type(exc)
+    text, marker = str(exc), f"{cls.__module__}.{cls.__qualname__}: "
     if "DataLoader worker" in text and marker in text:
-        return UserError(text.rsplit(marker, 1)[1].strip())
+        return cls(text.rsplit(marker, 1)[1].strip())
     return exc
 
 

@@ -157,7 +157,8 @@ class TrainConfig:
     keep_last: int = 3  # checkpoints kept in run.dir/checkpoints
     async_save: bool = False  # megatron engine: write checkpoints from a background process
     checkpoint_writers: int = 2  # writer processes per rank (files per rank)
-    preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # save, exit requeue code
+    # save at the next step boundary, exit requeue code (SIGHUP: a closed terminal or ssh session)
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGHUP"])
     requeue_exit_code: int = 75  # EX_TEMPFAIL; launch/slurm.sbatch requeues the job on it
     sample_tokens: int = 300  # printed at the end (single-process runs); 0 disables
     sample_prompt: str = ""
@@ -353,10 +354,13 @@ class EvalConfig:
 class RunConfig:
     dir: str = "runs/${model.name}"  # resumes automatically when it holds a checkpoint
     restart: bool = False  # start over at step 0 in a run dir with checkpoints (they move to restarted-<time>/)
+    takeover: bool = False  # take run.dir's lease from a holder that is gone (parallel/run_lease.py)
+    lease_expiry_s: float = 300.0  # a lease whose heartbeat is older than this is stale (exceed the clock skew)
 
     def check(self) -> None:
         if not self.dir:
             raise UserError("run.dir=: must name a directory")
+        _positive("run.lease_expiry_s", self.lease_expiry_s)
 
 
 @dataclass

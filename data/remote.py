@@ -15,7 +15,7 @@ What comes from libraries and what is added here:
   gopen's pipe has no timeout on a hung command and lets its stderr go past the error message.
 - Hand-written, since neither has them: the retry policy (transient errors — resets, short reads,
   timeouts, 5xx, a failed command, a sha256 mismatch — retried with exponential backoff, a bounded
-  number of times, then one ``UserError`` naming the URL; never a skip), verification of every
+  number of times, then one ``RemoteUnavailable`` (a ``UserError``) naming the URL; never a skip), verification of every
   shard against the manifest before use, and the bounded cache of :mod:`data.shard_cache`.
 """
 
@@ -41,6 +41,11 @@ from data.shard_cache import ShardCache
 SCHEMES = ("http://", "https://", "pipe:")
 T = TypeVar("T")
 FILE_FIELD = "{file}"
+
+
+class RemoteUnavailable(UserError):
+    """A remote file that could not be read after the retries: a wrong ``data.dir`` at start (exit 2),
+    data gone for good once training runs (the loader turns it into a :class:`RunError`, exit 1)."""
 
 
 def is_remote(location: object) -> bool:
@@ -177,12 +182,12 @@ class Remote:
             try:
                 return attempt()
             except _Permanent as exc:
-                raise UserError(f"{what}: {exc}") from None
+                raise RemoteUnavailable(f"{what}: {exc}") from None
             except _Transient as exc:
                 reason = str(exc)
             if number < attempts:
                 time.sleep(self.options.backoff_s * 2 ** (number - 1))
-        raise UserError(f"{what}: {reason} after {attempts} attempts")
+        raise RemoteUnavailable(f"{what}: {reason} after {attempts} attempts")
 
     def sizes(self, names: list[str]) -> list[int] | None:
         """Each file's size from concurrent HEAD requests (None for ``pipe:``, which cannot stat):

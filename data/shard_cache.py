@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from conf.errors import UserError
+from data.safe_paths import is_sha256
 
 SUFFIX = ".shard"
 ENTRY = re.compile(r"^[0-9a-f]{64}\.shard$")
@@ -39,6 +40,8 @@ class ShardCache:
             raise UserError(f"data.cache_dir={directory}: cannot create ({exc.strerror})") from exc
 
     def _path(self, sha256: str) -> Path:
+        if not is_sha256(sha256):  # it becomes a path we read, write and delete: never "../x"
+            raise UserError(f"data.cache_dir: {sha256!r} is not a sha256; refusing it as a cache entry name")
         return self.directory / f"{sha256}{SUFFIX}"
 
     def get(self, sha256: str) -> bytes | None:

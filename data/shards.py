@@ -23,6 +23,7 @@ import numpy as np
 from conf.errors import UserError
 from data.read_ahead import read_ahead
 from data.remote import Remote, RemoteOptions, is_remote
+from data.safe_paths import is_safe_name, is_sha256
 from data.tokenizer import TOKENIZER_FILE
 
 MANIFEST = "manifest.json"
@@ -92,6 +93,12 @@ def load_manifest(directory: str | Path, remote: RemoteOptions | None = None) ->
         raw = json.loads(path.read_text())
         if raw.get("format") != FORMAT:
             raise UserError(f"{where}: format {raw.get('format')!r}, expected {FORMAT!r}")
+        for split in raw["splits"].values():
+            for s in split["shards"]:
+                if not is_safe_name(s["file"]):
+                    raise UserError(f"{where}: shard name {s['file']!r} is not a plain file name; refusing it")
+                if not is_sha256(s["sha256"]):
+                    raise UserError(f"{where}: shard {s['file']}: sha256 {s['sha256']!r} is not 64 hex digits")
         splits = {
             name: [
                 ShardInfo(

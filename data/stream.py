@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from conf.errors import UserError, unwrap_worker_error
+from conf.errors import RunError, UserError, unwrap_worker_error
+from data.remote import RemoteUnavailable
 from data.shards import Manifest, read_shard, read_shards
 
 
@@ -220,6 +221,8 @@ def next_arrays(iterator: Iterator[dict[str, np.ndarray]]) -> dict[str, np.ndarr
         shutdown = getattr(iterator, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
+        if isinstance(exc, RemoteUnavailable):  # remote data gone mid-run: the run failed, the input was fine
+            raise RunError(str(unwrap_worker_error(exc))) from None
         if isinstance(exc, UserError):  # from a DataLoader worker: keep its one line
             raise unwrap_worker_error(exc) from None
         raise

@@ -12,7 +12,8 @@
 # Signals: SIGTERM / SIGUSR1 to this script become a SIGTERM to DeepSpeed's launcher,
 # which passes it to the ranks; they save a checkpoint and exit with the requeue code
 # (train.requeue_exit_code, 75), which this script returns. DeepSpeed's launcher
-# waits 30 s per rank before killing it. LAUNCH_DRY_RUN=1 prints the command.
+# waits 30 s per rank before killing it. SIGHUP (a closed terminal) does the same. A kill -9 of
+# this script kills the whole job within a second. LAUNCH_DRY_RUN=1 prints the command.
 set -euo pipefail
 
 opts=()
@@ -44,7 +45,11 @@ set -m
 "${cmd[@]}" &
 child=$!
 set +m
-trap 'kill -s TERM -- "-$child" 2>/dev/null || true' TERM USR1 INT
+# a kill -9 of this script ends the job too: a watcher kills the group once this shell is gone
+( while kill -0 $$ 2>/dev/null; do sleep 1; done; kill -s KILL -- "-$child" 2>/dev/null ) &
+watcher=$!
+trap 'kill "$watcher" 2>/dev/null; rm -f "$status"' EXIT
+trap 'kill -s TERM -- "-$child" 2>/dev/null || true' TERM USR1 INT HUP
 rc=0
 while :; do
   wait "$child" && rc=0 || rc=$?

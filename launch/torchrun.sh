@@ -16,9 +16,10 @@
 # Exit status: the workers' requeue code (train.requeue_exit_code, 75) after a
 # preemption signal was handled and a checkpoint saved -- torchrun itself reports any
 # failing worker as 1, so the workers write the code to $GPT_LAUNCH_STATUS -- else
-# torchrun's status. Signals: SIGTERM and SIGUSR1 reach the workers through torchrun
+# torchrun's status. Signals: SIGTERM, SIGUSR1 and SIGHUP reach the workers through torchrun
 # (launch/torchrun_agent.py), which waits SHUTDOWN_TIMEOUT seconds (default 900) for
-# their checkpoint.
+# their checkpoint. A kill -9 of this script ends the job too: torchrun dies with it, and the
+# ranks with torchrun (parallel/process_hygiene.py).
 # LAUNCH_DRY_RUN=1 prints the torchrun command instead of running it.
 set -euo pipefail
 
@@ -85,6 +86,7 @@ forward() { kill -s "$1" "$child" 2>/dev/null || true; }
 trap 'forward TERM' TERM
 trap 'forward USR1' USR1
 trap 'forward INT' INT
+trap 'forward HUP' HUP
 rc=0
 while :; do
   wait "$child" && rc=0 || rc=$?

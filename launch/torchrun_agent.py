@@ -5,6 +5,8 @@ Two things differ from a plain ``torchrun``:
 * SIGUSR1 (slurm's ``--signal`` warning) joins the signals torchrun passes on to its
   workers (``--signals_to_handle``), and the grace period before torchrun kills them
   (``--shutdown_timeout``) is long enough for a checkpoint (``SHUTDOWN_TIMEOUT``, 900 s).
+* it dies with the launcher that started it (``kill -9`` of ``launch/torchrun.sh``), and the ranks
+  die with it: an orphaned torchrun would train on, and a relaunch would make two writers.
 * torchrun turns a signal into an exception; a second one (slurm signals every process
   of a job step, and the launcher forwards what it gets) would interrupt its wait for
   the workers and leave them unsupervised. Repeats are ignored here.
@@ -14,6 +16,8 @@ from __future__ import annotations
 
 import os
 import sys
+
+PARENT = os.getppid()  # read first: if the launcher is already gone, die_with_parent sees it
 
 
 def _once(handler):  # noqa: ANN001, ANN202 - torchrun's private signal handler
@@ -29,6 +33,9 @@ def _once(handler):  # noqa: ANN001, ANN202 - torchrun's private signal handler
 
 
 def main() -> None:
+    from parallel import process_hygiene
+
+    process_hygiene.die_with_parent(PARENT)  # the launcher's shell started us from its only thread
     from torch.distributed import run
     from torch.distributed.elastic.multiprocessing import api
 

@@ -51,12 +51,20 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+RNG_FORMAT = 2  # 1: pickled Python / numpy objects (loaded through an allow-list); 2: tensors and numbers only
+
+
 def rng_state() -> dict[str, Any]:
+    """This rank's RNG states as tensors, lists and numbers only: the file loads with
+    ``torch.load(weights_only=True)``, which never executes code from a run dir."""
     from megatron.core import tensor_parallel
 
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "format": RNG_FORMAT,
+        "python": [version, torch.tensor(words, dtype=torch.int64), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
@@ -66,12 +74,28 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     from megatron.core import tensor_parallel
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    if state.get("format") == RNG_FORMAT:
+        version, words, gauss = state["python"]
+        random.setstate((version, tuple(int(w) for w in words.tolist()), gauss))
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    else:  # format 1 (earlier versions): the objects themselves
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def load_rng_file(path: Path) -> dict[str, Any]:
+    """An ``rng_rank<R>.pt`` of either format, unpickled with ``weights_only=True``: format 1 held
+    numpy's state array, so numpy's array reconstructors (data only, no code) are allowed too.
+    A file that needs anything else raises instead of running it."""
+    core = getattr(np, "_core", None) or np.core
+    allowed = [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, weights_only=True)
 
 
 class CheckpointDir:
@@ -261,10 +285,13 @@ class CheckpointDir:
         _barrier()
 
     def load(self, path: Path, engine: Any, restore_rng: bool) -> TrainState:
-        state = TrainState.from_dict(engine.load(path))
+        """Load step ``path`` into ``engine``; the RNG file is read first, so a step refused for it
+        leaves the engine untouched."""
         rng_file = path / f"rng_rank{_rank()}.pt"
-        if restore_rng and rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=False))
+        rng = load_rng_file(rng_file) if restore_rng and rng_file.is_file() else None
+        state = TrainState.from_dict(engine.load(path))
+        if rng is not None:
+            set_rng_state(rng)
         return state
 
     def _prune(self) -> None:

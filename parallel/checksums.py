@@ -25,6 +25,8 @@ from typing import Any
 
 import xxhash
 
+from data.safe_paths import is_safe_name
+
 MANIFEST = "checksums.json"
 SIDECAR = ".xxh3"
 ALGORITHM = "xxh3_64"
@@ -149,9 +151,13 @@ def read_manifest(directory: Path) -> dict[str, dict[str, Any]] | None:
     if not path.is_file():
         return None
     try:
-        return dict(json.loads(path.read_text())["files"])
+        files = dict(json.loads(path.read_text())["files"])
     except (ValueError, KeyError, TypeError) as exc:
         raise CorruptCheckpoint(f"{path}: unreadable ({exc})") from None
+    unsafe = next((name for name in files if not is_safe_name(name, subdirs=True)), None)
+    if unsafe is not None:  # names become paths we read: a crafted "../x" must stay out
+        raise CorruptCheckpoint(f"{path}: names a file outside the step ({unsafe!r})")
+    return files
 
 
 class CorruptCheckpoint(Exception):

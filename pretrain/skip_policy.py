@@ -15,21 +15,21 @@ is all-reduced (MAX) and any rank's "skip" skips the step everywhere.
   without saving, so the last checkpoint is the last good state.
 
 The loss history is part of the checkpoint's train state, so a resumed run decides
-exactly as the uninterrupted one would. ``GPT_FAULT_NAN_STEPS=3,5`` (and optionally
-``GPT_FAULT_RANK=R``) makes those steps' losses look non-finite on that rank: fault
-injection for tests of this policy.
+exactly as the uninterrupted one would. With the test harness switch on
+(``conf/test_hooks.py``), ``GPT_FAULT_NAN_STEPS=3,5`` (and optionally ``GPT_FAULT_RANK=R``) makes
+those steps' losses look non-finite on that rank: fault injection for tests of this policy.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections import deque
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from conf import test_hooks
 from conf.errors import RunError
 
 WINDOW = 50
@@ -37,7 +37,7 @@ MIN_HISTORY = 10
 
 
 class SkipPolicy:
-    def __init__(self, spike_factor: float | None, max_skipped: int):
+    def __init__(self, spike_factor: float | None, max_skipped: int, rank0: bool = True):
         self.spike_factor = float(spike_factor) if spike_factor else None
         self.max_skipped = int(max_skipped)
         self.history: deque[float] = deque(maxlen=WINDOW)
@@ -45,9 +45,8 @@ class SkipPolicy:
         self.total = 0
         self.step = 0  # the step being decided (set by the trainer before each step)
         self.reason = ""
-        faults = os.environ.get("GPT_FAULT_NAN_STEPS", "")
-        self._faults = {int(s) for s in faults.split(",") if s.strip()}
-        self._fault_rank = int(os.environ.get("GPT_FAULT_RANK", "-1"))
+        self._faults = test_hooks.int_set("GPT_FAULT_NAN_STEPS", announce=rank0)
+        self._fault_rank = test_hooks.int_value("GPT_FAULT_RANK", -1)
 
     def _local_reason(self, loss: float) -> str:
         rank = dist.get_rank() if dist.is_initialized() else 0

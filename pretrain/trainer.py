@@ -18,10 +18,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from conf.errors import UserError
+from conf.errors import RunError, UserError
 from data.output_dir import RUN_DIR_NAMES, check_run_dir
 from parallel.checkpoint import PREFIX, CheckpointDir, CheckpointException, one_line
 from parallel.engine import Engine, ModelSpec, engine_class
+from parallel.run_lease import Lease
 from parallel.topology import Topology
 from parallel.train_state import TrainState
 from parallel.watchdog import Watchdog
@@ -101,6 +102,29 @@ def load_agreed(ckpts: CheckpointDir, path: Path, engine: Engine) -> tuple[Train
     return state, problem
 
 
+def take_lease(cfg: DictConfig, run_dir: Path, rank0: bool) -> Lease | None:
+    """Rank 0 takes ``run.dir``'s lease (one writer per run dir); every rank raises the same one-line
+    refusal when it is held by a live run. The other ranks write only their own checkpoint files."""
+    import torch.distributed as dist
+
+    lease, problem = None, None
+    if rank0:
+        lease = Lease(run_dir, float(cfg.run.lease_expiry_s), bool(cfg.run.takeover))
+        try:
+            note = lease.acquire()
+            if note:
+                print(note, flush=True)
+        except UserError as exc:
+            lease, problem = None, str(exc)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list = [problem]
+        dist.broadcast_object_list(gathered, src=0)
+        problem = gathered[0]
+    if problem is not None:
+        raise UserError(problem)
+    return lease
+
+
 def with_weights(spec: ModelSpec, step_dir: Path) -> ModelSpec:
     """``spec`` whose chunks start from the model weights saved in ``step_dir`` (resharded to this
     layout by ``dist_checkpointing``), loaded before either engine wraps them."""
@@ -133,7 +157,26 @@ class Trainer:
         # train.preflight: will this layout fit the device? (gpt-plan's estimate, before any process group)
         preflight(cfg, topo, task.vocab_size, getattr(getattr(task, "manifest", None), "seq_len", None))
         ckpts = CheckpointDir(run_dir, int(cfg.train.keep_last))
+        policy = SkipPolicy(cfg.train.spike_factor, int(cfg.train.max_skipped), rank0=topo.rank == 0)
         topo.init(int(cfg.train.seed), float(cfg.parallel.timeout_s))
+        rank0 = topo.rank == 0
+        lease = take_lease(cfg, run_dir, rank0)  # before anything in run.dir is touched
+        try:
+            return self._run(task, cfg, topo, run_dir, ckpts, lease, policy)
+        finally:
+            if lease is not None:
+                lease.release()
+
+    def _run(
+        self,
+        task: Task,
+        cfg: DictConfig,
+        topo: Topology,
+        run_dir: Path,
+        ckpts: CheckpointDir,
+        lease: Lease | None,
+        policy: SkipPolicy,
+    ) -> dict[str, Any]:
         rank0 = topo.rank == 0
         prepare_run_dir(cfg, ckpts, run_dir, rank0)
         latest, events = ckpts.select()
@@ -151,7 +194,6 @@ class Trainer:
         spec = task.model_spec(cfg, resuming=saved is not None)
         engine = engine_class(str(cfg.parallel.engine))(cfg, topo, with_weights(spec, weights) if weights else spec)
         task.start(cfg, topo)
-        policy = SkipPolicy(cfg.train.get("spike_factor"), int(cfg.train.get("max_skipped", 10)))
         step, state = 0, None
         if weights is not None:
             step, latest = saved.step, None  # a fresh optimizer, schedule and data order from these weights
@@ -167,6 +209,8 @@ class Trainer:
                 state, problem = load_agreed(ckpts, latest, engine)
             if problem is None:
                 break
+            # a half-done load may have changed the engine's state: the older step starts from a new one
+            engine = engine_class(str(cfg.parallel.engine))(cfg, topo, task.model_spec(cfg, resuming=True))
             events.append(ckpts.fallback(latest, problem))
             latest, more = ckpts.select(older_than=int(latest.name[len(PREFIX) :]))
             events += more
@@ -268,6 +312,9 @@ class Trainer:
                     record = in_loop.run(engine, topo, step, watchdog.beat)
                 if record:
                     metrics.log({"step": step, **record}, console=True)
+            lost = lease.lost() if lease is not None else None
+            if lost is not None:  # another run took run.dir over: it is the writer now
+                raise RunError(f"run.dir={run_dir}: this run lost its lease ({lost}); stopped without saving")
             with watchdog.watch("preemption-signal agreement", step):
                 stopped = stop.agreed() if not last else None
             if stopped is not None:

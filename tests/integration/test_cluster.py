@@ -217,7 +217,7 @@ def render_sbatch(tmp_path: Path, srun_rc: int) -> tuple[subprocess.CompletedPro
     fake_log = tmp_path / f"slurm{srun_rc}.log"
     slurm = {"SLURM_JOB_NUM_NODES": "2", "SLURM_GPUS_ON_NODE": "8", "SLURM_JOB_NODELIST": "gpu-node-[a-b]"}
     slurm |= {"SLURM_SUBMIT_DIR": str(REPO), "SLURM_JOB_ID": "4242"}
-    slurm |= {"FAKE_LOG": str(fake_log), "FAKE_SRUN_RC": str(srun_rc), "DRY_RUN": "1"}
+    slurm |= {"FAKE_LOG": str(fake_log), "FAKE_SRUN_RC": str(srun_rc), "LAUNCH_DRY_RUN": "1"}
     run_env = {**env(), **slurm, "PATH": f"{bin_dir}:{env()['PATH']}"}
     cmd = ["bash", str(REPO / "launch" / "slurm.sbatch"), "data.dir=/shared/owt", "model=gpt2-small"]
     result = subprocess.run(cmd, cwd=tmp_path, env=run_env, capture_output=True, text=True, timeout=60)

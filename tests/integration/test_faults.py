@@ -169,6 +169,76 @@ def test_ctrl_c_saves_then_exits_130(char_shards: Path, tmp_path: Path) -> None:
     assert f"step {step.name.removeprefix('step_')}: SIGINT: saving a checkpoint" in out, out[-2000:]
 
 
+def losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_a_second_writer_is_refused_sighup_saves_and_the_requeue_resumes(char_shards: Path, tmp_path: Path) -> None:
+    """One writer per run dir: a second gpt-pretrain on a live run's dir refuses in one line naming
+    the holder and changes nothing; a closed terminal (SIGHUP) saves and exits 75; the requeued
+    run takes the released lease and resumes."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pretrain.train", *ARGS, f"data.dir={char_shards}", f"run.dir={run}"]
+    cmd += ["train.max_steps=100000", "train.save_every=0", "train.lr=1e-3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "metrics.jsonl").is_file() or (run / "metrics.jsonl").stat().st_size == 0:
+            assert proc.poll() is None and time.monotonic() < deadline, "the run did not start"
+            time.sleep(0.1)
+        line = one_line_error(train(char_shards, run, "train.max_steps=4", "train.lr=4e-3"), 2)
+        assert "is in use by another run" in line and f"pid {proc.pid}" in line, line
+        proc.send_signal(signal.SIGHUP)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 75, err[-3000:]
+    (step_dir,) = (run / "checkpoints").glob("step_*")
+    step = int(step_dir.name.removeprefix("step_"))
+    assert f"step {step}: SIGHUP: saving a checkpoint" in out, out[-2000:]
+    assert list(losses(run)) == list(range(1, step + 1))  # one writer's lines, each step once
+    assert "lr: 0.001" in (run / "config.yaml").read_text()
+    again = train(char_shards, run, f"train.max_steps={step + 1}", "train.save_every=0", "train.lr=1e-3")
+    assert again.returncode == 0 and f"resumed from {step_dir} at step {step}" in again.stdout, again.stderr[-3000:]
+    assert not (run / ".lease.json").exists()
+
+
+def test_a_crafted_pickle_never_runs_torn_metrics_and_inherited_fault_variables_change_nothing(
+    char_shards: Path, base_run: Path, run_copy: Path, tmp_path: Path
+) -> None:
+    """step_6's RNG file is replaced by a pickle that would run a command (its checksum updated to
+    match): the step is refused as unreadable and the run resumes from step_4. The last metrics line
+    is torn. GPT_FAULT_NAN_STEPS without the test switch is ignored. Steps 5 and 6 come out as
+    in the uninterrupted run."""
+    from parallel import checksums
+
+    payload = tmp_path / "executed"
+
+    class Payload:
+        def __reduce__(self) -> tuple:
+            return (os.system, (f"touch {payload}",))
+
+    step_6 = run_copy / "checkpoints" / "step_6"
+    import torch
+
+    torch.save({"python": Payload()}, step_6 / "rng_rank0.pt")
+    listed = json.loads((step_6 / checksums.MANIFEST).read_text())
+    file = step_6 / "rng_rank0.pt"
+    listed["files"]["rng_rank0.pt"] = {"size": file.stat().st_size, checksums.ALGORITHM: checksums.file_digest(file)}
+    (step_6 / checksums.MANIFEST).write_text(json.dumps(listed))
+    with (run_copy / "metrics.jsonl").open("a") as metrics:
+        metrics.write('{"step": 7, "loss": 3.9')  # cut off by a crash
+    env = {"GPT_FAULT_NAN_STEPS": "5"}  # inherited, without GPT_TEST_HARNESS=1
+    result = train(char_shards, run_copy, "train.max_steps=6", "train.save_every=2", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not payload.exists()
+    assert "step_6 is not intact (unreadable: UnpicklingError" in result.stderr, result.stderr[-3000:]
+    assert "dropped 1 malformed line" in result.stdout and "test fault" not in result.stderr
+    assert losses(run_copy) == losses(base_run)
+
+
 def test_second_ctrl_c_aborts_at_once_without_traceback() -> None:
     script = (
         "import os, signal, time\n"
@@ -190,7 +260,13 @@ def test_nan_skip_is_agreed_on_two_ranks_then_stops(char_shards: Path, tmp_path:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1"]
     cmd += [f"--master_port={free_port()}", "-m", "pretrain.train", *ARGS, f"data.dir={char_shards}"]
     cmd += [f"run.dir={run}", "train.global_batch=4", "train.max_steps=10", "train.save_every=2", "train.max_skipped=2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GPT_FAULT_NAN_STEPS": "3,5,6", "GPT_FAULT_RANK": "1"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "GPT_FAULT_NAN_STEPS": "3,5,6",
+        "GPT_FAULT_RANK": "1",
+        "GPT_TEST_HARNESS": "1",
+    }
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "step 6: 2 consecutive steps skipped" in result.stderr, result.stderr[-3000:]
@@ -213,9 +289,7 @@ def _can_mount_tmpfs(path: Path) -> bool:
     return ok.returncode == 0
 
 
-def test_disk_full_is_one_line_keeps_the_previous_step_and_restarts_in_place(
-    char_shards: Path, tmp_path: Path
-) -> None:
+def test_disk_full_is_one_line_keeps_the_previous_step_and_restarts_in_place(char_shards: Path, tmp_path: Path) -> None:
     disk = tmp_path / "disk"
     if not _can_mount_tmpfs(disk):
         pytest.skip("needs root and a permitted `mount -t tmpfs` to make a small full disk")

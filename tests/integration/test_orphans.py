@@ -145,9 +145,9 @@ def test_killed_trainer_leaves_no_helper(char_shards: Path, tmp_path: Path) -> N
 
 @pytest.mark.slow
 def test_killed_launcher_takes_the_rank_and_its_helpers_along(char_shards: Path, tmp_path: Path) -> None:
-    """kill -9 of ``launch/torchrun.sh``'s process group (launcher and torchrun agent; torchrun
-    starts ranks in sessions of their own): the rank follows its agent, the helpers their rank.
-    One rank: a second adds start-up time, not another way to die."""
+    """kill -9 of ``launch/torchrun.sh`` alone (the shell, not its process group): the torchrun agent
+    dies with it, the rank with its agent (torchrun starts ranks in sessions of their own), the
+    helpers with their rank. One rank: a second adds start-up time, not another way to die."""
     from tests.distributed import free_port
 
     marker, run, log = uuid.uuid4().hex, tmp_path / "run", tmp_path / "launch.log"
@@ -169,7 +169,7 @@ def test_killed_launcher_takes_the_rank_and_its_helpers_along(char_shards: Path,
         assert len(procs) == 7 and len(ranks) == len(workers) == len(trackers) == 1 and len(spawned) == 2, procs
         assert os.getsid(ranks[0]) != os.getsid(proc.pid)  # the group kill does not reach the rank itself
 
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         left = survivors(marker)
         assert not left, f"alive {GONE_WITHIN_S} s after kill -9 of the launcher: {left}"
