@@ -12,7 +12,11 @@ Why: ``out=`` and ``run.dir=`` are typed by hand, and a typo or a reused name (`
 - this command's own output is refused unless ``overwrite=true``, which then removes exactly
   the files the marker lists and nothing else;
 - the new output is written into a hidden temporary directory beside ``out`` and swapped in
-  at the end, so a failure (or Ctrl-C) leaves ``out`` as it was.
+  at the end, so a failure (or Ctrl-C) leaves ``out`` as it was;
+- that temp dir, and the old output moved aside during the swap, carry their maker's host and pid
+  in their names (``.OUT.tmp-gpt-prepare-HOST-PID-HEX``): a run killed with ``kill -9`` cannot
+  remove them itself, so the next run of the same command on the same ``out`` removes those whose
+  maker is gone (:func:`remove_litter`), and no others.
 
 Run directories of training and evaluation are checked by name instead
 (:func:`check_run_dir`): a run resumes in its own directory, so those files are expected there.
@@ -26,7 +30,10 @@ import contextlib
 import fnmatch
 import json
 import os
+import re
 import shutil
+import socket
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -50,7 +57,12 @@ RUN_DIR_NAMES = (
     ".hydra",
     "conf",  # gpt-import's model preset (RUN_DIR/conf/model/<name>.yaml)
     ".gpt-import.json",  # gpt-import's marker: its run dir continues as a pretraining run
+    ".lease.json*",  # the one writer's lease (parallel/run_lease.py) and its temp files
 )
+
+# Temp dirs named without host and pid (by earlier versions) are removed only once this old: a
+# run of such a version may still be writing into a younger one, and its name cannot tell.
+LEGACY_LITTER_AGE_S = 24 * 3600
 
 # A callable that recognises a command's output written before markers existed: the names it
 # owns in that directory, or None when the directory is not such an output.
@@ -113,12 +125,17 @@ def check_output_dir(
     key: str = "out",
     inputs: Iterable[str | Path] = (),
     legacy: LegacyOwner | None = None,
+    tidy: bool = True,
 ) -> set[str]:
     """Refuse, in one line, an ``out`` that ``command`` may not write; return the names it would replace.
 
     ``inputs`` are the files the command reads: one inside ``out`` gets its own message, since
-    replacing ``out`` would replace the input.
+    replacing ``out`` would replace the input. With ``tidy`` it first removes what a killed run of
+    ``command`` left beside ``out`` (:func:`remove_litter`): the commands call this check first,
+    and the litter is theirs to remove even when the check then refuses.
     """
+    if tidy:
+        remove_litter(out, command)
     out = Path(out).expanduser()
     if not out.exists():
         ancestor = out.parent
@@ -153,12 +170,19 @@ def check_output_dir(
     return set(present)  # all of them owned; never a listed name that is not actually there
 
 
-def _remove_listed(directory: Path, names: set[str]) -> None:
-    """Remove exactly ``names`` (files, links, empty dirs) under ``directory``, then the dirs left empty."""
+def _remove_listed(directory: Path, names: set[str]) -> bool:
+    """Remove exactly ``names`` (files, links, empty dirs) under ``directory``, then the dirs left empty.
+
+    Returns whether ``directory`` is gone. A name below a link is skipped: the link leads out of
+    ``directory``, to files that are not the ones listed.
+    """
     parents: set[Path] = {directory}
     for name in sorted(names, key=lambda n: -n.count("/")):
         path = directory / name
-        parents.update(p for p in path.parents if directory in p.parents)
+        inside = [p for p in path.parents if directory in p.parents]
+        if ".." in Path(name).parts or Path(name).is_absolute() or any(p.is_symlink() for p in inside):
+            continue
+        parents.update(inside)
         if path.is_symlink() or path.is_file():
             path.unlink()
         elif path.is_dir():
@@ -167,8 +191,108 @@ def _remove_listed(directory: Path, names: set[str]) -> None:
     for parent in sorted(parents, key=lambda p: -len(p.parts)):
         with contextlib.suppress(OSError):
             parent.rmdir()  # only when empty: whatever we did not list stays
-    if directory.exists():
-        print(f"note: {directory} kept: it holds files that appeared while writing", flush=True)
+    return not directory.exists()
+
+
+def _host() -> str:
+    """This machine's name as it goes into a temp dir's name: only ``[A-Za-z0-9_.-]``, so it parses back."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "localhost"
+
+
+def _aside(out: Path, kind: str, command: str) -> Path:
+    """A fresh ``.OUT.KIND-COMMAND-HOST-PID-HEX`` beside ``out``: who made it is in its name, so a
+    later run can tell a killed maker's left-over from a running one's (:func:`remove_litter`)."""
+    return out.parent / f".{out.name}.{kind}-{command}-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs on this host; a pid we may not signal is someone's live process."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process; a pid too large to check is not ours to judge dead
+    return True
+
+
+def _newest_mtime(directory: Path) -> float:
+    """The latest mtime in the tree (links not followed): a run still writing touches some file in it."""
+    newest = directory.lstat().st_mtime
+    for root, dirs, files in os.walk(directory):
+        for name in dirs + files:
+            with contextlib.suppress(OSError):
+                newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+    return newest
+
+
+def _marker_files(directory: Path, command: str) -> set[str] | None:
+    """The names ``command``'s marker in ``directory`` lists (with the marker), or None when there is
+    no readable marker of ``command``: then nothing says which files in it ``command`` wrote."""
+    marker = directory / marker_name(command)
+    if marker.is_symlink():
+        return None
+    try:
+        record = json.loads(marker.read_text())
+        if record["format"] == MARKER_FORMAT and record["command"] == command:
+            return {str(f) for f in record["files"]} | {marker.name}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def _clear_away(path: Path, kind: str, out: Path, command: str, why: str) -> None:
+    """Remove one left-over ``path`` (of ``kind`` tmp or old); ``why`` says who left it."""
+    if kind == "tmp":  # only ever written by the command into its own fresh, hidden directory
+        try:
+            shutil.rmtree(path)
+        except OSError as exc:
+            print(f"note: {path}, {why}, could not be removed ({exc.strerror})", flush=True)
+            return
+        print(f"note: removed {path} {why}", flush=True)
+    elif not os.path.lexists(out):  # killed mid-swap: this is out's previous output, and out is gone
+        try:
+            path.rename(out)
+        except OSError as exc:
+            print(f"note: kept {path} {why}: out's previous output, not moved back ({exc.strerror})", flush=True)
+            return
+        print(f"note: restored {out} from {path} {why} (mid-swap)", flush=True)
+    elif (names := _marker_files(path, command)) is None:
+        print(f"note: kept {path} {why}: it holds no {command} marker, so look inside and remove it", flush=True)
+    elif _remove_listed(path, names):
+        print(f"note: removed {path} {why}", flush=True)
+    else:
+        print(f"note: kept {path} {why}: it holds files its {command} marker does not list", flush=True)
+
+
+def remove_litter(out: str | Path, command: str) -> None:
+    """Remove the temp dirs and moved-aside old outputs that killed runs of ``command`` left beside ``out``.
+
+    Why: a run killed with ``kill -9`` runs no cleanup, and its hidden temp dir (hundreds of MB)
+    would stay forever. Only ``command``'s own names for this ``out`` are considered, and of those
+    only real directories (a link with such a name is not ours) made on this host by a pid that is
+    no longer alive; names without host and pid (earlier versions) only once untouched for
+    :data:`LEGACY_LITTER_AGE_S`. Another command's, another out's, another host's, a live run's:
+    left alone.
+    """
+    out = Path(out).expanduser().resolve()  # as owned_output names them: beside the real directory
+    try:
+        entries = sorted(os.scandir(out.parent), key=lambda e: e.name)
+    except OSError:
+        return  # no parent yet: nothing can have been left there
+    host = re.escape(_host())
+    for entry in entries:
+        for kind in ("tmp", "old"):
+            prefix = re.escape(f".{out.name}.{kind}-{command}-")
+            made = re.fullmatch(prefix + host + r"-([1-9][0-9]{0,9})-[0-9a-f]{8}", entry.name)
+            legacy = re.fullmatch(prefix + r"[0-9a-f]{8}", entry.name)
+            if not (made or legacy) or not entry.is_dir(follow_symlinks=False):
+                continue
+            path = Path(entry.path)
+            if made and not _alive(int(made[1])):
+                _clear_away(path, kind, out, command, f"left by a killed {command} (pid {made[1]})")
+            elif legacy and time.time() - _newest_mtime(path) > LEGACY_LITTER_AGE_S:
+                _clear_away(path, kind, out, command, f"left by an earlier {command} over 24 h ago")
 
 
 @contextlib.contextmanager
@@ -189,29 +313,30 @@ def owned_output(
     """
     out = Path(out).expanduser().resolve()  # out=. or a symlink: the temp dir goes beside the real directory
     inputs = list(inputs)
-    check_output_dir(out, command, overwrite, key=key, inputs=inputs, legacy=legacy)
+    check_output_dir(out, command, overwrite, key=key, inputs=inputs, legacy=legacy)  # removes killed runs' litter
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{out.name}.tmp-{command}-{uuid.uuid4().hex[:8]}"
+        tmp = _aside(out, "tmp", command)
         tmp.mkdir()  # a fresh name (not mkdtemp's mode 0700): out gets the user's usual permissions
     except OSError as exc:
         raise UserError(f"{key}={out}: cannot write there ({exc.strerror})") from exc
     try:
         yield tmp
-        owned = check_output_dir(out, command, overwrite, key=key, inputs=inputs, legacy=legacy)
+        owned = check_output_dir(out, command, overwrite, key=key, inputs=inputs, legacy=legacy, tidy=False)
         record = {"format": MARKER_FORMAT, "command": command, "files": listing(tmp)}
         (tmp / marker_name(command)).write_text(json.dumps(record, indent=1) + "\n")
         if not out.exists():
             tmp.rename(out)
             return
-        old = out.parent / f".{out.name}.old-{command}-{uuid.uuid4().hex[:8]}"
+        old = _aside(out, "old", command)
         out.rename(old)
         try:
             tmp.rename(out)
         except OSError:
             old.rename(out)
             raise
-        _remove_listed(old, owned)
+        if not _remove_listed(old, owned):
+            print(f"note: {old} kept: it holds files that appeared while writing", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # our own temp dir, left only when the write failed
 

@@ -1,12 +1,17 @@
 """No command deletes or overwrites a file it did not write; bad arguments are one-line errors.
 
 Mostly in-process (``prepare(cfg)``, the policy functions); three console-script runs check
-what a user sees: one ``error:`` line, exit 2, no traceback, their file intact.
+what a user sees: one ``error:`` line, exit 2, no traceback, their file intact; one kills
+gpt-prepare with SIGKILL mid-write and checks that the rerun removes the temp dir it left.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +21,7 @@ from conf.errors import UserError
 from data.output_dir import check_output_dir, check_run_dir, listing, marker_name, owned_output
 from data.prepare import prepare
 from data.shards import load_manifest
-from tests.conftest import TINYSHAKESPEARE, prepare_cfg, run_cli
+from tests.conftest import REPO, TINYSHAKESPEARE, prepare_cfg, run_cli
 
 THESIS = b"\\documentclass{article} % a year of work\n"
 
@@ -129,6 +134,30 @@ def test_cli_prepare_refusal_is_one_line_and_keeps_the_file(tmp_path: Path, text
     expected = "holds files gpt-prepare did not write (thesis.tex); choose a new or empty directory"
     assert line == f"error: out={out}: {expected}"
     assert (out / "thesis.tex").read_bytes() == THESIS and listing(out) == ["thesis.tex"]
+
+
+@pytest.mark.slow
+def test_rerun_after_kill_9_removes_the_temp_dir_it_left(tmp_path: Path) -> None:
+    """SIGKILL runs no cleanup: the temp dir stays until the same command on the same out= runs again."""
+    out = tmp_path / "ts"
+    args = ("data.prepare", f"input={TINYSHAKESPEARE}", f"out={out}", "shard_size=8")  # ~2,000 shards: ~1 s of writing
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    run = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL)
+    try:
+        while not (left := list(tmp_path.glob(".ts.tmp-gpt-prepare-*"))) and run.poll() is None:
+            time.sleep(0.002)
+        run.kill()
+    finally:
+        run.wait()
+    assert left and left[0].is_dir() and f"-{run.pid}-" in left[0].name
+    assert not out.exists()
+
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"note: removed {left[0]} left by a killed gpt-prepare (pid {run.pid})" in result.stdout
+    assert _no_temp_dirs(tmp_path) and load_manifest(out).seq_len == 64
+    listed = json.loads((out / marker_name("gpt-prepare")).read_text())["files"]
+    assert listing(out) == sorted([marker_name("gpt-prepare"), *listed])
 
 
 def test_export_policy(tmp_path: Path) -> None:
