@@ -104,6 +104,22 @@ def test_layout_matches_single_process(runs, name: str) -> None:  # noqa: ANN001
     assert reference[STEPS] < reference[1] - 0.5  # it trains
 
 
+# The single-process references' losses at steps 1, 5 and 10, recorded before the Run-object refactor
+# (issue 30): a refactor keeps them (torch 2.13.0+cpu, megatron-core 0.16.1, OMP_NUM_THREADS=1).
+GOLDEN = {
+    "single": {1: 4.286527037620544, 5: 3.730845093727112, 10: 3.5309921503067017},
+    f"{MODERN}:single": {1: 4.314392566680908, 5: 3.737019181251526, 10: 3.516675651073456},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", GOLDEN)
+def test_single_process_losses_are_the_recorded_golden_values(runs, name: str) -> None:  # noqa: ANN001
+    got = losses(runs(name))
+    for step, value in GOLDEN[name].items():
+        assert got[step] == pytest.approx(value, abs=2e-6), (name, step, got[step])
+
+
 def resume(source: Path, target: Path, step: int) -> Path:
     """A copy of ``source``'s run dir whose newest checkpoint is ``step_<step>``."""
     shutil.copytree(source, target)
