@@ -121,11 +121,17 @@ def validate(cfg: DictConfig) -> None:
     groups = [_typed(cfg, name) for name in GROUPS if name in cfg]
     for group in groups:
         group.check()
-    if "train" in cfg and "parallel" in cfg and cfg.train.async_save and cfg.parallel.engine != "megatron":
-        raise UserError(
-            "train.async_save=true: only the megatron engine saves asynchronously "
-            f"(parallel.engine={cfg.parallel.engine})"
-        )
+
+
+def check_plan(cfg: DictConfig) -> None:
+    """gpt-plan's own keys (:class:`PlanRoot`'s beyond gpt-pretrain's), which no group's ``check()``
+    sees: ``vocab_size=0`` or ``-3`` would plan a model of GPT-2's or a negative vocabulary and exit 0.
+    Null is the "unset" spelling (the data's vocabulary, else GPT-2's)."""
+    for key in ("vocab_size", "top"):
+        value = cfg.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            unset = " (or null: data.dir's, else GPT-2's 50257)" if key == "vocab_size" else ""
+            raise UserError(f"{key}={value}: must be an integer >= 1{unset}")
 
 
 def check_train(cfg: DictConfig) -> None:

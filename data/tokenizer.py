@@ -202,13 +202,51 @@ def existing_tokenizer(kind: str) -> Tokenizer:
     return load_tokenizer(path)
 
 
+def _payload(path: Path) -> tuple[str | None, dict[str, Any]]:
+    """(this project's ``kind`` or None for a ``tokenizers`` file, the JSON) of a tokenizer.json, or
+    one line naming the file: a truncated or hand-edited file must not become a traceback."""
+    if not path.is_file():
+        raise UserError(f"{path}: no tokenizer saved here (run gpt-prepare first)")
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise UserError(f"{path}: not a tokenizer file (not JSON: {exc})") from None
+    if not isinstance(payload, dict):
+        raise UserError(f"{path}: not a tokenizer file (a JSON {type(payload).__name__}, not an object)")
+    kind = payload.get("kind")
+    if kind == "char" and not (
+        isinstance(payload.get("chars"), list) and all(isinstance(c, str) for c in payload["chars"])
+    ):
+        raise UserError(f"{path}: malformed char tokenizer (its chars must be a list of strings)")
+    if kind == "tiktoken" and not isinstance(payload.get("name"), str):
+        raise UserError(f"{path}: malformed tiktoken tokenizer (its name must be an encoding name)")
+    return (kind if kind in ("char", "byte", "tiktoken") else None), payload
+
+
+def check_saved_tokenizer(directory: str | Path, vocab_size: int, eot_id: int) -> None:
+    """Load the tokenizer beside a shard set and match it with the manifest's ``vocab_size`` and
+    ``eot_id``: gpt-pretrain calls this at start, because it only hashes the file otherwise and would
+    train for hours and copy a broken file into every checkpoint (gpt-generate would find out).
+    A tiktoken encoding is checked by name only: its files may be on gpt-prepare's machine alone."""
+    path = Path(directory) / TOKENIZER_FILE
+    kind, _ = _payload(path)
+    found = (vocab_size, eot_id) if kind == "tiktoken" else None
+    if found is None:
+        tokenizer = load_tokenizer(directory)
+        found = (tokenizer.vocab_size, tokenizer.eot_id)
+    if found != (vocab_size, eot_id):
+        raise UserError(
+            f"{path}: vocab {found[0]}, end-of-text id {found[1]}; its manifest.json says vocab {vocab_size}, "
+            f"end-of-text id {eot_id} (replaced after gpt-prepare? prepare the data again)"
+        )
+
+
 def load_tokenizer(directory: str | Path) -> Tokenizer:
     """Load the tokenizer saved beside a shard set (``DIR/tokenizer.json``)."""
     path = Path(directory) / TOKENIZER_FILE
-    if not path.is_file():
-        raise UserError(f"{path}: no tokenizer saved here (run gpt-prepare first)")
-    payload = json.loads(path.read_text())
-    kind = payload.get("kind") if isinstance(payload, dict) else None
+    kind, payload = _payload(path)
     if kind == "char":
         return CharTokenizer(payload["chars"])
     if kind == "byte":

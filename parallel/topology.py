@@ -16,27 +16,27 @@ import torch
 from omegaconf import DictConfig
 
 from conf.errors import UserError
+from parallel.capabilities import capabilities
 
 
 def _check_engine(par: DictConfig, tp: int, pp: int) -> str:
     """Which engine, and whether it supports the requested ZeRO stage / offload / layout."""
     engine, stage, offload = str(par.engine), int(par.zero_stage), str(par.offload)
-    if engine not in ("megatron", "deepspeed"):
-        raise UserError(f"parallel.engine={engine}: expected megatron or deepspeed")
+    caps = capabilities(engine)
     if offload not in ("none", "cpu"):
         raise UserError(f"parallel.offload={offload}: expected none or cpu")
-    if engine == "megatron":
+    if caps.zero_stages == (0,):
         if stage:
             raise UserError(
                 f"parallel.zero_stage={stage} needs parallel.engine=deepspeed "
                 "(megatron's ZeRO-1 is parallel.distributed_optimizer=true)"
             )
-        if offload != "none":
+        if offload != "none" and not caps.offload:
             raise UserError(f"parallel.offload={offload} needs parallel.engine=deepspeed")
         return engine
-    if stage not in (0, 1, 2, 3):
+    if stage not in caps.zero_stages:
         raise UserError(f"parallel.zero_stage={stage}: expected 0, 1, 2 or 3")
-    if pp > 1:
+    if pp > 1 and not caps.pipeline:
         raise UserError(
             f"parallel.pp={pp} with parallel.engine=deepspeed: DeepSpeed pipelines need its own PipelineModule "
             "and do not combine with ZeRO-2/3; use parallel.engine=megatron for pipeline parallelism"
@@ -100,17 +100,21 @@ class Topology:
             )
         if "data" in cfg and cfg.data.num_streams % dp:
             raise UserError(f"data.num_streams={cfg.data.num_streams} is not divisible by dp={dp}")
-        engine = _check_engine(par, tp, pp)
-        if engine == "deepspeed" and train.get("lr_mult"):
+        caps = capabilities(_check_engine(par, tp, pp))
+        if not caps.async_save and train.get("async_save"):
+            raise UserError(
+                f"train.async_save=true: only the megatron engine saves asynchronously (parallel.engine={par.engine})"
+            )
+        if not caps.lr_mult and train.get("lr_mult"):
             raise UserError("train.lr_mult: per-parameter learning rates need parallel.engine=megatron")
-        if engine == "deepspeed" and tp > 1 and cfg.get("model", {}).get("qk_norm"):
+        if not caps.qk_norm_with_tp and tp > 1 and cfg.get("model", {}).get("qk_norm"):
             raise UserError(  # megatron's finalize_model_grads sums them by name; DeepSpeed does not
                 "model.qk_norm=true with parallel.engine=deepspeed needs parallel.tp=1 "
                 "(the replicated q/k norm gradients are not summed over tp there)"
             )
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         # DeepSpeed does not all-reduce sequence-parallel LayerNorm grads over tp: TP without SP there
-        sp = bool(par.sequence_parallel) and tp > 1 and engine == "megatron"
+        sp = bool(par.sequence_parallel) and tp > 1 and caps.sequence_parallel
         return cls(world, rank, local_rank, tp, pp, vpp, dp, sp)
 
     @property

@@ -25,7 +25,7 @@ needs neither a transformers model nor transformers at all.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from conf.errors import UserError
@@ -341,12 +341,55 @@ def iter_from_hf(
         yield "decoder.final_layernorm.bias", get("ln_f.bias")
     if not m["tie_embeddings"]:
         yield "output_layer.weight", get("lm_head.weight")
-    unused = sorted(k for k in hf_sd if k not in get.used and not k.endswith(IGNORED_SUFFIXES))
-    if m["tie_embeddings"]:
+    refuse_unknown(hf_sd, get.used, m)
+
+
+def refuse_unknown(names: Iterable[str], used: set[str], overrides: Mapping[str, Any]) -> None:
+    """One line naming the weights the mapping did not read (they would be dropped silently)."""
+    unused = sorted(k for k in names if k not in used and not k.endswith(IGNORED_SUFFIXES))
+    if overrides["tie_embeddings"]:
         unused = [k for k in unused if k != "lm_head.weight"]  # a tied copy some checkpoints keep
     if unused:
+        arch = GPT2 if overrides["position"] == "learned" else (QWEN3 if overrides["qk_norm"] else LLAMA)
         more = f" and {len(unused) - 1} more" if len(unused) > 1 else ""
         raise UserError(f"{unused[0]}{more}: weights this {arch} mapping does not know; refusing to import")
+
+
+def expected_shapes(overrides: Mapping[str, Any], vocab: int) -> dict[str, tuple[int, ...]]:
+    """The shape config.json implies for every tensor :func:`iter_from_hf` reads, by the name it asks
+    for (without the base-model prefix). gpt-import checks them against the safetensors headers
+    before reading a byte: a wrong tensor is then named with both shapes, not a failed reshape."""
+    m = overrides
+    heads, groups, _, head_dim = _dims(m)
+    hidden, ffn, q_rows, kv_rows = int(m["hidden_size"]), int(m["ffn_hidden_size"]), heads * head_dim, groups * head_dim
+    if m["position"] == "learned":
+        out = {"wte.weight": (vocab, hidden), "wpe.weight": (int(m["seq_len"]), hidden)}
+        out |= {"ln_f.weight": (hidden,), "ln_f.bias": (hidden,)}
+        # Conv1D weights are [in, out]
+        linears = {"attn.c_attn": (hidden, 3 * hidden), "attn.c_proj": (hidden, hidden)}
+        linears |= {"mlp.c_fc": (hidden, ffn), "mlp.c_proj": (ffn, hidden)}
+        layer = {f"{n}.{p}": (hidden,) for n in ("ln_1", "ln_2") for p in ("weight", "bias")}
+        layer |= {f"{n}.weight": shape for n, shape in linears.items()}
+        layer |= {f"{n}.bias": shape[1:] for n, shape in linears.items()}
+        prefix = "h"
+    else:
+        out = {"embed_tokens.weight": (vocab, hidden), "norm.weight": (hidden,)}
+        # nn.Linear weights are [out, in]
+        linears = {"self_attn.q_proj": (q_rows, hidden), "self_attn.k_proj": (kv_rows, hidden)}
+        linears |= {"self_attn.v_proj": (kv_rows, hidden), "self_attn.o_proj": (hidden, q_rows)}
+        linears |= {"mlp.gate_proj": (ffn, hidden), "mlp.up_proj": (ffn, hidden), "mlp.down_proj": (hidden, ffn)}
+        layer = {"input_layernorm.weight": (hidden,), "post_attention_layernorm.weight": (hidden,)}
+        if m["qk_norm"]:
+            layer |= {"self_attn.q_norm.weight": (head_dim,), "self_attn.k_norm.weight": (head_dim,)}
+        layer |= {f"{n}.weight": shape for n, shape in linears.items()}
+        if m["bias"]:
+            layer |= {f"{n}.bias": shape[:1] for n, shape in linears.items()}
+        prefix = "layers"
+    for i in range(int(m["num_layers"])):
+        out |= {f"{prefix}.{i}.{name}": shape for name, shape in layer.items()}
+    if not m["tie_embeddings"]:
+        out["lm_head.weight"] = (vocab, hidden)
+    return out
 
 
 def from_hf(

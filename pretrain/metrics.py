@@ -111,11 +111,11 @@ class Metrics:
         self.file.close()
         if self.wandb is not None:
             self.wandb.finish()
-        plot_losses(self.run_dir)
-        try:
-            plot_evals(self.run_dir)
-        except Exception as exc:  # noqa: BLE001 - a plot never fails a finished run
-            print(f"warning: eval.png not drawn ({type(exc).__name__}: {exc})", file=sys.stderr)
+        for plot in (plot_losses, plot_evals):
+            try:
+                plot(self.run_dir)
+            except Exception as exc:  # noqa: BLE001 - a plot never fails a run, nor hides why it failed
+                print(f"warning: {plot.__name__} drew nothing ({type(exc).__name__}: {exc})", file=sys.stderr)
 
 
 def _init_wandb(cfg: DictConfig, run_dir: Path, mode: str) -> Any:

@@ -56,6 +56,9 @@ def _time_report(time: Any) -> dict[str, Any]:
 
 def plan(cfg: DictConfig) -> tuple[dict[str, Any], int]:
     """The report gpt-plan prints, and its exit status."""
+    from conf.schema import check_plan
+
+    check_plan(cfg)  # gpt-plan's own keys (not among gpt-pretrain's checks): one line, before torch is imported
     from parallel.plan.params import Shape, total_params
     from pretrain.preflight import describe_layout, largest, memory_problem, run_checks
 
@@ -124,9 +127,7 @@ def _search(cfg: DictConfig, hw: Any, checked: Any, report: dict[str, Any]) -> t
     from parallel.plan.search import search
     from pretrain.preflight import GiB, largest, resume_problem
 
-    ranked, dropped = search(
-        cfg, hw, checked.vocab_size, checked.seq_len, lambda c, t: resume_problem(c, t, checked)
-    )
+    ranked, dropped = search(cfg, hw, checked.vocab_size, checked.seq_len, lambda c, t: resume_problem(c, t, checked))
     rows = []
     for i, r in enumerate(ranked, 1):
         index, rank = largest(r.memory, hw)
@@ -201,4 +202,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-

@@ -17,6 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from conf.errors import UserError
+from parallel.capabilities import capabilities, distributed_optimizer_in_effect, shards_optimizer
 from parallel.plan.hardware import GiB, Hardware
 from parallel.plan.memory import MemoryPlan, RankMemory
 from parallel.plan.params import GPT2_VOCAB
@@ -68,6 +69,7 @@ def _has_data(cfg: DictConfig) -> bool:
 
 def _data(cfg: DictConfig, checked: Checked) -> str:
     from data.shards import check_files, load_manifest
+    from data.tokenizer import check_saved_tokenizer
 
     dirs = [str(cfg.data.dir)] if cfg.data.get("dir") else [str(s.dir) for s in cfg.data.sources]
     for directory in dirs[1:]:  # a mixture: each source's shard files (gpt-pretrain checks their tokenizers)
@@ -75,6 +77,7 @@ def _data(cfg: DictConfig, checked: Checked) -> str:
     first = dirs[0]
     manifest = load_manifest(first if ":" in first.split("/")[0] else str(Path(first).expanduser()))
     check_files(manifest)
+    check_saved_tokenizer(manifest.directory, manifest.vocab_size, manifest.eot_id)  # the trainer's, too
     if manifest.seq_len > int(cfg.model.seq_len):  # the trainer's check (pretrain/tasks/lm.py)
         raise UserError(
             f"data.dir={manifest.directory} has seq_len={manifest.seq_len} > model.seq_len={cfg.model.seq_len}"
@@ -112,14 +115,13 @@ def resume_problem(cfg: DictConfig, topo: Topology, checked: Checked) -> str | N
     if checked.saved is None:
         return None
     from pretrain.resume import check_data, check_resume, data_identity
-    from pretrain.trainer import resolve_distributed_optimizer
 
     try:
         check_resume(cfg, checked.saved, checked.saved_dir)
         if checked.manifest is not None:
             check_data(cfg, checked.saved, data_identity(checked.manifest))
         weights_only = bool(checked.saved.weights_only)
-        resolve_distributed_optimizer(cfg, topo, None if weights_only else checked.saved)
+        distributed_optimizer_in_effect(cfg, topo.dp, None if weights_only else checked.saved)
     except UserError as exc:
         return str(exc)
     return None
@@ -133,7 +135,7 @@ def run_checks(cfg: DictConfig, world_size: int, layout: bool = True) -> Checked
         return checked  # the other checks read the values this one refused
     if not _has_data(cfg):
         given = cfg.get("vocab_size")
-        checked.vocab_size = int(given) if given else GPT2_VOCAB
+        checked.vocab_size = int(given) if given is not None else GPT2_VOCAB  # check_plan refused 0
         checked.passed.append(("data", f"not given: vocab {checked.vocab_size} assumed (data.dir=DIR or vocab_size=N)"))
     else:
         checked.run("data", lambda: _data(cfg, checked))
@@ -156,12 +158,11 @@ def describe_layout(cfg: DictConfig, topo: Topology) -> str:
     train, par = cfg.train, cfg.parallel
     accum = int(train.global_batch) // (int(train.micro_batch) * topo.dp)
     text = f"tp={topo.tp} pp={topo.pp} vpp={topo.vpp} dp={topo.dp}" + (" +sp" if topo.sequence_parallel else "")
-    if par.engine == "deepspeed":
-        text += f", deepspeed ZeRO-{par.zero_stage}" + (" +offload" if par.offload == "cpu" else "")
+    if not capabilities(par.engine).distributed_optimizer:
+        text += f", {par.engine} ZeRO-{par.zero_stage}" + (" +offload" if par.offload == "cpu" else "")
     else:
-        dist = str(par.distributed_optimizer).lower()
-        dist = str(topo.dp > 1).lower() if dist == "auto" else dist
-        text += ", megatron" + (" +distributed optimizer" if dist == "true" else "")
+        sharded = shards_optimizer(par.engine, par.distributed_optimizer, 0, topo.dp)
+        text += f", {par.engine}" + (" +distributed optimizer" if sharded else "")
     return (
         f"{text}; micro-batch {train.micro_batch} x {accum} accumulation x dp {topo.dp} = global {train.global_batch}"
         f"; recompute {cfg.model.get('recompute', 'none')}"
@@ -188,7 +189,8 @@ def suggestion(rank: RankMemory, cfg: DictConfig, topo: Topology) -> str:
         if cfg.model.get("recompute", "none") != "full":
             return "model.recompute=selective or full, a smaller train.micro_batch, or more parallel.tp"
         return "a smaller train.micro_batch, or more parallel.tp / parallel.pp"
-    if topo.dp > 1 and cfg.parallel.engine == "megatron" and str(cfg.parallel.distributed_optimizer) != "true":
+    caps = capabilities(cfg.parallel.engine)
+    if topo.dp > 1 and caps.distributed_optimizer and str(cfg.parallel.distributed_optimizer) != "true":
         return "parallel.distributed_optimizer=true, or more parallel.tp / parallel.pp"
     return "more parallel.tp / parallel.pp, or parallel.engine=deepspeed with a higher parallel.zero_stage / offload"
 

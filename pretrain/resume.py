@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from conf.errors import UserError
 from data.shards import MANIFEST, Manifest
 from data.tokenizer import TOKENIZER_FILE
+from parallel.capabilities import capabilities
 from parallel.train_state import TrainState
 
 # a model key and its value in a checkpoint written before the key existed
@@ -93,7 +94,7 @@ def check_resume(cfg: DictConfig, state: TrainState, step_dir: Path) -> None:
             f"parallel.engine={engine}, or start a new run.dir (gpt-finetune/gpt-eval load either engine's checkpoints)"
         )
     saved_stage = state.config.get("parallel", {}).get("zero_stage", 0)
-    if engine == "deepspeed" and not state.weights_only and int(saved_stage) != int(cfg.parallel.zero_stage):
+    if capabilities(engine).zero and not state.weights_only and int(saved_stage) != int(cfg.parallel.zero_stage):
         raise UserError(
             f"run.dir={run} holds a parallel.zero_stage={saved_stage} checkpoint; resume it with that stage "
             "(the dp size may change)"

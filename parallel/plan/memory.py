@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
 
+from parallel.capabilities import capabilities, shards_optimizer
 from parallel.plan import activations as act
 from parallel.plan.buffers import ddp_buffer
 from parallel.plan.params import GPT2_VOCAB, Chunk, Shape, chunks
@@ -108,7 +109,6 @@ def resolve_vocab_and_seq(cfg: DictConfig, vocab_size: int | None, seq_len: int 
 
 def _run(cfg: DictConfig, topo: Topology, seq: int) -> Run:
     par, train, model = cfg.parallel, cfg.train, cfg.model
-    dist_opt = str(par.get("distributed_optimizer", "auto")).lower()
     spec = str(model.get("spec", "auto"))
     if spec == "auto":
         spec = "local"  # the planner runs anywhere; ask for model.spec=te to plan the GPU spec
@@ -116,7 +116,8 @@ def _run(cfg: DictConfig, topo: Topology, seq: int) -> Run:
         engine=str(par.engine),
         zero_stage=int(par.get("zero_stage", 0)),
         offload=str(par.get("offload", "none")) == "cpu",
-        distributed_optimizer=topo.dp > 1 if dist_opt == "auto" else dist_opt == "true",
+        distributed_optimizer=capabilities(str(par.engine)).distributed_optimizer
+        and shards_optimizer(str(par.engine), par.get("distributed_optimizer", "auto"), 0, topo.dp),
         bf16=bool(train.get("bf16", False)),
         micro_batch=int(train.micro_batch),
         micro_batches=int(train.global_batch) // (int(train.micro_batch) * topo.dp),
@@ -236,7 +237,7 @@ def estimate_memory(
         if any(c.post_process for c in stage):
             m = act.Micro(run.seq, run.micro_batch, topo.tp, topo.sequence_parallel, run.dtype_bytes, False)
             shared.update(act.loss(shape, m))
-        if run.engine == "megatron":
+        if not capabilities(run.engine).zero:
             states, gone = _megatron_states(stage, topo, run, shape), ()
         else:
             from parallel.plan.zero import deepspeed_states, transient

@@ -14,10 +14,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from parallel.plan.hardware import Hardware
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -135,7 +132,7 @@ class Probe:
         return 2.0 * x.numel() * x.element_size() / seconds
 
 
-def calibrate_here(hw: Hardware, bf16: bool, processes: int, keep: set[str]) -> None:
+def calibrate_here(hw: Any, bf16: bool, processes: int, keep: set[str]) -> None:  # a plan.hardware.Hardware
     """Measure peak, memory bandwidth and (``processes`` > 1) a gloo all-reduce on this machine;
     keys the user set (``keep``) are not measured."""
     import torch

@@ -19,6 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from conf.errors import UserError
+from parallel.capabilities import ENGINES, capabilities, shards_optimizer
 from parallel.plan.hardware import Hardware
 from parallel.plan.memory import MemoryPlan, estimate_memory
 from parallel.plan.params import Shape
@@ -73,7 +74,7 @@ class Layout:
 
     @property
     def optimizer(self) -> str:
-        if self.engine == "megatron":
+        if not capabilities(self.engine).zero:
             return "dist-opt" if self.distributed_optimizer else "replicated"
         return f"zero{self.zero_stage}" + ("+offload" if self.offload else "")
 
@@ -87,7 +88,7 @@ class Layout:
             "model.recompute": self.recompute,
             "parallel.engine": self.engine,
         }
-        if self.engine == "megatron":
+        if not capabilities(self.engine).zero:
             out["parallel.distributed_optimizer"] = self.distributed_optimizer
             out["parallel.zero_stage"] = 0
             out["parallel.offload"] = "none"
@@ -123,12 +124,15 @@ def layouts(cfg: DictConfig, world: int, gpus_per_node: int) -> Iterator[Layout]
                 continue
             vpps = [v for v in _divisors(layers // pp) if v <= MAX_VPP] if pp > 1 else [1]
             micros = [b for b in _divisors(global_batch // dp) if b <= MAX_MICRO_BATCH and not b & (b - 1)]
-            optimizers = [("megatron", False, 0, False)]
-            if dp > 1:
-                optimizers.append(("megatron", True, 0, False))
-            if pp == 1:
-                optimizers += [("deepspeed", False, s, False) for s in (0, 1, 2, 3)]
-                optimizers += [("deepspeed", False, s, True) for s in (1, 2, 3)]
+            optimizers = []
+            for caps in ENGINES.values():  # each engine's ways to hold the optimizer state
+                if pp > 1 and not caps.pipeline:
+                    continue
+                optimizers += [(caps.name, False, s, False) for s in caps.zero_stages]
+                if caps.distributed_optimizer and dp > 1:
+                    optimizers.append((caps.name, True, 0, False))
+                if caps.offload:
+                    optimizers += [(caps.name, False, s, True) for s in caps.zero_stages if s >= 1]
             for vpp in vpps:
                 for micro in micros:
                     for recompute in RECOMPUTE:
@@ -141,9 +145,9 @@ def _states_floor(layout: Layout, topo: Topology, cfg: Any, vocab_size: int) -> 
     shape = Shape.from_config(cfg.model, vocab_size)
     params = max(stage.params for stage in stages(shape, topo.tp, topo.pp, topo.vpp))
     weights = params * (2 if cfg.train.bf16 else 4)
-    sharded = layout.distributed_optimizer or (layout.engine == "deepspeed" and layout.zero_stage >= 1)
+    sharded = shards_optimizer(layout.engine, layout.distributed_optimizer, layout.zero_stage, topo.dp)
     moments = 0.0 if layout.offload else params * 8 / (topo.dp if sharded else 1)
-    return weights / (topo.dp if layout.engine == "deepspeed" and layout.zero_stage == 3 else 1) + moments
+    return weights / (topo.dp if layout.zero_stage == 3 else 1) + moments
 
 
 def search(

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import DictConfig
 
+from parallel.capabilities import capabilities, shards_optimizer
 from parallel.plan.hardware import Hardware
 from parallel.plan.memory import resolve_vocab_and_seq
 from parallel.plan.params import Shape, chunks
@@ -172,8 +173,9 @@ def estimate_time(
 
     # launching a layer's ops costs hw.layer_overhead_s of host time; a GPU runs them asynchronously, so
     # only what its kernels do not cover is exposed; a CPU computes what it launches, so all of it is
-    zero = int(par.get("zero_stage", 0)) if engine == "deepspeed" else 0
-    per_layer, per_step = DEEPSPEED_HOST[zero] if engine == "deepspeed" else (0.0, 0.0)
+    zero_engine = capabilities(engine).zero
+    zero = int(par.get("zero_stage", 0)) if zero_engine else 0
+    per_layer, per_step = DEEPSPEED_HOST[zero] if zero_engine else (0.0, 0.0)
     host = hw.layer_overhead_s * (1 + per_layer)
     work = gemm_all + attention + elementwise + redo + tp_layer
     dispatch = host if not hw.asynchronous else max(0.0, host - work)
@@ -211,19 +213,19 @@ def estimate_time(
 
     # after the micro-batches: gradients over dp, the optimizer step (the stage with the most parameters)
     params = max(stage.params for stage in all_stages)
-    stage = int(par.get("zero_stage", 0)) if engine == "deepspeed" else 0
-    dist_opt = str(par.get("distributed_optimizer", "auto")).lower()
-    sharded = (dp > 1 if dist_opt == "auto" else dist_opt == "true") if engine == "megatron" else stage >= 1
-    grad_bytes = 4 if engine == "megatron" else e  # megatron reduces in fp32 (grad_reduce_in_fp32)
+    caps = capabilities(engine)
+    stage = int(par.get("zero_stage", 0)) if caps.zero else 0
+    sharded = shards_optimizer(engine, par.get("distributed_optimizer", "auto"), stage, dp)
+    grad_bytes = 4 if caps.grad_reduce_fp32 else e  # megatron reduces in fp32 (grad_reduce_in_fp32)
     grads, weights = params * grad_bytes, params * e
-    buckets = 1 if engine == "megatron" else max(1, math.ceil(params / min(5e8, max(params, h * h))))
+    buckets = max(1, math.ceil(params / min(5e8, max(params, h * h)))) if caps.grad_buckets else 1
     bw = links.dp
 
     def dp_comm(kind: str, nbytes: float) -> float:  # in buckets: one latency each
         extra = (buckets - 1) * hw.latency(kind) if dp > 1 else 0.0
         return comm(kind, nbytes, dp, bw) + extra
 
-    if engine == "megatron" or stage in (0, 1):
+    if not caps.zero or stage in (0, 1):
         reduce = dp_comm("reduce-scatter" if sharded else "all-reduce", grads)
     else:  # ZeRO-2/3 reduce-scatter every micro-batch's gradients
         reduce = m * dp_comm("reduce-scatter", grads)
@@ -238,7 +240,7 @@ def estimate_time(
         terms["dp_comm"] += comm("all-reduce", shape.vocab // tp * h * 4, 2, links.pp)
     owned = params / dp if sharded else params
     step_bytes = owned * (ADAM_BYTES + (ADAM_BF16_EXTRA if e == 2 else 0))
-    offload = engine == "deepspeed" and str(par.get("offload", "none")) == "cpu"
+    offload = caps.offload and str(par.get("offload", "none")) == "cpu"
     terms["optimizer"] = step_bytes / (hw.host_bw if offload else hw.memory_bw)
     terms["offload_pcie"] = 0.0
     if offload:  # gradients to the host, updated weights back; ZeRO-3 also streams parameters in

@@ -22,10 +22,20 @@ from parallel.topology import Topology
 from parallel.train_state import TrainState
 
 
+class InLoopEvaluation(Protocol):
+    """What the Trainer calls of ``pretrain/in_loop_eval.py``'s evaluator."""
+
+    def due(self, step: int, last: bool) -> bool: ...
+
+    def run(self, engine: Engine, topo: Topology, step: int, beat: Callable[[], None]) -> dict[str, Any]: ...
+
+
 class Task(Protocol):
     command: str  # the console script (named in run-dir errors)
     vocab_size: int  # the tokenizer's (recorded in the train state; a task may add tokens to its model)
     files: tuple[Path, ...]  # copied into every step dir (the tokenizer), so a step stands alone
+    seq_len: int | None  # the data's sequence length for the preflight's estimate; None: the model's
+    in_loop_eval: InLoopEvaluation | None  # lm-eval tasks run during training (eval.every_steps), or None
 
     def configure(self, cfg: DictConfig) -> None:
         """Fill in the config in effect (e.g. the pretrained model's shape, derived max_steps)
@@ -50,6 +60,9 @@ class Task(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def resume_events(self) -> list[dict[str, Any]]:
+        """What restoring the loader state changed (``metrics.jsonl`` events, e.g. a mixture's new weights)."""
 
     def checkpoint_extras(self) -> dict[str, Any]:
         """What the task records in the train state (``TrainState.data_identity`` / ``.task``)."""

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from conf.errors import UserError
 from data.tasks import TASK_TYPES, SpecialTokens, batch_arrays, encode_examples, label_vocabulary, read_jsonl
 from data.tokenizer import TOKENIZER_FILE, load_tokenizer
+from parallel.capabilities import capabilities
 from parallel.engine import Engine, ModelSpec, StepResult
 from parallel.topology import Topology
 from parallel.train_state import TrainState
@@ -187,6 +188,8 @@ class FinetuneTask:
     """GPT-1's supervised fine-tuning on ``task.train``, evaluated (accuracy) on ``task.validation``."""
 
     command = "gpt-finetune"
+    seq_len = None  # the preflight uses the pretrained model's
+    in_loop_eval = None
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
@@ -227,7 +230,7 @@ class FinetuneTask:
         if head_steps:  # before the Trainer turns warmup_fraction into warmup steps of the whole run
             self.phase = HeadOnlyPhase(head_steps, max_steps, train, train.get("warmup_fraction"))
         head_mult = float(cfg.finetune.head_lr_mult)  # > 0: conf/groups.py
-        if head_mult != 1.0 and cfg.parallel.engine != "megatron":
+        if head_mult != 1.0 and not capabilities(cfg.parallel.engine).lr_mult:
             raise UserError(
                 f"finetune.head_lr_mult={head_mult:g}: per-parameter learning rates need parallel.engine=megatron"
             )
@@ -298,6 +301,9 @@ class FinetuneTask:
         if self.phase is not None:
             state["optimizer_reset"] = self.phase.reset_done  # full fine-tuning's fresh AdamW happened
         return state
+
+    def resume_events(self) -> list[dict[str, Any]]:
+        return []
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.batches.load_state_dict(state)

@@ -22,7 +22,7 @@ from data.mixture import MixtureLoader, Source, normalised
 from data.remote import RemoteOptions, is_remote
 from data.shards import Manifest, check_files, load_manifest
 from data.stream import Layout, TrainLoader, eval_batches
-from data.tokenizer import TOKENIZER_FILE, load_tokenizer
+from data.tokenizer import TOKENIZER_FILE, check_saved_tokenizer, load_tokenizer
 from parallel.engine import Engine, ModelSpec, StepResult
 from parallel.topology import Topology, compute_device
 from parallel.train_state import TrainState
@@ -134,15 +134,21 @@ class PretrainTask:
             self.identity = data_identity(self.manifest)
             if self.manifest.seq_len > cfg.model.seq_len:
                 raise UserError(
-                    f"data.dir={cfg.data.dir} has seq_len={self.manifest.seq_len} > "
-                    f"model.seq_len={cfg.model.seq_len}"
+                    f"data.dir={cfg.data.dir} has seq_len={self.manifest.seq_len} > model.seq_len={cfg.model.seq_len}"
                 )
+        # loaded, not only hashed: a broken tokenizer.json would be copied into every checkpoint
+        # (a mixture's sources share its bytes: open_sources compared their sha256)
+        check_saved_tokenizer(self.manifest.directory, self.manifest.vocab_size, self.manifest.eot_id)
         self.vocab_size = self.manifest.vocab_size
         self.files = (self.manifest.directory / TOKENIZER_FILE,)
         self.cfg = cfg
         self.sample_log: Any = None
         # eval.every_steps: lm-eval tasks on the current weights; task files checked here, before any work
         self.in_loop_eval = InLoopEval.from_config(cfg, self.manifest.directory)
+
+    @property
+    def seq_len(self) -> int:
+        return self.manifest.seq_len
 
     def configure(self, cfg: DictConfig) -> None:
         pass

@@ -206,6 +206,10 @@ def test_epoch_is_consumed_exactly_once_across_a_dp_change(
         (["model.ffn_hidden_size=510", "parallel.tp=4", "model.num_heads=4"], 4, "ffn_hidden_size=510"),
         (["data.num_streams=12"], 5, "data.num_streams=12 is not divisible by dp=5"),
         (["parallel.vpp=2"], 1, "parallel.vpp=2 needs parallel.pp > 1"),
+        (["parallel.engine=deepspeed", "train.async_save=true"], 1, "only the megatron engine saves asynchronously"),
+        (["parallel.engine=deepspeed", "train.lr_mult={head:2}"], 1, "train.lr_mult: per-parameter learning rates"),
+        (["parallel.engine=deepspeed", "parallel.pp=2"], 2, "DeepSpeed pipelines need its own PipelineModule"),
+        (["parallel.zero_stage=2"], 2, "parallel.zero_stage=2 needs parallel.engine=deepspeed"),
     ],
 )
 def test_invalid_layouts_are_rejected_before_any_process_group(overrides: list[str], world: int, message: str) -> None:

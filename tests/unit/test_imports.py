@@ -17,8 +17,16 @@ ALLOWED = {
     "parallel": {"conf", "data", "parallel"},
     "pretrain": {"conf", "data", "parallel", "pretrain"},
 }
-COMMANDS = ("data.prepare", "pretrain.train", "pretrain.finetune", "pretrain.evaluate", "pretrain.generate",
-            "pretrain.export", "pretrain.hf_import", "pretrain.plan")
+COMMANDS = (
+    "data.prepare",
+    "pretrain.train",
+    "pretrain.finetune",
+    "pretrain.evaluate",
+    "pretrain.generate",
+    "pretrain.export",
+    "pretrain.hf_import",
+    "pretrain.plan",
+)
 
 
 def imported_packages(path: Path) -> set[tuple[str, int]]:
@@ -55,3 +63,70 @@ def test_commands_import_no_heavy_library_before_a_run(module: str) -> None:
     code = f"import sys, {module}; print(sorted(m for m in ('torch', 'megatron', 'deepspeed') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", f"{module} imports {out.strip()}"
+
+
+def module_graph() -> dict[str, set[str]]:
+    """Our modules and the modules of ours each imports, at any depth (function-level imports too: a
+    cycle hidden in a function is still a cycle). ``from pkg import name`` counts ``pkg.name`` when
+    that is a module, else ``pkg``."""
+    modules = {}
+    for package in ALLOWED:
+        for path in (REPO / package).rglob("*.py"):
+            parts = path.relative_to(REPO).with_suffix("").parts
+            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                targets = [
+                    f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                    for a in node.names
+                ]
+            edges |= {t for t in targets if t in modules and t != name}
+        graph[name] = edges
+    return graph
+
+
+def test_no_import_cycles() -> None:
+    """No two modules import each other, directly or through others (a package's ``__init__`` that
+    re-exports its own modules is the one exception: it is not a cycle of behaviour)."""
+    graph = module_graph()
+    for name, edges in graph.items():  # a package's __init__ importing its children is not a cycle
+        graph[name] = {e for e in edges if not e.startswith(f"{name}.")}
+    cycles, state = [], dict.fromkeys(graph, 0)
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state[nxt] == 1:
+                cycles.append(" -> ".join([*path[path.index(nxt) :], nxt]))
+            elif state[nxt] == 0:
+                visit(nxt, [*path, nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if state[node] == 0:
+            visit(node, [node])
+    assert not cycles, "\n".join(cycles)
+
+
+def test_engine_differences_live_in_the_capabilities_table() -> None:
+    """No ``engine == "deepspeed"``: what an engine supports is a row of ``parallel/capabilities.py``.
+    The engine registry and the DeepSpeed checkpoint converter name engines as formats, not features."""
+    import re
+
+    compared = re.compile(r"""engine\S*\s*(==|!=)\s*["'](megatron|deepspeed)["']""")
+    exempt = {"parallel/capabilities.py", "parallel/engine.py", "pretrain/deepspeed_convert.py"}
+    found = [
+        f"{path.relative_to(REPO)}:{number}: {line.strip()}"
+        for package in ALLOWED
+        for path in sorted((REPO / package).rglob("*.py"))
+        if path.relative_to(REPO).as_posix() not in exempt
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if compared.search(line)
+    ]
+    assert not found, "\n".join(found)

@@ -111,7 +111,7 @@ def test_json_flag_on_the_command_line(monkeypatch: pytest.MonkeyPatch, capsys: 
 class _Task:
     """What the Trainer reads of a task before its preflight: nothing past it may run."""
 
-    command, vocab_size = "gpt-pretrain", 67
+    command, vocab_size, seq_len = "gpt-pretrain", 67, None
 
     def configure(self, cfg: object) -> None:
         pass
