@@ -17,7 +17,7 @@ otherwise: they are reparented to init and go on holding memory, files and ports
 
 * registers an after-fork hook: a forked child dies with its parent, does not run the
   trainer's handlers, and *ignores* the stop signals the trainer catches (SIGTERM, SIGUSR1,
-  SIGINT, ...): slurm and ``tests/test_cluster.py`` signal every process of a job step, and
+  SIGINT, ...): slurm and ``tests/integration/test_cluster.py`` signal every process of a job step, and
   a helper that died of that signal would break the checkpoint the trainer is about to save
   (a dead sync writer hangs megatron's save; a dead DataLoader worker raises in the
   trainer). The trainer decides when its helpers stop; they die with it. Other Python

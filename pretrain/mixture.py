@@ -24,7 +24,7 @@ from conf.errors import UserError
 from conf.groups import source_name
 from data.mixture import Source
 from data.remote import RemoteOptions
-from data.shards import Manifest, check_files, load_manifest
+from data.shards import check_files, load_manifest
 from parallel.train_state import TrainState
 from pretrain.resume import data_identity
 
@@ -193,7 +193,3 @@ def per_source_validation(losses: dict[str, float], weights: dict[str, float]) -
         out["val_loss"] = sum(weights[name] * loss for name, loss in losses.items()) / total
         out["val_ppl"] = math.exp(min(out["val_loss"], 50))
     return out
-
-
-def manifests(sources: list[Source]) -> dict[str, Manifest]:
-    return {s.name: s.manifest for s in sources}

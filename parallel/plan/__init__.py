@@ -1,4 +1,4 @@
-"""The planner's model of a run (issue #20): per-rank memory (and, in the CLI's modules, step time)
+"""The planner's model of a run: per-rank memory (and, in the CLI's modules, step time)
 from the validated config and the Topology alone, never by building a model.
 
 Import direction: conf/ and parallel/topology only (the planner runs before any process group)."""

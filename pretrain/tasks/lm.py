@@ -74,15 +74,15 @@ def lm_model_spec(model_cfg: DictConfig, vocab_size: int, seed: int) -> ModelSpe
 
 
 def build_engine(cfg: DictConfig, topo: Topology, vocab_size: int) -> Engine:
-    """The engine of ``cfg`` over a pretraining GPT (tests, benchmarks); ``auto`` distributed
-    optimizer = dp > 1."""
+    """The engine of ``cfg`` over a pretraining GPT, as the Trainer builds it for a new run
+    (tests and benchmarks that need an engine without a run dir)."""
     from omegaconf import open_dict
 
+    from parallel.capabilities import distributed_optimizer_in_effect
     from parallel.engine import engine_class
 
     with open_dict(cfg):
-        if str(cfg.parallel.distributed_optimizer).lower() == "auto":
-            cfg.parallel.distributed_optimizer = topo.dp > 1
+        cfg.parallel.distributed_optimizer = distributed_optimizer_in_effect(cfg, topo.dp)
     spec = lm_model_spec(cfg.model, vocab_size, int(cfg.train.seed))
     return engine_class(str(cfg.parallel.engine))(cfg, topo, spec)
 
