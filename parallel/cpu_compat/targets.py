@@ -1,4 +1,9 @@
-"""Every third-party attribute this project patches, wraps or mimics, in one table.
+"""Every third-party attribute this project patches, wraps, overrides or mimics, in one table.
+
+Scope is the row's ``how``: ``global`` and ``replace`` are process-wide (for the life of the
+process once set), ``scoped`` is restored when its ``with`` block or call ends, ``override``
+is a subclass of ours (swapped in where megatron builds the object itself), ``call`` / ``read``
+rely on an upstream name without changing it.
 
 A patch of upstream code is only right for the upstream code it was written against.
 Each row names the attribute (``"module:qualname"``), what of its signature the patch
@@ -70,6 +75,11 @@ _ASYNC_UTILS = "megatron.core.dist_checkpointing.strategies.async_utils"
 _CLIP_PARAMS = ("parameters", "max_norm", "total_norm", "use_decoupled_grad")
 _ZERO3 = "deepspeed.runtime.zero.stage3:DeepSpeedZeroOptimizer_Stage3"
 _ZERO12 = "deepspeed.runtime.zero.stage_1_and_2:DeepSpeedZeroOptimizer"
+_DS_ENGINE = "parallel.deepspeed_engine"
+_ATTENTION = "megatron.core.transformer.attention"
+_EMBEDDINGS = "megatron.core.models.common.embeddings"
+_ROTARY = ("t", "freqs", "config", "cu_seqlens", "mscale", "cp_group")
+_GPT = "pretrain.model.gpt"
 
 TARGETS: tuple[Target, ...] = (
     # version fixes (cpu_compat/version_fixes.py)
@@ -172,9 +182,42 @@ TARGETS: tuple[Target, ...] = (
     Target(f"{_ZERO12}.check_grad_overflow", None, "parallel.deepspeed_engine", "scoped"),
     Target(f"{_ZERO12}.overflow", None, "parallel.deepspeed_engine", "scoped"),
     Target("torch.optim:Optimizer.step", (), "parallel.deepspeed_engine", "scoped"),
+    # DeepSpeed engine: a resume at another dp loads through a universal checkpoint, converted in-process
+    # (an instance attribute of the engine's DeepSpeedConfig, set per load; the engine's accessor reads it)
+    Target("deepspeed.runtime.engine:DeepSpeedEngine.load_universal_checkpoint", ("self",), _DS_ENGINE, "read", True),
+    Target("deepspeed.checkpoint.ds_to_universal:parse_arguments", (), _DS_ENGINE, "scoped", exact=True),  # sys.argv
+    Target("deepspeed.checkpoint.ds_to_universal:main", ("args",), _DS_ENGINE, "call", exact=True),
+    # the CPU model (pretrain/model/): process-wide, set when a local-spec model is built
+    Target(f"{_ATTENTION}:apply_rotary_pos_emb", _ROTARY, "pretrain.model.layers", "global", exact=True),
+    Target(  # swapped in after construction (__class__): megatron builds the embedding itself
+        f"{_EMBEDDINGS}.language_model_embedding:LanguageModelEmbedding.forward",
+        ("self", "input_ids", "position_ids", "tokentype_ids"),
+        "pretrain.model.gpt",
+        "override",
+        exact=True,
+    ),
+    Target(
+        f"{_EMBEDDINGS}.rotary_pos_embedding:RotaryEmbedding.forward",
+        ("self", "max_seq_len", "offset", "packed_seq", "cp_group"),
+        "pretrain.model.gpt",
+        "override",
+        exact=True,
+    ),
+    Target(
+        f"{_EMBEDDINGS}.rotary_pos_embedding:RotaryEmbedding.get_rotary_seq_len",
+        ("self", "inference_context", "transformer", "transformer_input", "transformer_config", "packed_seq_params"),
+        "pretrain.model.gpt",
+        "override",
+    ),
+    Target("megatron.core.transformer.mlp:MLP.forward", ("self", "hidden_states", "per_token_scale"), _GPT, "override"),
+    Target("megatron.core.tensor_parallel:ColumnParallelLinear.forward", ("self", "input_"), _GPT, "override"),
+    # in-loop evaluation: lm-eval's per-task progress bar, silenced within one evaluation and restored
+    Target("lm_eval.api.task:tqdm", None, "pretrain.in_loop_eval", "scoped"),
+    # fine-tuning's two-phase lr (finetune.head_only_epochs): a global optimizer pre-hook, removed at the end
+    Target("torch.optim.optimizer:register_optimizer_step_pre_hook", ("hook",), "pretrain.tasks.finetune", "call"),
 )
 
-_DISTRIBUTIONS = {"megatron": "megatron-core", "deepspeed": "deepspeed", "torch": "torch"}
+_DISTRIBUTIONS = {"megatron": "megatron-core", "deepspeed": "deepspeed", "torch": "torch", "lm_eval": "lm-eval"}
 
 
 class InstanceAttribute:
@@ -209,7 +252,7 @@ def resolve(target: str) -> Any:
 
 
 def is_ours(obj: Any) -> bool:
-    return str(getattr(obj, "__module__", "") or "").startswith("parallel.")
+    return str(getattr(obj, "__module__", "") or "").startswith(("parallel.", "pretrain."))
 
 
 def upstream(obj: Any) -> Any:

@@ -204,6 +204,9 @@ def apply_rotary_pos_emb(
     return t * cache[2] + _rotate_half(t) * cache[3]
 
 
+apply_rotary_pos_emb.__wrapped__ = _megatron_apply_rotary  # type: ignore[attr-defined]  # for cpu_compat/targets.py
+
+
 def use_local_rotary() -> None:
     """Route megatron's attention to :func:`apply_rotary_pos_emb` (it calls the module-level name)."""
     megatron_attention.apply_rotary_pos_emb = apply_rotary_pos_emb
