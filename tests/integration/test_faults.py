@@ -148,61 +148,61 @@ def test_restart_moves_the_old_run_aside_and_a_requeue_resumes(char_shards: Path
     assert again.returncode == 0 and "resuming it" in again.stdout and "nothing to do" in again.stdout
 
 
-def test_ctrl_c_saves_then_exits_130(char_shards: Path, tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "pretrain.train", *ARGS, f"data.dir={char_shards}", f"run.dir={run}"]
-    cmd += ["train.max_steps=100000", "train.save_every=0"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not (run / "metrics.jsonl").is_file() or (run / "metrics.jsonl").stat().st_size == 0:
-            assert proc.poll() is None and time.monotonic() < deadline, "the run did not start"
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, err[-3000:]
-    assert "Traceback" not in err and "KeyboardInterrupt" not in err
-    (step,) = (run / "checkpoints").glob("step_*")
-    assert f"step {step.name.removeprefix('step_')}: SIGINT: saving a checkpoint" in out, out[-2000:]
-
-
 def losses(run: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-def test_a_second_writer_is_refused_sighup_saves_and_the_requeue_resumes(char_shards: Path, tmp_path: Path) -> None:
-    """One writer per run dir: a second gpt-pretrain on a live run's dir refuses in one line naming
-    the holder and changes nothing; a closed terminal (SIGHUP) saves and exits 75; the requeued
-    run takes the released lease and resumes."""
-    run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "pretrain.train", *ARGS, f"data.dir={char_shards}", f"run.dir={run}"]
-    cmd += ["train.max_steps=100000", "train.save_every=0", "train.lr=1e-3"]
+def start_long_run(data: Path, run: Path, *args: str, after: int = 0) -> subprocess.Popen:
+    """A gpt-pretrain that trains until signalled, returned once it has logged a step past ``after``."""
+    cmd = [sys.executable, "-m", "pretrain.train", *ARGS, f"data.dir={data}", f"run.dir={run}"]
+    cmd += ["train.max_steps=100000", "train.save_every=0", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run / "metrics.jsonl").is_file() or max(losses(run), default=0) <= after:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"the run did not start: {proc.communicate()[1][-3000:]}")
+        time.sleep(0.1)
+    return proc
+
+
+def stopped_by(proc: subprocess.Popen, sig: signal.Signals) -> tuple[str, str]:
     try:
-        deadline = time.monotonic() + 120
-        while not (run / "metrics.jsonl").is_file() or (run / "metrics.jsonl").stat().st_size == 0:
-            assert proc.poll() is None and time.monotonic() < deadline, "the run did not start"
-            time.sleep(0.1)
-        line = one_line_error(train(char_shards, run, "train.max_steps=4", "train.lr=4e-3"), 2)
-        assert "is in use by another run" in line and f"pid {proc.pid}" in line, line
-        proc.send_signal(signal.SIGHUP)
-        out, err = proc.communicate(timeout=120)
+        proc.send_signal(sig)
+        return proc.communicate(timeout=120)
     finally:
         proc.kill()
+
+
+def test_one_writer_per_run_dir_sighup_saves_a_requeue_resumes_and_ctrl_c_saves(
+    char_shards: Path, tmp_path: Path
+) -> None:
+    """A second gpt-pretrain on a live run's dir refuses in one line naming the holder and changes
+    nothing; a closed terminal (SIGHUP) saves and exits 75; the requeued run takes the released
+    lease and resumes; Ctrl-C saves and exits 130 without a traceback."""
+    run = tmp_path / "run"
+    proc = start_long_run(char_shards, run, "train.lr=1e-3")
+    try:
+        line = one_line_error(train(char_shards, run, "train.max_steps=4", "train.lr=4e-3"), 2)
+        assert "is in use by another run" in line and f"pid {proc.pid}" in line, line
+    finally:
+        out, err = stopped_by(proc, signal.SIGHUP)
     assert proc.returncode == 75, err[-3000:]
     (step_dir,) = (run / "checkpoints").glob("step_*")
     step = int(step_dir.name.removeprefix("step_"))
     assert f"step {step}: SIGHUP: saving a checkpoint" in out, out[-2000:]
     assert list(losses(run)) == list(range(1, step + 1))  # one writer's lines, each step once
-    assert "lr: 0.001" in (run / "config.yaml").read_text()
-    again = train(char_shards, run, f"train.max_steps={step + 1}", "train.save_every=0", "train.lr=1e-3")
-    assert again.returncode == 0 and f"resumed from {step_dir} at step {step}" in again.stdout, again.stderr[-3000:]
-    assert not (run / ".lease.json").exists()
+    assert "lr: 0.001" in (run / "config.yaml").read_text() and not (run / ".lease.json").exists()
+
+    again = start_long_run(char_shards, run, "train.lr=1e-3", after=step)  # the requeue
+    out, err = stopped_by(again, signal.SIGINT)
+    assert again.returncode == 130, err[-3000:]
+    assert f"resumed from {step_dir} at step {step}" in out, out[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    last = max(int(p.name.removeprefix("step_")) for p in (run / "checkpoints").glob("step_*"))
+    assert last > step and f"step {last}: SIGINT: saving a checkpoint" in out, out[-2000:]
 
 
 def test_a_crafted_pickle_never_runs_torn_metrics_and_inherited_fault_variables_change_nothing(
