@@ -6,13 +6,14 @@ clusters (NFS and parallel file systems may not honour it across nodes), so the 
 
 - **taken** by ``os.link`` of a fully written temp file to ``run.dir/.lease.json`` — create-exclusive
   and atomic on local and network file systems alike; exactly one of two racing takers succeeds;
-- **kept alive** by a daemon thread that rewrites its ``heartbeat`` every ``expiry / 6`` seconds
-  (write a temp file, ``os.replace``), after checking the lease is still its own;
+- **kept alive** by a daemon thread that rewrites its ``heartbeat`` every ``expiry / 6`` seconds,
+  in place, after checking the lease is still its own;
 - **released** (removed) when the run ends, however it ends short of ``kill -9``;
 - **stale**, and taken over with a one-line note, when its holder is gone: a dead pid on this
   host, an earlier incarnation of this slurm job (a requeued job keeps its id and counts up
   ``SLURM_RESTART_COUNT``), or a heartbeat older than ``run.lease_expiry_s``; ``run.takeover=true`` forces it.
-  Taking over renames the stale file aside first (one rename wins), so two takers never both win.
+  Removing a stale file is serialised by a second create-exclusive file, and re-checks that the
+  file is still the stale one, so two takers never both win.
 
 A holder that finds its lease gone or replaced (it stalled past the expiry and another run took
 over) stops at the next step boundary: :meth:`Lease.lost` says so, and the trainer raises.
@@ -37,6 +38,8 @@ from conf.errors import UserError
 
 LEASE = ".lease.json"
 FORMAT = "gpt-run-lease/1"
+BREAK_WAIT_S = 5.0  # how long a taker waits for another's removal of a stale lease
+BREAK_STALE_S = 30.0  # a removal lock older than this was left by a killed taker
 
 
 @dataclass(frozen=True)
@@ -61,11 +64,12 @@ class Holder:
         return json.dumps({"format": FORMAT, **self.__dict__}) + "\n"
 
     @classmethod
-    def read(cls, path: Path) -> Holder | None:
-        """The holder in ``path``; None when the file is gone, or unreadable (a torn write of an
-        earlier version, a hand edit): such a file names no live holder and is treated as stale."""
+    def parse(cls, text: str, mtime: float) -> Holder:
+        """The holder a lease file's ``text`` names. Text that does not parse (a heartbeat being
+        rewritten as it is read, a hand edit) names no holder, only its file's ``mtime`` as the
+        heartbeat: it is stale once that is older than the expiry, like any other lease."""
         try:
-            raw = json.loads(path.read_text())
+            raw = json.loads(text)
             return cls(
                 str(raw["host"]),
                 int(raw["pid"]),
@@ -75,10 +79,19 @@ class Holder:
                 None if raw.get("slurm_job_id") is None else str(raw["slurm_job_id"]),
                 int(raw.get("slurm_restart", 0)),
             )
+        except (ValueError, KeyError, TypeError):
+            return cls("?", 0, "", mtime, mtime)
+
+    @classmethod
+    def read(cls, path: Path) -> Holder | None:
+        """The holder in ``path``, or None when there is no lease file."""
+        try:
+            with open(path) as handle:
+                return cls.parse(handle.read(), os.fstat(handle.fileno()).st_mtime)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, KeyError, TypeError):
-            return cls("?", 0, "", 0.0, 0.0)
+        except OSError:
+            return cls("?", 0, "", time.time(), time.time())  # unreadable now: not proof that it is stale
 
     def describe(self) -> str:
         job = f", slurm job {self.slurm_job_id}" if self.slurm_job_id else ""
@@ -98,14 +111,14 @@ def _pid_alive(pid: int) -> bool:
 
 def why_stale(holder: Holder, expiry_s: float, me: Holder) -> str | None:
     """Why ``holder`` no longer holds the run dir, or None while it may still be running."""
+    age = time.time() - holder.heartbeat
     if holder.token == "":
-        return "the lease file is unreadable"
+        return f"its lease file is unreadable and {age:.0f} s old" if age > expiry_s else None
     if holder.host == me.host and not _pid_alive(holder.pid):
         return f"pid {holder.pid} is not running on {holder.host}"
     same_job = holder.slurm_job_id is not None and holder.slurm_job_id == me.slurm_job_id
     if same_job and me.slurm_restart > holder.slurm_restart:
         return f"slurm job {holder.slurm_job_id} was requeued (restart {me.slurm_restart})"
-    age = time.time() - holder.heartbeat
     if age > expiry_s:
         return f"its heartbeat is {age:.0f} s old (run.lease_expiry_s={expiry_s:g})"
     return None
@@ -128,8 +141,8 @@ class Lease:
         note of a takeover, or None."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         note = None
-        for _ in range(3):  # a racing taker can make one attempt fail; a third loss means a live holder
-            if self._link():
+        for _ in range(5):  # each round: a racing taker may have changed the file since it was read
+            if self._link(self.path):
                 break
             current = Holder.read(self.path)
             if current is None:  # released meanwhile
@@ -142,11 +155,7 @@ class Lease:
                     f"{age:.0f} s ago); wait for it to end, or if it is gone pass run.takeover=true "
                     f"(it expires {max(0.0, self.expiry_s - age):.0f} s after its last heartbeat)"
                 )
-            aside = self.path.with_name(f"{LEASE}.stale-{uuid.uuid4().hex[:8]}")
-            with contextlib.suppress(FileNotFoundError):  # another taker renamed it first: retry the link
-                os.replace(self.path, aside)
-                with contextlib.suppress(OSError):
-                    aside.unlink()
+            if self._remove_if(current.token):
                 note = f"note: took over the lease of run.dir={self.path.parent} from {current.describe()}: {reason}"
         else:
             raise UserError(f"run.dir={self.path.parent}: could not take its lease ({self.path}); another run races")
@@ -154,29 +163,65 @@ class Lease:
         self._thread.start()
         return note
 
-    def _link(self) -> bool:
+    def _link(self, path: Path) -> bool:
+        """Create ``path`` holding this holder, atomically and only if it does not exist."""
         tmp = self.path.with_name(f"{LEASE}.{self.holder.token}.tmp")
         tmp.write_text(self.holder.to_json())
         try:
-            os.link(tmp, self.path)
+            os.link(tmp, path)
             return True
         except FileExistsError:
             return False
         finally:
             tmp.unlink()
 
+    def _remove_if(self, token: str) -> bool:
+        """Remove the lease file if it still names ``token`` (the holder judged gone); whether it did.
+
+        Reading the file and removing it are two steps; between them another taker could replace
+        it with its own fresh lease. So removals are serialised by a second create-exclusive file
+        (``.lease.json.break``), held for those two steps only; one left by a taker killed in
+        between is stale after ``BREAK_STALE_S``."""
+        breaker = self.path.with_name(f"{LEASE}.break")
+        deadline = time.monotonic() + BREAK_WAIT_S
+        while not self._link(breaker):
+            other = Holder.read(breaker)
+            if other is not None and time.time() - other.heartbeat > BREAK_STALE_S:
+                with contextlib.suppress(FileNotFoundError):
+                    breaker.unlink()
+                continue
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        try:
+            current = Holder.read(self.path)
+            if current is None or current.token != token:
+                return False
+            self.path.unlink()
+            return True
+        finally:
+            breaker.unlink()
+
     def _beat(self) -> None:
+        """Rewrite the heartbeat in place, in the file this holder reads: if a taker replaced the lease
+        between the read and the write, the write lands in the replaced file, never over the taker's."""
         interval = max(0.05, self.expiry_s / 6)
         while not self._stop.wait(interval):
-            current = Holder.read(self.path)
-            if current is None or current.token != self.holder.token:
-                self._lost = "its lease file was removed" if current is None else f"taken by {current.describe()}"
+            try:
+                with open(self.path, "r+") as handle:
+                    current = Holder.parse(handle.read(), time.time())
+                    if current.token != self.holder.token:
+                        self._lost = f"taken by {current.describe()}"
+                        return
+                    self.holder = Holder(**{**self.holder.__dict__, "heartbeat": time.time()})
+                    handle.seek(0)
+                    handle.write(self.holder.to_json())
+                    handle.truncate()
+            except FileNotFoundError:
+                self._lost = "its lease file was removed"
                 return
-            self.holder = Holder(**{**self.holder.__dict__, "heartbeat": time.time()})
-            tmp = self.path.with_name(f"{LEASE}.{self.holder.token}.tmp")
-            with contextlib.suppress(OSError):  # a full disk: the heartbeat ages, the run goes on
-                tmp.write_text(self.holder.to_json())
-                os.replace(tmp, self.path)
+            except OSError:  # a full disk: the heartbeat ages, the run goes on
+                continue
 
     def lost(self) -> str | None:
         """Why this process no longer holds the run dir (another run took it over), or None."""
@@ -188,10 +233,8 @@ class Lease:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        current = Holder.read(self.path)
-        if current is not None and current.token == self.holder.token:
-            with contextlib.suppress(OSError):
-                self.path.unlink()
+        if self._lost is None:
+            self._remove_if(self.holder.token)
 
     def __enter__(self) -> Lease:
         return self

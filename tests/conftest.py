@@ -16,6 +16,23 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 TINYSHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
 
 
+# Under pytest-xdist (tests/run.sh: two workers), the tests that share an expensive session or module
+# fixture run on one worker, so the fixture is built once: a group per fixture.
+SHARED_FIXTURE_GROUPS = {
+    "trained_runs": "trained-runs",
+    "runs": "layouts",
+    "llama_tiny_single": "layouts",
+    "base_run": "faults",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        group = next((g for name, g in SHARED_FIXTURE_GROUPS.items() if name in item.fixturenames), None)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def megatron_on_cpu() -> None:
     """In-process tests build engines as the commands do: with the CPU compatibility layer applied."""
@@ -70,6 +87,16 @@ def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subpro
     return subprocess.run(
         [sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env
     )
+
+
+def one_line_error(result: subprocess.CompletedProcess, code: int) -> str:
+    """The refusal: exit ``code``, no traceback, a single ``error:`` line (warnings aside), read
+    from the whole of stderr (not its last line); returns that line."""
+    assert result.returncode == code, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and len(result.stderr.strip().splitlines()) <= 4, result.stderr
+    return errors[0]
 
 
 # Small trained runs shared by the export and evaluation tests: char at tp=1 and tp=2 (same seed and

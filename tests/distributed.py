@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -14,11 +15,24 @@ from pathlib import Path
 
 from tests.conftest import REPO
 
+PORT_BLOCK = 1500  # ports per pytest-xdist worker, below the kernel's ephemeral range (32768-60999 on Linux)
+
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free port for a launcher to bind, chosen below the ephemeral range and in this pytest-xdist
+    worker's own block: a port from ``bind(0)`` is an ephemeral one, which the kernel may hand to any
+    other socket (gloo opens many) between this check and the launcher's bind, and two workers could
+    pick the same one."""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    low = 20000 + PORT_BLOCK * (worker % 8)
+    for port in random.sample(range(low, low + PORT_BLOCK), 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {low}-{low + PORT_BLOCK}")
 
 
 def torchrun(nproc: int, *args: str, timeout: float = 420) -> subprocess.CompletedProcess:

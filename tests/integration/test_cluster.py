@@ -130,12 +130,14 @@ def _watchdog_case(char_shards: Path, tmp_path: Path, how: signal.Signals) -> tu
     return log, elapsed
 
 
+@pytest.mark.serial
 def test_killed_node_fails_the_other_with_the_watchdog_message(char_shards: Path, tmp_path: Path) -> None:
     log, _ = _watchdog_case(char_shards, tmp_path, signal.SIGKILL)
     line = next(x for x in log.splitlines() if x.startswith("watchdog:"))
     assert line.startswith("watchdog: rank 0 of 2, step ") and "operation '" in line, line
 
 
+@pytest.mark.serial
 def test_hung_node_fails_the_other_within_the_timeout(char_shards: Path, tmp_path: Path) -> None:
     """A frozen peer (no socket error, as when a node's network dies) is caught by the timeout."""
     log, elapsed = _watchdog_case(char_shards, tmp_path, signal.SIGSTOP)
@@ -264,6 +266,7 @@ def test_stop_request_catches_a_signal_and_rejects_unknown_names() -> None:
         StopRequest(["SIGNOPE"])
 
 
+@pytest.mark.serial
 def test_watchdog_ends_a_stuck_phase_with_rank_step_and_operation() -> None:
     code = (
         "import time\nfrom parallel.watchdog import Watchdog\n"

@@ -75,7 +75,10 @@ def test_a_gone_holder_is_taken_over_with_one_note(
     run = tmp_path / "run"
     if holder.pop("garbage", False):
         run.mkdir()
-        (run / LEASE).write_text('{"host": "elsewh')  # torn by a crash
+        (run / LEASE).write_text('{"host": "elsewh')  # a hand edit: only its age can tell
+        with pytest.raises(UserError, match="in use by another run"):
+            Lease(run, expiry_s=60).acquire()  # fresh: maybe a heartbeat being rewritten
+        os.utime(run / LEASE, (time.time() - 120, time.time() - 120))
     else:
         write_holder(run, **{k: dead_pid() if v == "dead" else v for k, v in holder.items()})
     lease = Lease(run, expiry_s=60)
