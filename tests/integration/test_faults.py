@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TINYSHAKESPEARE, prepare_cfg, run_cli
+from tests.conftest import REPO, TINYSHAKESPEARE, one_line_error, prepare_cfg, run_cli
 from tests.distributed import free_port
 
 pytestmark = pytest.mark.slow
@@ -36,15 +36,6 @@ ARGS = [
 
 def train(data: Path, run: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return run_cli("pretrain.train", *ARGS, f"data.dir={data}", f"run.dir={run}", *args, env=env)
-
-
-def one_line_error(result: subprocess.CompletedProcess, code: int) -> str:
-    """The refusal: exit ``code``, no traceback, a single ``error:`` line (warnings aside)."""
-    assert result.returncode == code, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and len(result.stderr.strip().splitlines()) <= 4, result.stderr
-    return errors[0]
 
 
 def tree_hash(path: Path) -> str:

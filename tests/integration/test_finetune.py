@@ -44,6 +44,17 @@ def synthetic(task_type: str, count: int, seed: int) -> list[dict]:
     return rows
 
 
+def mislabelled(rows: list[dict]) -> list[dict]:
+    """``rows`` with every label wrong: the other of the two, the next of the three choices."""
+    labels = {"first": "second", "second": "first", "same": "other", "other": "same"}
+    out = []
+    for row in rows:
+        label = row["label"]
+        wrong = (label + 1) % 3 if "choices" in row else 1 - label if isinstance(label, int) else labels[label]
+        out.append({**row, "label": wrong})
+    return out
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -90,24 +101,34 @@ def train_losses(run_dir: Path) -> dict[int, dict]:
     return {r["step"]: r for r in rows if "loss" in r}
 
 
+TEST_EXAMPLES = 25
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("task_type", ["classification", "entailment", "similarity", "multiple_choice"])
 def test_each_input_transformation_trains_end_to_end(trained_runs, tmp_path: Path, task_type: str) -> None:  # noqa: ANN001
     train = write_jsonl(tmp_path / "train.jsonl", synthetic(task_type, 96, 0))
     val = write_jsonl(tmp_path / "val.jsonl", synthetic(task_type, 32, 1))
+    # the test split: 25 other examples, every one labelled wrong
+    test = write_jsonl(tmp_path / "test.jsonl", mislabelled(synthetic(task_type, TEST_EXAMPLES, 2)))
     run_dir = tmp_path / "run"
-    result = finetune(trained_runs["tp1"], task_type, train, val, run_dir, "finetune.epochs=6", f"task.test={val}")
+    result = finetune(trained_runs["tp1"], task_type, train, val, run_dir, "finetune.epochs=6", f"task.test={test}")
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
     assert results["task"] == task_type and results["num_train_examples"] == 96
-    assert results["test_acc"] == pytest.approx(results["val_acc"])  # same file, same model
+    assert results["num_validation_examples"] == 32
+    # test_acc is a count of the test file's 25 examples (no k/25 but 0 and 1 is a count of the 32 validation
+    # examples) ...
+    correct = results["test_acc"] * TEST_EXAMPLES
+    assert correct == pytest.approx(round(correct), abs=1e-6), results
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "val_acc" in m] == [6, 12, 18, 24, 30, 36]  # every epoch
     steps = train_losses(run_dir)
     assert steps[36]["cls_loss"] < steps[1]["cls_loss"]  # it learns
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_36"
     if task_type == "classification":
-        assert results["val_acc"] >= 0.9  # a trivially separable task
+        assert results["val_acc"] >= 0.9  # a trivially separable task ...
+        assert results["test_acc"] <= 0.1, results  # ... so the mislabelled test split is (nearly) all wrong
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import REPO, run_cli
 from tests.remote_server import ShardServer
@@ -137,22 +138,44 @@ def test_resume_into_another_model_is_refused(char_shards: Path, tmp_path: Path)
 
 @pytest.mark.slow
 def test_bf16_mixed_precision_trains_and_resumes(char_shards: Path, tmp_path: Path) -> None:
-    """Also the end-to-end check of remote data: the shards come from a local HTTP server, and the
-    resume recognises the shard set at its URL (data/remote.py)."""
+    """bf16 weights with fp32 main weights in the optimizer; a resume from the step-3 checkpoint logs
+    the uninterrupted run's losses exactly. Also the end-to-end check of remote data: the shards come
+    from a local HTTP server, and the resume recognises the shard set at its URL (data/remote.py)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
     run = tmp_path / "run"
     with ShardServer(char_shards.parent) as server:
         args = [
             f"data.dir={server.url}/{char_shards.name}",
-            f"run.dir={run}",
             *FAST,
             "train.bf16=true",
             "logging.wandb=disabled",
             "train.save_every=3",
+            "train.max_steps=6",  # both runs: the same lr schedule
         ]
-        first = run_cli("pretrain.train", *args, "train.max_steps=3")
+        first = run_cli("pretrain.train", *args, f"run.dir={run}")
         assert first.returncode == 0, first.stderr[-3000:]
-        second = run_cli("pretrain.train", *args, "train.max_steps=6")
+        # the run dir as a crash after the step-3 checkpoint leaves it (its later lines gone: the resumed
+        # run's steps 4-6 are its own)
+        resumed = tmp_path / "resumed"
+        shutil.copytree(run, resumed)
+        shutil.rmtree(resumed / "checkpoints" / "step_6")
+        (resumed / "checkpoints" / "latest").write_text("step_3\n")
+        metrics = resumed / "metrics.jsonl"
+        lines = metrics.read_text().splitlines(keepends=True)
+        metrics.write_text("".join(line for line in lines if json.loads(line).get("step", 0) <= 3))
+        second = run_cli("pretrain.train", *args, f"run.dir={resumed}")
         assert second.returncode == 0 and "resumed from" in second.stdout, second.stderr[-3000:]
         assert any(name.endswith(".tar") for name in server.requests)  # the shards came over HTTP
-    steps = losses(run)
-    assert sorted(steps) == list(range(1, 7)) and steps[6] < steps[1]
+    steps, again = losses(run), losses(resumed)
+    logged = [r["step"] for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r]
+    assert sorted(steps) == logged == list(range(1, 7)) and steps[6] < steps[1]
+    assert [again[s] for s in range(4, 7)] == [steps[s] for s in range(4, 7)]
+    # bf16 was in effect: the saved model weights are bf16, the optimizer keeps fp32 main copies of them
+    saved = FileSystemReader(str(resumed / "checkpoints" / "step_6")).read_metadata().state_dict_metadata
+    dtypes = {name: meta.properties.dtype for name, meta in saved.items() if hasattr(meta, "properties")}  # tensors
+    weights = {n: d for n, d in dtypes.items() if n.startswith(("embedding.", "decoder."))}
+    main = {n: d for n, d in dtypes.items() if n.startswith("optimizer.state.fp32_param.")}
+    assert weights and set(weights.values()) == {torch.bfloat16}, dtypes
+    assert {n.removeprefix("optimizer.state.fp32_param.") for n in main} == set(weights)  # one of each
+    assert set(main.values()) == {torch.float32}, dtypes

@@ -125,6 +125,37 @@ def test_weight_changes_at_resumes_repeat_and_skip_nothing(char_shards: Path, sm
     assert len([1 for s, _ in seen if s == 1]) > 2 * 108  # books went through its epochs
 
 
+def test_a_source_of_weight_0_pauses_and_goes_on_where_it_paused(char_shards: Path, small_char_shards: Path) -> None:
+    seen, books, changed, state = [], [], [], None
+    for weights, steps in (((0.7, 0.3), 10), ((1.0, 0.0), 12), ((0.5, 0.5), 10)):
+        got, state, loader = run(two(char_shards, small_char_shards, weights), 2, steps, state=state)
+        seen.append(got)
+        books.append(state["sources"]["books"])
+        changed.append(loader.changed)
+    assert changed[1] == ({"books": 0.3, "web": 0.7}, {"web": 1.0, "books": 0.0})
+    assert len(seen[1]) == 96 and {s for s, _ in seen[1]} == {0}  # web only while books' weight is 0
+    place = [(b["epoch"], b["position"]) for b in books]
+    assert place[1] == place[0] < place[2]  # books' place kept through the pause, then read on from it
+    for index, directory in enumerate((char_shards, small_char_shards)):
+        ids = [i for got in seen for s, i in got if s == index]
+        assert ids == own_order(load_manifest(directory), len(ids))  # no sample repeated or skipped
+    assert abs(sum(s == 1 for s, _ in seen[2]) - 40) < K  # half of the last 80 samples again (within a row)
+
+
+def test_val_loss_is_the_weighted_mean_of_the_sources_of_weight_above_0() -> None:
+    from data.mixture import normalised
+    from pretrain.mixture import per_source_validation
+
+    losses = {"web": 2.0, "books": 4.0, "code": 10.0}  # "raw" has no validation split
+    weights = normalised({"web": 2, "books": 1, "code": 0, "raw": 1})  # 0.5, 0.25, 0, 0.25
+    out = per_source_validation(losses, weights)
+    want = (0.5 * 2.0 + 0.25 * 4.0) / 0.75  # code (paused) and raw (no split) left out
+    assert out.keys() == {"val_loss/web", "val_loss/books", "val_loss/code", "val_loss", "val_ppl"}
+    assert out["val_loss"] == pytest.approx(want) and out["val_ppl"] == pytest.approx(np.exp(want))
+    assert (out["val_loss/web"], out["val_loss/books"], out["val_loss/code"]) == (2.0, 4.0, 10.0)
+    assert per_source_validation({"code": 10.0}, weights) == {"val_loss/code": 10.0}  # no mean of weight 0
+
+
 def test_one_source_runs_continue_in_a_mixture_and_back(char_shards: Path, small_char_shards: Path) -> None:
     web = load_manifest(char_shards)
     single = TrainLoader(web, Layout(8, 4), SEED, K)

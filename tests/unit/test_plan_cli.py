@@ -4,6 +4,7 @@ layouts that fit, fastest first, ``--json`` parses, ``train.preflight`` refuses 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -53,20 +54,48 @@ def test_each_check_fails_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixt
         assert f"FAIL  {lines[0][len('error: '):]}" in out
 
 
+# GPT-2 small (Radford et al. 2019): 124,439,808 parameters; with its vocabulary padded to 50304, 124,475,904
+GPT2_SMALL, H, LAYERS, VOCAB, SEQ = 124_475_904, 768, 12, 50304, 1024
+KINDS = ("params", "grads", "optimizer", "activations", "comm_buffers", "logits")
+
+
 def test_plan_itemises_memory_and_time(capsys: pytest.CaptureFixture) -> None:
     args = [*H100, "model=gpt2-small", "parallel.tp=2", "parallel.pp=2", "parallel.vpp=3", "train.micro_batch=2"]
     code, out, err = plan_run([*args, "train.global_batch=64", "train.bf16=true"], capsys, True)
     report = json.loads(out)
     assert code == 0 and not err and report["ok"] and report["layout"]["dp"] == 2
+    assert report["model"]["params"] == GPT2_SMALL and report["model"]["padded_vocab"] == VOCAB
     ranks = report["memory"]["ranks"]
     assert [r["rank"] for r in ranks] == ["pp0", "pp1"] and report["memory"]["largest"] in ("pp0", "pp1")
-    for r in ranks:
-        kinds = ("params", "grads", "optimizer", "activations", "comm_buffers", "logits")
-        assert sum(r[f"{k}_gib"] for k in kinds) == pytest.approx(r["total_gib"])
+    for r in ranks:  # mixed precision's bytes per parameter: bf16 weights 2, fp32 main grads 4, and Adam's two
+        # fp32 moments + fp32 master copy (12) sharded over dp=2 by the distributed optimizer: 6
+        assert r["grads_gib"] == pytest.approx(2 * r["params_gib"]) and r["params_gib"] > 0
+        assert r["optimizer_gib"] == pytest.approx(3 * r["params_gib"], rel=1e-4)
+    # the two stages' weights times tp=2 are the model once, plus the last stage's copy of the tied
+    # embedding (the output layer); what is left is replicated across tp (position embeddings, norms, biases)
+    held = sum(r["params_gib"] for r in ranks) * (1 << 30) / 2 * 2  # bytes / 2 (bf16) x tp
+    assert GPT2_SMALL + VOCAB * H < held < 1.01 * (GPT2_SMALL + VOCAB * H)
     time = report["time"]
-    assert sum(time["terms_s"].values()) == pytest.approx(time["step_s"])
     assert time["terms_s"]["pp_bubble"] > 0 and time["terms_s"]["tp_comm"] > 0 and 0 < time["mfu"] < 1
     assert time["tokens_per_s"] == pytest.approx(64 * 1024 / time["step_s"])
+    # MFU from the model's FLOPs per token, counted here: 6 x matmul weights (12 h^2 per layer, the output
+    # layer) + 6 x layers x seq x h (attention), over 8 H100s at 989 TFLOP/s
+    flops_per_token = 6 * (LAYERS * 12 * H * H + H * VOCAB) + 6 * LAYERS * SEQ * H
+    assert time["mfu"] == pytest.approx(flops_per_token * time["tokens_per_s"] / (8 * 989e12), rel=1e-6)
+    # the text report prints the numbers of the JSON report: each rank's row, each step-time term
+    code, text, err = plan_run([*args, "train.global_batch=64", "train.bf16=true"], capsys)
+    assert code == 0 and not err
+    lines = text.splitlines()
+    for r in ranks:
+        (row,) = [line.split() for line in lines if re.fullmatch(rf"\s*{r['rank']}(\s+[\d.]+){{7}}", line)]
+        want = [r[f"{k}_gib"] for k in KINDS] + [r["total_gib"]]
+        assert [float(v) for v in row[1:]] == pytest.approx(want, abs=0.005), row
+    (line,) = [line for line in lines if line.startswith("step time ")]
+    step, shown = re.fullmatch(r"step time (\S+) s = (.+)", line).groups()
+    printed = [term.rsplit(" ", 1) for term in shown.split(" + ")]
+    assert float(step) == pytest.approx(time["step_s"], rel=5e-4)
+    assert [float(v) for _, v in printed] == pytest.approx([v for v in time["terms_s"].values() if v > 0], rel=5e-3)
+    assert {"TP comm", "PP bubble", "DP grad reduce"} <= {name for name, _ in printed}
     code, out, err = plan_run([*args, "train.global_batch=64", "hardware.memory_gb=0.5"], capsys)  # a 0.5 GiB device
     assert code == 2 and err.startswith("error: preflight: rank pp") and "> 0.5 GiB on h100-sxm; try" in err
 
