@@ -82,6 +82,39 @@ def groups_of(config_name: str = "config") -> tuple[str, ...]:
     return tuple(sorted(name for name in names if (CONF_DIR / name).is_dir()))
 
 
+def answer_help(argv: list[str], config_name: str, groups: tuple[str, ...] | None = None) -> None:
+    """``--help`` / ``-h``: this command's own groups and keys, then exit 0.
+
+    Hand-written because Hydra's help lists every group of the config dir (those of other commands
+    too) and rebuilds its config repository once per group (a deep copy each: seconds); this composes
+    the command's config once. Overrides on the same line are applied, so ``model=llama-tiny --help``
+    shows that preset's values. ``--hydra-help`` is still Hydra's."""
+    if not any(arg in ("--help", "-h") for arg in argv):
+        return
+    from omegaconf import OmegaConf
+
+    overrides = [arg for arg in argv if "=" in arg and not arg.startswith("-")]
+    try:
+        cfg = compose(overrides, config_name)
+    except Exception:  # noqa: BLE001 - a bad override: show the defaults (running it says what is wrong)
+        cfg = compose([], config_name)
+    own = groups_of(config_name) if groups is None else groups
+    lines = [
+        f"{Path(sys.argv[0]).name}: key=value overrides of the config below (conf/{config_name}.yaml); "
+        "group=option picks a preset.",
+        "  --cfg job: print the composed config and exit; --multirun: sweep comma-separated values; "
+        "--hydra-help: Hydra's own flags",
+        "",
+    ]
+    if own:
+        lines.append("== Configuration groups ==")
+        lines += [f"{g}: {', '.join(sorted(p.stem for p in (CONF_DIR / g).glob('*.yaml')))}" for g in own]
+        lines.append("")
+    lines += ["== Config ==", OmegaConf.to_yaml(cfg).rstrip()]
+    print("\n".join(lines))
+    sys.exit(0)
+
+
 def check_group_choices(argv: list[str], groups: tuple[str, ...] | None = None, config_name: str | None = None) -> None:
     """Refuse a bad command line in one line (exit 2) before Hydra composes it: an unknown preset
     (``parallel=nope``: the known ones are listed), an unknown key (``train.nope=1``), a value of
@@ -93,6 +126,7 @@ def check_group_choices(argv: list[str], groups: tuple[str, ...] | None = None, 
     running command (``gpt-finetune`` / ``pretrain/finetune.py``: ``finetune``, else ``config``)."""
     if config_name is None:
         config_name = "finetune" if Path(sys.argv[0]).stem in ("finetune", "gpt-finetune") else "config"
+    answer_help(argv, config_name, groups)
     overrides, multirun, extra_dirs = [], False, []
     args = iter(argv)
     for arg in args:

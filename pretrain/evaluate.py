@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -186,8 +187,9 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    from conf.cli import quiet_third_party
+    from conf.cli import answer_help, quiet_third_party
 
+    answer_help(sys.argv[1:], "eval", groups=())
     quiet_third_party()
     _hydra_main()
 

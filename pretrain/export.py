@@ -129,8 +129,9 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    from conf.cli import quiet_third_party
+    from conf.cli import answer_help, quiet_third_party
 
+    answer_help(sys.argv[1:], "export", groups=())
     refuse_unknown_keys(sys.argv[1:], "export")
     quiet_third_party()
     _hydra_main()

@@ -7,6 +7,8 @@ checkpoint is also missing, and no model is loaded for a command that cannot run
 
 from __future__ import annotations
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -57,8 +59,9 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    from conf.cli import quiet_third_party
+    from conf.cli import answer_help, quiet_third_party
 
+    answer_help(sys.argv[1:], "generate", groups=())
     quiet_third_party()
     _hydra_main()
 

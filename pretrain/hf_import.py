@@ -397,9 +397,10 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    from conf.cli import quiet_third_party
+    from conf.cli import answer_help, quiet_third_party
     from pretrain.export import refuse_unknown_keys
 
+    answer_help(sys.argv[1:], "import", groups=())
     refuse_unknown_keys(sys.argv[1:], "import")
     quiet_third_party()
     _hydra_main()

@@ -130,3 +130,33 @@ def test_engine_differences_live_in_the_capabilities_table() -> None:
         if compared.search(line)
     ]
     assert not found, "\n".join(found)
+
+
+HELP = {  # module, its config, the groups it selects presets of (conf/cli.py groups_of), a key of its own
+    "data.prepare": ("prepare", (), "tokenizer:"),
+    "pretrain.train": ("config", None, "max_steps:"),
+    "pretrain.finetune": ("finetune", None, "aux_lm_weight:"),
+    "pretrain.evaluate": ("eval", (), "num_fewshot:"),
+    "pretrain.generate": ("generate", (), "max_new_tokens:"),
+    "pretrain.export": ("export", (), "overwrite:"),
+    "pretrain.hf_import": ("import", (), "source:"),
+    "pretrain.plan": ("plan", None, "search:"),
+}
+
+
+@pytest.mark.parametrize("module", HELP)
+def test_help_lists_only_the_commands_own_groups_and_keys(module: str) -> None:
+    from conf.cli import CONF_DIR, groups_of
+
+    config_name, groups, key = HELP[module]
+    done = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    head, _, config = done.stdout.partition("== Config ==")
+    _, has_groups, section = head.partition("== Configuration groups ==")
+    listed = [line.split(":")[0] for line in section.splitlines() if ": " in line] if has_groups else []
+    own = groups_of(config_name) if groups is None else groups
+    assert listed == list(own)
+    assert "schema" not in listed  # Hydra's help listed the typed schemas and every other command's groups
+    assert any(line.startswith(key) or line.strip().startswith(key) for line in config.splitlines()), config
+    known = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
+    assert set(listed) <= known
