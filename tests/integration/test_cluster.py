@@ -98,8 +98,9 @@ def test_preempted_two_node_run_requeues_and_resumes_on_one_node(char_shards: Pa
     assert len(offline) == 2 and all(p.name.endswith(wandb_id) for p in offline)
 
 
-def _watchdog_case(char_shards: Path, tmp_path: Path, how: signal.Signals) -> tuple[str, float]:
-    """Stop node 1 (killed or frozen) after a checkpoint; node 0 must fail with the watchdog's message."""
+def _watchdog_case(char_shards: Path, tmp_path: Path, how: signal.Signals, resume: bool) -> tuple[str, float]:
+    """Stop node 1 (killed or frozen) after a checkpoint; node 0 must fail with the watchdog's message.
+    With ``resume``, one node then finishes the run from the last complete step."""
     timeout_s = 15
     run = tmp_path / "run"
     args = [f"data.dir={char_shards}", f"run.dir={run}", "train.max_steps=100", "train.save_every=20"]
@@ -119,6 +120,8 @@ def _watchdog_case(char_shards: Path, tmp_path: Path, how: signal.Signals) -> tu
     assert elapsed < timeout_s + 20, f"node 0 took {elapsed:.0f} s to fail"
     complete = latest_step(run)
     assert complete >= 20 and complete % 20 == 0
+    if not resume:
+        return log, elapsed
 
     one = start_node(0, 1, free_port(), tmp_path / "resume.log", *args)
     try:
@@ -132,7 +135,7 @@ def _watchdog_case(char_shards: Path, tmp_path: Path, how: signal.Signals) -> tu
 
 @pytest.mark.serial
 def test_killed_node_fails_the_other_with_the_watchdog_message(char_shards: Path, tmp_path: Path) -> None:
-    log, _ = _watchdog_case(char_shards, tmp_path, signal.SIGKILL)
+    log, _ = _watchdog_case(char_shards, tmp_path, signal.SIGKILL, resume=True)
     line = next(x for x in log.splitlines() if x.startswith("watchdog:"))
     assert line.startswith("watchdog: rank 0 of 2, step ") and "operation '" in line, line
 
@@ -140,7 +143,7 @@ def test_killed_node_fails_the_other_with_the_watchdog_message(char_shards: Path
 @pytest.mark.serial
 def test_hung_node_fails_the_other_within_the_timeout(char_shards: Path, tmp_path: Path) -> None:
     """A frozen peer (no socket error, as when a node's network dies) is caught by the timeout."""
-    log, elapsed = _watchdog_case(char_shards, tmp_path, signal.SIGSTOP)
+    log, elapsed = _watchdog_case(char_shards, tmp_path, signal.SIGSTOP, resume=False)  # the resume: above
     line = next(x for x in log.splitlines() if x.startswith("watchdog:"))
     assert "rank 0 of 2, step " in line and ("parallel.timeout_s=15" in line or "timed out" in line.lower()), line
     assert elapsed >= 14, f"failed after {elapsed:.1f} s, before the 15 s timeout"
