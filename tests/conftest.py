@@ -18,19 +18,20 @@ TINYSHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
 
 # Under pytest-xdist (tests/run.sh: two workers), the tests that share an expensive session or module
 # fixture run on one worker, so the fixture is built once: a group per fixture.
-SHARED_FIXTURE_GROUPS = {
-    "trained_runs": "trained-runs",
-    "runs": "layouts",
-    "llama_tiny_single": "layouts",
+SHARED_FIXTURE_GROUPS = {  # the first fixture of the list that a test uses names its group
+    "trained_runs": "trained-runs",  # session: 3 torchrun trainings, read by eval/export/fine-tuning
+    "runs": "parallel-layouts",  # test_parallel's module cache: a layout trained once, resharded later
+    "ds_runs": "deepspeed-layouts",  # test_deepspeed's module cache
     "base_run": "faults",
 }
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        group = next((g for name, g in SHARED_FIXTURE_GROUPS.items() if name in item.fixturenames), None)
-        if group is not None:
-            item.add_marker(pytest.mark.xdist_group(group))
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """As each test is collected (before any ``pytest_collection_modifyitems``, where xdist reads the
+    groups into the test ids): the group of the expensive fixture it uses, if any."""
+    group = next((g for name, g in SHARED_FIXTURE_GROUPS.items() if name in item.fixturenames), None)
+    if group is not None:
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session", autouse=True)
