@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -199,7 +200,8 @@ def test_one_writer_per_run_dir_sighup_saves_a_requeue_resumes_and_ctrl_c_saves(
 def test_a_crafted_pickle_never_runs_torn_metrics_and_inherited_fault_variables_change_nothing(
     char_shards: Path, base_run: Path, run_copy: Path, tmp_path: Path
 ) -> None:
-    """step_6's RNG file is replaced by a pickle that would run a command (its checksum updated to
+    """A run killed with kill -9 left its lease (its pid is dead): it is taken over with a note.
+    step_6's RNG file is replaced by a pickle that would run a command (its checksum updated to
     match): the step is refused as unreadable and the run resumes from step_4. The last metrics line
     is torn. GPT_FAULT_NAN_STEPS without the test switch is ignored. Steps 5 and 6 come out as
     in the uninterrupted run."""
@@ -221,12 +223,18 @@ def test_a_crafted_pickle_never_runs_torn_metrics_and_inherited_fault_variables_
     (step_6 / checksums.MANIFEST).write_text(json.dumps(listed))
     with (run_copy / "metrics.jsonl").open("a") as metrics:
         metrics.write('{"step": 7, "loss": 3.9')  # cut off by a crash
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lease = {"host": socket.gethostname(), "pid": dead.pid, "token": "gone", "since": 0.0, "heartbeat": time.time()}
+    (run_copy / ".lease.json").write_text(json.dumps(lease))  # left by a run killed with kill -9
     env = {"GPT_FAULT_NAN_STEPS": "5"}  # inherited, without GPT_TEST_HARNESS=1
     result = train(char_shards, run_copy, "train.max_steps=6", "train.save_every=2", env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert not payload.exists()
     assert "step_6 is not intact (unreadable: UnpicklingError" in result.stderr, result.stderr[-3000:]
     assert "dropped 1 malformed line" in result.stdout and "test fault" not in result.stderr
+    assert f"took over the lease of run.dir={run_copy} from host" in result.stdout
+    assert f"pid {dead.pid} is not running" in result.stdout and not (run_copy / ".lease.json").exists()
     assert losses(run_copy) == losses(base_run)
 
 
