@@ -21,6 +21,8 @@ def is_safe_name(value: object, subdirs: bool = False) -> bool:
     if not isinstance(value, str) or not value or "\\" in value or "\0" in value:
         return False
     parts = PurePosixPath(value).parts
-    if not subdirs and len(parts) != 1:
+    if not parts or value.endswith("/") or (not subdirs and len(parts) != 1):
+        return False
+    if any(part in (".", "..") for part in value.split("/")):  # PurePosixPath drops "." parts
         return False
     return not value.startswith("/") and all(p not in ("", ".", "..") for p in parts) and "//" not in value

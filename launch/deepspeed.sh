@@ -46,7 +46,7 @@ set -m
 child=$!
 set +m
 # a kill -9 of this script ends the job too: a watcher kills the group once this shell is gone
-( while kill -0 $$ 2>/dev/null; do sleep 1; done; kill -s KILL -- "-$child" 2>/dev/null ) &
+( trap '' INT TERM HUP USR1; while kill -0 $$ 2>/dev/null; do sleep 1; done; kill -s KILL -- "-$child" 2>/dev/null ) &
 watcher=$!
 trap 'kill "$watcher" 2>/dev/null || true; rm -f "$status"' EXIT  # (set -e holds in traps too)
 trap 'kill -s TERM -- "-$child" 2>/dev/null || true' TERM USR1 INT HUP

@@ -93,7 +93,14 @@ def load_rng_file(path: Path) -> dict[str, Any]:
     numpy's state array, so numpy's array reconstructors (data only, no code) are allowed too.
     A file that needs anything else raises instead of running it."""
     core = getattr(np, "_core", None) or np.core
-    allowed = [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    rebuild = core.multiarray._reconstruct  # pickled as numpy.core.* by numpy 1.x, numpy._core.* by 2.x
+    allowed = [
+        (rebuild, "numpy.core.multiarray._reconstruct"),
+        (rebuild, "numpy._core.multiarray._reconstruct"),
+        np.ndarray,
+        np.dtype,
+        type(np.dtype(np.uint32)),
+    ]
     with torch.serialization.safe_globals(allowed):
         return torch.load(path, weights_only=True)
 

@@ -24,6 +24,7 @@ skew between nodes by far (the default is minutes; NTP keeps skews under a secon
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import socket
@@ -53,6 +54,7 @@ class Holder:
     heartbeat: float
     slurm_job_id: str | None = None
     slurm_restart: int = 0  # SLURM_RESTART_COUNT: a requeued job keeps its id and counts up
+    expiry_s: float = 0.0  # the holder's own run.lease_expiry_s: a reader never judges it by a shorter one
 
     @classmethod
     def me(cls) -> Holder:
@@ -78,6 +80,7 @@ class Holder:
                 float(raw["heartbeat"]),
                 None if raw.get("slurm_job_id") is None else str(raw["slurm_job_id"]),
                 int(raw.get("slurm_restart", 0)),
+                float(raw.get("expiry_s", 0.0)),
             )
         except (ValueError, KeyError, TypeError):
             return cls("?", 0, "", mtime, mtime)
@@ -111,7 +114,7 @@ def _pid_alive(pid: int) -> bool:
 
 def why_stale(holder: Holder, expiry_s: float, me: Holder) -> str | None:
     """Why ``holder`` no longer holds the run dir, or None while it may still be running."""
-    age = time.time() - holder.heartbeat
+    age, expiry_s = time.time() - holder.heartbeat, max(expiry_s, holder.expiry_s)
     if holder.token == "":
         return f"its lease file is unreadable and {age:.0f} s old" if age > expiry_s else None
     if holder.host == me.host and not _pid_alive(holder.pid):
@@ -131,7 +134,7 @@ class Lease:
         self.path = Path(run_dir) / LEASE
         self.expiry_s = float(expiry_s)
         self.takeover = takeover
-        self.holder = Holder.me()
+        self.holder = dataclasses.replace(Holder.me(), expiry_s=self.expiry_s)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lost: str | None = None
@@ -149,11 +152,11 @@ class Lease:
                 continue
             reason = "run.takeover=true" if self.takeover else why_stale(current, self.expiry_s, self.holder)
             if reason is None:
-                age = time.time() - current.heartbeat
+                age, expiry = time.time() - current.heartbeat, max(self.expiry_s, current.expiry_s)
                 raise UserError(
                     f"run.dir={self.path.parent} is in use by another run ({current.describe()}, heartbeat "
                     f"{age:.0f} s ago); wait for it to end, or if it is gone pass run.takeover=true "
-                    f"(it expires {max(0.0, self.expiry_s - age):.0f} s after its last heartbeat)"
+                    f"(it expires {max(0.0, expiry - age):.0f} s after its last heartbeat)"
                 )
             if self._remove_if(current.token):
                 note = f"note: took over the lease of run.dir={self.path.parent} from {current.describe()}: {reason}"
@@ -163,17 +166,29 @@ class Lease:
         self._thread.start()
         return note
 
-    def _link(self, path: Path) -> bool:
-        """Create ``path`` holding this holder, atomically and only if it does not exist."""
+    def _link(self, path: Path, holder: Holder | None = None) -> bool:
+        """Create ``path`` holding ``holder`` (this one), atomically and only if it does not exist:
+        ``os.link`` of a complete temp file, or where a file system has no hard links (FUSE mounts of
+        object stores), ``O_CREAT | O_EXCL`` (exclusive there too, but a reader may see it empty)."""
+        text = (holder or self.holder).to_json()
         tmp = self.path.with_name(f"{LEASE}.{self.holder.token}.tmp")
-        tmp.write_text(self.holder.to_json())
+        tmp.write_text(text)
         try:
             os.link(tmp, path)
             return True
         except FileExistsError:
             return False
+        except OSError:  # EPERM / ENOTSUP: no hard links here
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "w") as handle:
+                handle.write(text)
+            return True
         finally:
-            tmp.unlink()
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
 
     def _remove_if(self, token: str) -> bool:
         """Remove the lease file if it still names ``token`` (the holder judged gone); whether it did.
@@ -183,12 +198,18 @@ class Lease:
         (``.lease.json.break``), held for those two steps only; one left by a taker killed in
         between is stale after ``BREAK_STALE_S``."""
         breaker = self.path.with_name(f"{LEASE}.break")
+        mine = dataclasses.replace(self.holder, heartbeat=time.time())  # the break file's own age
         deadline = time.monotonic() + BREAK_WAIT_S
-        while not self._link(breaker):
+        while not self._link(breaker, mine):
             other = Holder.read(breaker)
             if other is not None and time.time() - other.heartbeat > BREAK_STALE_S:
-                with contextlib.suppress(FileNotFoundError):
-                    breaker.unlink()
+                aside = breaker.with_name(f"{breaker.name}.{uuid.uuid4().hex[:8]}.stale")
+                with contextlib.suppress(FileNotFoundError):  # one renamer wins; it re-checks what it moved
+                    os.replace(breaker, aside)
+                    moved = Holder.read(aside)
+                    if moved is not None and moved.token != other.token:  # a fresh one: put it back
+                        self._link(breaker, moved)
+                    aside.unlink()
                 continue
             if time.monotonic() > deadline:
                 return False
@@ -197,10 +218,14 @@ class Lease:
             current = Holder.read(self.path)
             if current is None or current.token != token:
                 return False
-            self.path.unlink()
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
             return True
         finally:
-            breaker.unlink()
+            held = Holder.read(breaker)
+            if held is not None and held.token == mine.token:
+                with contextlib.suppress(FileNotFoundError):
+                    breaker.unlink()
 
     def _beat(self) -> None:
         """Rewrite the heartbeat in place, in the file this holder reads: if a taker replaced the lease

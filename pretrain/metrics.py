@@ -105,7 +105,7 @@ class Metrics:
             tqdm.write(text)
 
     def close(self) -> None:
-        if not self.enabled:
+        if not self.enabled or self.file.closed:  # closed once, whatever calls it again
             return
         self.bar.close()
         self.file.close()

@@ -38,6 +38,8 @@ class StopRequest:
     def install(self) -> StopRequest:
         """Catch the signals from now on (forked helpers ignore them: ``parallel/process_hygiene.py``)."""
         for sig in self.signals:
+            if signal.getsignal(sig) is signal.SIG_IGN:  # started ignoring it (nohup: SIGHUP): keep that
+                continue
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 

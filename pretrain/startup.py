@@ -11,6 +11,7 @@ rank 0. The lease on the run dir (``take_lease``) is taken before any of it.
 from __future__ import annotations
 
 import dataclasses
+import gc
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,8 @@ def take_lease(cfg: DictConfig, run_dir: Path, rank0: bool) -> Lease | None:
                 print(note, flush=True)
         except UserError as exc:
             lease, problem = None, str(exc)
+        except OSError as exc:  # every rank must hear it: the others wait in the broadcast below
+            lease, problem = None, f"run.dir={run_dir}: cannot create its lease ({exc.strerror or exc})"
     if dist.is_initialized() and dist.get_world_size() > 1:
         gathered: list = [problem]
         dist.broadcast_object_list(gathered, src=0)
@@ -158,7 +161,9 @@ def resume(
             state, problem = load_agreed(ckpts, latest, engine)
         if problem is None:
             break
-        engine = build(resuming=True)  # a half-done load may have changed the engine's state
+        del engine  # a half-done load may have changed its state; free it before building the next
+        gc.collect()
+        engine = build(resuming=True)
         events.append(ckpts.fallback(latest, problem))
         latest, more = ckpts.select(older_than=int(latest.name[len(PREFIX) :]))
         events += more

@@ -68,15 +68,18 @@ class Trainer:
             self.engine = start.engine
             if start.step >= int(cfg.train.max_steps):
                 self._say_done(start)
+                self.stop.uninstall()  # a Ctrl-C in the task's final outputs is an ordinary Ctrl-C
                 return task.finish(self.engine, topo, start.step, None, trained=False)
             self.metrics = self._open_metrics(start)
             teardown.callback(self.metrics.close)
             step, stopped, last_eval = self.loop(start.step)
             self.finalize(step, blocking=True)
-        if stopped is not None:
-            code = INTERRUPTED_EXIT_CODE if stopped == "SIGINT" else int(cfg.train.requeue_exit_code)
-            return {"step": step, "exit_code": code, **(last_eval or {})}
-        return task.finish(self.engine, self.topo, step, last_eval, trained=True)
+            if stopped is not None:
+                code = INTERRUPTED_EXIT_CODE if stopped == "SIGINT" else int(cfg.train.requeue_exit_code)
+                return {"step": step, "exit_code": code, **(last_eval or {})}
+            self.stop.uninstall()
+            self.metrics.close()  # metrics and plots complete before the final outputs, under the lease
+            return task.finish(self.engine, self.topo, step, last_eval, trained=True)
 
     def _say_done(self, start: Start) -> None:
         if self.topo.rank == 0:
@@ -108,6 +111,9 @@ class Trainer:
             if policy.consecutive >= policy.max_skipped:
                 self.finalize(step, blocking=True)  # an in-flight save is of a good state: commit it
                 policy.check()
+            lost = self.lease.lost() if self.lease is not None else None
+            if lost is not None:  # another run took run.dir over: it is the writer now (rank 0 holds the lease)
+                raise RunError(f"run.dir={self.run_dir}: this run lost its lease ({lost}); stopped without saving")
             last = step == max_steps
             saved_now = (save_every > 0 and step % save_every == 0) or (last and save_every >= 0)
             if saved_now:  # before evaluation: a failing evaluation never costs the step's checkpoint
@@ -123,9 +129,6 @@ class Trainer:
                     record = in_loop.run(self.engine, self.topo, step, watchdog.beat)
                 if record:
                     self.metrics.log({"step": step, **record}, console=True)
-            lost = self.lease.lost() if self.lease is not None else None
-            if lost is not None:  # another run took run.dir over: it is the writer now
-                raise RunError(f"run.dir={self.run_dir}: this run lost its lease ({lost}); stopped without saving")
             with watchdog.watch("preemption-signal agreement", step):
                 stopped = self.stop.agreed() if not last else None
             if stopped is not None:

@@ -203,3 +203,29 @@ def test_fault_hooks_do_nothing_without_the_test_switch(monkeypatch: pytest.Monk
     monkeypatch.setenv("GPT_FAULT_NAN_STEPS", "abc")
     with pytest.raises(UserError, match="GPT_FAULT_NAN_STEPS=abc: expected comma-separated integers"):
         SkipPolicy(None, 10)
+
+
+def test_a_holder_is_judged_by_its_own_longer_expiry_and_names_stay_inside(tmp_path: Path) -> None:
+    from data.safe_paths import is_safe_name
+
+    run = tmp_path / "run"
+    write_holder(run, host="elsewhere", heartbeat=time.time() - 100, expiry_s=3600.0)
+    with pytest.raises(UserError, match="in use by another run"):
+        Lease(run, expiry_s=60).acquire()  # 100 s old is fresh for a holder that beats every 600 s
+    assert [is_safe_name(n, subdirs=True) for n in (".", "a/", "a/./b", "a/b", "../a")] == [0, 0, 0, 1, 0]
+
+
+def test_a_signal_ignored_at_start_stays_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``nohup gpt-pretrain ... &``: a closed terminal must not stop a run started that way."""
+    import signal
+
+    from pretrain.preemption import StopRequest
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        stop = StopRequest(["SIGHUP", "SIGUSR1"]).install()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGUSR1) == stop._handle
+        stop.uninstall()
+    finally:
+        signal.signal(signal.SIGHUP, previous)
