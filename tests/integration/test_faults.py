@@ -150,7 +150,17 @@ def start_long_run(data: Path, run: Path, *args: str, after: int = 0) -> subproc
     cmd = [sys.executable, "-m", "pretrain.train", *ARGS, f"data.dir={data}", f"run.dir={run}"]
     cmd += ["train.max_steps=100000", "train.save_every=0", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # as from a terminal: a suite started under nohup would hand on SIGHUP ignored, and a run
+        # started ignoring a signal keeps ignoring it
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 120
     while not (run / "metrics.jsonl").is_file() or max(losses(run), default=0) <= after:
         if proc.poll() is not None or time.monotonic() > deadline:
