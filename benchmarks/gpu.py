@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pretrain.flops import measured_peak_flops  # noqa: E402
+from pretrain.trainer.flops import measured_peak_flops  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DATASHEET_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense bf16, SXM

@@ -2,7 +2,7 @@
 
 MFU = model FLOPs per token (6·N + attention, ``pretrain.model.flops_per_token``) × tokens/s
 over the device's peak, here a square-matmul measurement in the training dtype taken once at
-the start (``pretrain.flops.measured_peak_flops``, 2 s) and passed to both runs as
+the start (``pretrain.trainer.flops.measured_peak_flops``, 2 s) and passed to both runs as
 ``train.peak_tflops``, so both MFUs are against the same number. Data: tinyshakespeare, char
 tokens, windows of each model's context (64 for tiny, 1024 for gpt2-small).
 
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from benchmarks.common import REPO, TINYSHAKESPEARE  # noqa: E402
-from pretrain.flops import measured_peak_flops  # noqa: E402
+from pretrain.trainer.flops import measured_peak_flops  # noqa: E402
 
 
 def prepare(work: Path, seq_len: int) -> Path:

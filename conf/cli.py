@@ -35,7 +35,7 @@ def fail(message: str, code: int = EXIT_USER_ERROR) -> None:
 def exit_on_user_error() -> Iterator[None]:
     """Turn :class:`UserError` and missing required keys into a one-line error + exit 2,
     :class:`RunError` into one line + exit 1, and a Ctrl-C outside the training loop (which
-    saves first, see ``pretrain/preemption.py``) into one line + exit 130: no tracebacks for
+    saves first, see ``pretrain/trainer/preemption.py``) into one line + exit 130: no tracebacks for
     anything a user can cause."""
     try:
         yield

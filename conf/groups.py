@@ -309,7 +309,7 @@ def fewshot_counts(value: object, key: str = "num_fewshot") -> list[int]:
 
 @dataclass
 class EvalConfig:
-    """In-loop evaluation of gpt-pretrain (``pretrain/in_loop_eval.py``): lm-eval tasks on the weights
+    """In-loop evaluation of gpt-pretrain (``pretrain/eval/in_loop.py``): lm-eval tasks on the weights
     being trained, every ``every_steps`` steps and at the last. The task keys are gpt-eval's, so one
     task file serves both; a task's missing path is refused here, before training, because a run
     that meant to evaluate and cannot should not find out hours later."""

@@ -278,7 +278,7 @@ class MixtureLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """A mixture state whose sources are named as this loader's (``pretrain/mixture.py`` maps an
+        """A mixture state whose sources are named as this loader's (``pretrain/trainer/source_changes.py`` maps an
         older run's names and converts a one-source state). Sources it lacks start at their
         beginning; other weights or sources start a new segment at the next row."""
         if int(state["num_streams"]) != self.num_streams:

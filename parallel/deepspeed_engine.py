@@ -14,7 +14,7 @@ with the same numbers:
 Checkpoints are DeepSpeed's own (``save_checkpoint``) inside the run dir's ``step_<N>``
 directory. Resuming at another data-parallel size converts the step to a DeepSpeed
 *universal* checkpoint (``ds_to_universal``, once, into ``step_<N>/universal``) and loads
-that. ``pretrain/deepspeed_convert.py`` turns a step into the megatron format that
+that. ``pretrain/interop/deepspeed_convert.py`` turns a step into the megatron format that
 ``gpt-finetune``, ``gpt-eval``, ``gpt-generate`` and ``gpt-export`` load.
 """
 

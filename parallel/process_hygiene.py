@@ -8,7 +8,7 @@ otherwise: they are reparented to init and go on holding memory, files and ports
 * our persistent checkpoint writer (``parallel/async_writer.py``, spawned);
 * forked children: megatron's per-bucket checkpoint writers (synchronous saves) and
   DataLoader workers. A fork also inherits the trainer's Python signal handlers: the
-  preemption handler (``pretrain/preemption.py``) only sets a flag, so such a child
+  preemption handler (``pretrain/trainer/preemption.py``) only sets a flag, so such a child
   ignored SIGTERM and took a SIGKILL to stop once orphaned;
 * multiprocessing's resource tracker, which exits by itself once every process holding
   its pipe is gone (the trainer and the spawned helpers above): nothing to do for it.

@@ -5,7 +5,7 @@ the paths and, for ``sentiment``, the answer choices (the label set of the evalu
 file), writes the tasks into ``run.dir/tasks`` and runs lm-eval offline on them once per k.
 ``run.dir`` must be new, empty or an earlier gpt-eval's (``EVAL_DIR_NAMES``): gpt-eval rewrites
 its own files there and refuses a directory holding anything else, before any work.
-In-loop evaluation (``gpt-pretrain eval.every_steps=N``, ``pretrain/in_loop_eval.py``) fills in
+In-loop evaluation (``gpt-pretrain eval.every_steps=N``, ``pretrain/eval/in_loop.py``) fills in
 the same task files through :data:`BUILDERS`, from the same ``eval.*`` keys.
 """
 
@@ -119,8 +119,8 @@ def run_lm_eval(cfg: DictConfig) -> dict[int, dict[str, Any]]:
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from pretrain.inference import load_model
-    from pretrain.lm_eval_model import GPTPretrainLM
+    from pretrain.eval.lm_eval_model import GPTPretrainLM
+    from pretrain.interop.load import load_model
 
     lm = GPTPretrainLM(load_model(str(cfg.checkpoint)), batch_size=int(cfg.batch_size))
     manager = TaskManager(include_path=str(task_dir), include_defaults=False)

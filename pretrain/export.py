@@ -3,7 +3,7 @@
 The classic shape (learned positions, LayerNorm, GELU, biases) exports to ``GPT2LMHeadModel``,
 the modern one (RoPE, RMSNorm, SwiGLU, any number of key/value heads) to ``LlamaForCausalLM``
 and, with QK-norm, to ``Qwen3ForCausalLM``; tied or untied either way. The export is a pure
-re-layout of the weights (``pretrain/hf_weights.py``); what no transformers architecture
+re-layout of the weights (``pretrain/interop/hf_weights.py``); what no transformers architecture
 expresses is refused in one line, not approximated.
 
 ``out`` is an owned output directory (``data/output_dir.py``): new, empty, or an earlier
@@ -54,7 +54,7 @@ def build_hf_model(arch: str, config: Any, weights: dict[str, torch.Tensor]) -> 
     import torch
     import transformers
 
-    from pretrain.hf_weights import CLASSES
+    from pretrain.interop.hf_weights import CLASSES
 
     with torch.device("meta"):
         model = getattr(transformers, CLASSES[arch])(config)
@@ -74,8 +74,8 @@ def export(checkpoint: str, out: str | Path, overwrite: bool = False) -> Path:
     check_output_dir(out, COMMAND, overwrite, inputs=inputs, legacy=legacy_export)  # before any slow import or load
 
     from parallel.train_state import TrainState
-    from pretrain.hf_weights import CLASSES, hf_architecture, hf_config, to_hf
-    from pretrain.inference import load_model
+    from pretrain.interop.hf_weights import CLASSES, hf_architecture, hf_config, to_hf
+    from pretrain.interop.load import load_model
 
     loaded = load_model(checkpoint)
     m = loaded.cfg.model

@@ -3,7 +3,7 @@
 The pretrained checkpoint may come from any layout of either engine: DeepSpeed steps are read
 through their converted megatron view, and megatron-core's ``dist_checkpointing`` reshards the
 weights into this run's (tp, pp, dp). The run then trains through the same Trainer as pretraining
-(``pretrain/trainer.py``): either engine, checkpoints in ``run.dir/checkpoints`` (resumed
+(``pretrain/trainer/loop.py``): either engine, checkpoints in ``run.dir/checkpoints`` (resumed
 automatically, async saves), preemption (SIGTERM → save → exit 75), the watchdog and the skip
 policy; ``metrics.jsonl`` with ``val_acc``, and ``results.json`` at the end.
 """
@@ -20,15 +20,15 @@ from conf.cli import check_group_choices, exit_on_user_error, set_rank_threads
 
 def finetune(cfg: DictConfig) -> dict:
     """Fine-tune under ``cfg`` (as composed by Hydra); returns the results (``exit_code`` when stopped)."""
-    from pretrain.commands import start_training
     from pretrain.tasks.finetune import FinetuneTask
+    from pretrain.trainer.process import start_training
 
     return start_training(cfg, FinetuneTask)
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="finetune")
 def _hydra_main(cfg: DictConfig) -> None:
-    from pretrain.commands import finish_command
+    from pretrain.trainer.process import finish_command
 
     with exit_on_user_error():
         summary = finetune(cfg)

@@ -40,7 +40,7 @@ def generate_text(loaded, prompt: str, max_new_tokens: int, temperature: float, 
     ids = loaded.tokenizer.encode(prompt) if prompt else [loaded.tokenizer.eot_id]
     if len(ids) > loaded.context:
         raise UserError(f"prompt is {len(ids)} tokens, longer than the model's context of {loaded.context}")
-    from pretrain.sampling import sample
+    from pretrain.model.sampling import sample
 
     new = sample(loaded.model, ids, max_new_tokens, loaded.context, loaded.vocab_size, temperature, top_k, seed)
     return loaded.tokenizer.decode((ids if prompt else []) + new)
@@ -52,7 +52,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
     with exit_on_user_error():
         max_new_tokens, temperature, top_k, seed = sampling_args(cfg)  # before the checkpoint: see the module doc
-        from pretrain.inference import load_model  # megatron: imported only once the arguments are fine
+        from pretrain.interop.load import load_model  # megatron: imported only once the arguments are fine
 
         loaded = load_model(str(cfg.checkpoint))
         print(generate_text(loaded, str(cfg.prompt), max_new_tokens, temperature, top_k, seed), flush=True)

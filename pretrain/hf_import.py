@@ -165,7 +165,7 @@ def check_weights(source: Path, files: list[Path], overrides: dict[str, Any], hf
     """Every tensor the mapping reads is there, floating point and of the shape config.json implies,
     and no other (one line naming the tensor, its file and both shapes): checked on the headers, before
     torch is imported or a file written; a reshape of a wrong tensor would fail far from its cause."""
-    from pretrain.hf_weights import expected_shapes, refuse_unknown
+    from pretrain.interop.hf_weights import expected_shapes, refuse_unknown
 
     headers = read_headers(source, files)
     prefix = "transformer." if overrides["position"] == "learned" else "model."
@@ -234,7 +234,7 @@ def load_weights(model: Any, files: list[Path], overrides: dict[str, Any], seq_l
     """Copy the mapped weights into ``model`` one tensor at a time (strict); the source's dtype."""
     import torch
 
-    from pretrain.hf_weights import iter_from_hf
+    from pretrain.interop.hf_weights import iter_from_hf
 
     params = {k: v for k, v in model.state_dict(keep_vars=True).items() if not k.endswith("_extra_state")}
     assigned, dtypes = set(), set()
@@ -262,7 +262,7 @@ def import_model(
     approximate_gelu: bool = False,
 ) -> Path:
     """Write the run dir ``out`` from the transformers model dir ``source``; returns ``out``."""
-    from pretrain.hf_weights import CLASSES, model_overrides
+    from pretrain.interop.hf_weights import CLASSES, model_overrides
 
     source, out = Path(source).expanduser(), Path(out).expanduser()
     check_output_dir(out, COMMAND, overwrite, inputs=[source])

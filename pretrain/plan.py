@@ -1,7 +1,7 @@
 """``gpt-plan``: know before launch whether a layout fits and how fast it will run.
 
 It takes gpt-pretrain's config (the same groups and keys) and a ``hardware`` preset, runs every
-check gpt-pretrain makes before launch (``pretrain/preflight.py``), then estimates per-rank memory
+check gpt-pretrain makes before launch (``pretrain/trainer/preflight.py``), then estimates per-rank memory
 (``parallel/plan/memory.py``) and step time (``parallel/plan/time.py``) at ``hardware.gpus_per_node x
 hardware.nodes`` ranks, without building a model or a process group. ``search=true`` ranks every
 layout of that world size (``parallel/plan/search.py``). ``--json`` prints one JSON object instead
@@ -32,7 +32,7 @@ def _hardware(cfg: DictConfig, rates: bool) -> Any:
 
 
 def _rank_rows(memory: Any, hw: Any) -> list[dict[str, Any]]:
-    from pretrain.preflight import KINDS, GiB
+    from pretrain.trainer.preflight import KINDS, GiB
 
     rows = []
     for i, rank in enumerate(memory.ranks):
@@ -60,7 +60,7 @@ def plan(cfg: DictConfig) -> tuple[dict[str, Any], int]:
 
     check_plan(cfg)  # gpt-plan's own keys (not among gpt-pretrain's checks): one line, before torch is imported
     from parallel.plan.params import Shape, total_params
-    from pretrain.preflight import describe_layout, largest, memory_problem, run_checks
+    from pretrain.trainer.preflight import describe_layout, largest, memory_problem, run_checks
 
     search = bool(cfg.get("search", False))
     if cfg.get("plot") and not search:
@@ -125,7 +125,7 @@ def plan(cfg: DictConfig) -> tuple[dict[str, Any], int]:
 
 def _search(cfg: DictConfig, hw: Any, checked: Any, report: dict[str, Any]) -> tuple[dict[str, Any], int]:
     from parallel.plan.search import search
-    from pretrain.preflight import GiB, largest, resume_problem
+    from pretrain.trainer.preflight import GiB, largest, resume_problem
 
     ranked, dropped = search(cfg, hw, checked.vocab_size, checked.seq_len, lambda c, t: resume_problem(c, t, checked))
     rows = []
@@ -155,7 +155,7 @@ def _search(cfg: DictConfig, hw: Any, checked: Any, report: dict[str, Any]) -> t
     if ranked:
         report["time"] = _time_report(ranked[0].time)
     if cfg.get("plot"):
-        from pretrain.plan_output import plot_search
+        from parallel.plan.report import plot_search
 
         report["search"]["plot"] = plot_search(str(cfg.plot), rows, hw)
     if not rows:
@@ -170,7 +170,7 @@ def _search(cfg: DictConfig, hw: Any, checked: Any, report: dict[str, Any]) -> t
 
 def run(cfg: DictConfig, as_json: bool = False) -> int:
     """Print the plan of ``cfg`` (text, or one JSON object); returns the exit status."""
-    from pretrain.plan_output import render_text
+    from parallel.plan.report import render_text
 
     report, code = plan(cfg)
     if as_json:

@@ -16,15 +16,15 @@ from conf.cli import check_group_choices, exit_on_user_error, set_rank_threads
 
 def train(cfg: DictConfig) -> dict:
     """Pretrain under ``cfg`` (as composed by Hydra); returns the run's summary."""
-    from pretrain.commands import start_training
     from pretrain.tasks.lm import PretrainTask
+    from pretrain.trainer.process import start_training
 
     return start_training(cfg, PretrainTask)
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
-    from pretrain.commands import finish_command
+    from pretrain.trainer.process import finish_command
 
     with exit_on_user_error():
         summary = train(cfg)

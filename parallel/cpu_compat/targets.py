@@ -212,7 +212,7 @@ TARGETS: tuple[Target, ...] = (
     Target("megatron.core.transformer.mlp:MLP.forward", ("self", "hidden_states", "per_token_scale"), _GPT, "override"),
     Target("megatron.core.tensor_parallel:ColumnParallelLinear.forward", ("self", "input_"), _GPT, "override"),
     # in-loop evaluation: lm-eval's per-task progress bar, silenced within one evaluation and restored
-    Target("lm_eval.api.task:tqdm", None, "pretrain.in_loop_eval", "scoped"),
+    Target("lm_eval.api.task:tqdm", None, "pretrain.eval.in_loop", "scoped"),
     # fine-tuning's two-phase lr (finetune.head_only_epochs): a global optimizer pre-hook, removed at the end
     Target("torch.optim.optimizer:register_optimizer_step_pre_hook", ("hook",), "pretrain.tasks.finetune", "call"),
 )

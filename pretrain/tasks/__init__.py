@@ -1,4 +1,4 @@
-"""Tasks: what the one :class:`~pretrain.trainer.Trainer` trains.
+"""Tasks: what the one :class:`~pretrain.trainer.loop.Trainer` trains.
 
 A task supplies the model (a :class:`~parallel.engine.ModelSpec`: how to build it and its
 forward step with the loss), its batches (with an exact, dp-independent state), what it
@@ -23,7 +23,7 @@ from parallel.train_state import TrainState
 
 
 class InLoopEvaluation(Protocol):
-    """What the Trainer calls of ``pretrain/in_loop_eval.py``'s evaluator."""
+    """What the Trainer calls of ``pretrain/eval/in_loop.py``'s evaluator."""
 
     def due(self, step: int, last: bool) -> bool: ...
 

@@ -2,7 +2,7 @@
 
 The model is the pretrained GPT (resharded into this run's layout by megatron-core's
 ``dist_checkpointing``; DeepSpeed runs through their converted megatron view) with three
-added tokens and a linear head on the extract token (``pretrain/finetune_model.py``). The
+added tokens and a linear head on the extract token (``pretrain/tasks/finetune_head.py``). The
 pretrained weights are loaded inside the model builder, before either engine wraps the
 model, so both engines start from them with a fresh optimizer; ``finetune.transfer_layers``
 loads only the embeddings and the lowest blocks there. ``finetune.head_only_epochs`` (LP-FT)
@@ -28,8 +28,8 @@ from parallel.capabilities import capabilities
 from parallel.engine import Engine, ModelSpec, StepResult
 from parallel.topology import Topology
 from parallel.train_state import TrainState
-from pretrain.deepspeed_convert import model_checkpoint
-from pretrain.finetune_data import TaskBatches, eval_micro_batches, write_results
+from pretrain.interop.deepspeed_convert import model_checkpoint
+from pretrain.tasks.finetune_examples import TaskBatches, eval_micro_batches, write_results
 from pretrain.tasks.lm import lm_model_spec
 
 HEAD_PARAMS = "*finetune_head.*"  # the task head's parameter names (under megatron's DDP wrapper)
@@ -91,7 +91,7 @@ def load_pretrained(
     still read: megatron stores the blocks as one tensor per weight with a layer axis."""
     from megatron.core import dist_checkpointing
 
-    from pretrain.finetune_model import init_added_tokens
+    from pretrain.tasks.finetune_head import init_added_tokens
 
     top = top_prefixes(gpt, transfer_layers)
     fresh = {n: t.detach().clone() for n, t in gpt.state_dict().items() if n.startswith(top) and torch.is_tensor(t)}
@@ -251,7 +251,7 @@ class FinetuneTask:
         return True
 
     def model_spec(self, cfg: DictConfig, resuming: bool) -> ModelSpec:
-        from pretrain.finetune_model import FinetuneGPT, make_forward_step, task_batch_shape
+        from pretrain.tasks.finetune_head import FinetuneGPT, make_forward_step, task_batch_shape
 
         seed = int(cfg.train.seed)
         base = lm_model_spec(cfg.model, self.vocab_size + ADDED_TOKENS, seed)

@@ -26,12 +26,12 @@ from data.tokenizer import TOKENIZER_FILE, check_saved_tokenizer, load_tokenizer
 from parallel.engine import Engine, ModelSpec, StepResult
 from parallel.topology import Topology, compute_device
 from parallel.train_state import TrainState
-from pretrain.flops import peak_flops
-from pretrain.in_loop_eval import InLoopEval
-from pretrain.metrics import truncate_after
-from pretrain.mixture import DataResume, open_sources, per_source_validation, weights_line
+from pretrain.eval.in_loop import InLoopEval
 from pretrain.model import build_gpt, flops_per_token, position_ids, transformer_config
-from pretrain.resume import check_data, data_identity
+from pretrain.trainer.flops import peak_flops
+from pretrain.trainer.metrics import truncate_after
+from pretrain.trainer.resume_checks import check_data, data_identity
+from pretrain.trainer.source_changes import DataResume, open_sources, per_source_validation, weights_line
 
 
 def lm_forward_step(data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Callable]:
@@ -51,7 +51,7 @@ def lm_forward_step(data_iterator: Any, model: torch.nn.Module) -> tuple[torch.T
         mask = batch["mask"].to(device, non_blocking=True)
         loss_sum = (per_token.float() * mask).sum()
         count = mask.sum()
-        if "row_sums" in batch:  # in-loop evaluation asks for each sequence's sum (pretrain/in_loop_eval.py)
+        if "row_sums" in batch:  # in-loop evaluation asks for each sequence's sum (pretrain/eval/in_loop.py)
             batch["row_sums"].append((per_token.double() * mask).sum(-1).detach().cpu())
         return loss_sum / count.clamp(min=1), {"loss_sum": loss_sum.detach(), "tokens": count}
 
@@ -120,7 +120,7 @@ class PretrainTask:
     command = "gpt-pretrain"
 
     def __init__(self, cfg: DictConfig):
-        self.sources: list[Source] = []  # data.sources: a mixture (data/mixture.py, pretrain/mixture.py)
+        self.sources: list[Source] = []  # data.sources: a mixture (data/mixture.py, pretrain/trainer/source_changes.py)
         self.resume: DataResume | None = None
         self.mixture_events: list[dict[str, Any]] = []
         if cfg.data.get("sources"):
@@ -261,7 +261,7 @@ class PretrainTask:
         if topo.world_size > 1:
             print("(sample skipped in a multi-process run: use gpt-generate on the checkpoint)")
             return
-        from pretrain.sampling import sample
+        from pretrain.model.sampling import sample
 
         cfg = self.cfg
         tokenizer = load_tokenizer(self.manifest.directory)

@@ -255,7 +255,7 @@ def test_sbatch_template_renders_one_torchrun_per_node_and_requeues(tmp_path: Pa
 
 def test_stop_request_catches_a_signal_and_rejects_unknown_names() -> None:
     from conf.errors import UserError
-    from pretrain.preemption import StopRequest
+    from pretrain.trainer.preemption import StopRequest
 
     stop = StopRequest(["SIGUSR1"]).install()
     try:

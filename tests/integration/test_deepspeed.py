@@ -134,7 +134,7 @@ def test_unsupported_deepspeed_combinations_are_rejected(overrides: list[str], w
 
 LOGITS_DIFF = """
 import sys, torch
-from pretrain.inference import load_model
+from pretrain.interop.load import load_model
 a = load_model(sys.argv[1]); ids = torch.randint(0, a.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
 la = a.logits(ids)
 from megatron.core import parallel_state; parallel_state.destroy_model_parallel()

@@ -21,8 +21,8 @@ VALIDATION = SHARED_DATA / "rotten_tomatoes.validation.jsonl"
 @pytest.mark.slow
 def test_loglikelihood_is_minus_the_summed_training_loss(trained_runs, char_shards: Path) -> None:  # noqa: ANN001
     from data.shards import load_manifest, read_shard
-    from pretrain.inference import load_model
-    from pretrain.lm_eval_model import GPTPretrainLM
+    from pretrain.eval.lm_eval_model import GPTPretrainLM
+    from pretrain.interop.load import load_model
     from pretrain.model import position_ids
 
     loaded = load_model(trained_runs["tp1"])
@@ -98,7 +98,7 @@ def test_gpt_eval_bad_inputs(trained_runs, tmp_path: Path) -> None:  # noqa: ANN
 def test_lm_eval_cli_knows_gpt_pretrain_by_name(trained_runs, tmp_path: Path) -> None:  # noqa: ANN001
     """``lm_eval --model gpt-pretrain`` from the venv's console script scores what gpt-eval does."""
     from conf.errors import UserError
-    from pretrain.lm_eval_model import GPTPretrainLM
+    from pretrain.eval.lm_eval_model import GPTPretrainLM
 
     text = tmp_path / "small.txt"
     text.write_text("\n\n".join(TINYSHAKESPEARE.read_text().split("\n\n")[:4]) + "\n")
@@ -228,7 +228,7 @@ def test_in_loop_eval_config_errors_before_training(char_shards: Path, tmp_path:
     from conf.cli import compose
     from conf.errors import UserError
     from conf.schema import validate
-    from pretrain.in_loop_eval import InLoopEval, metric_record
+    from pretrain.eval.in_loop import InLoopEval, metric_record
 
     base = [f"data.dir={char_shards}", "eval.every_steps=2"]
     cases = [

@@ -35,7 +35,7 @@ def test_exported_logits_and_greedy_generation_match(
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM
 
-    from pretrain.inference import load_model
+    from pretrain.interop.load import load_model
 
     out = exported(trained_runs[name], tmp_path / "hf")
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -123,8 +123,8 @@ def test_llama_export_logits_and_greedy_generation_match(
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     from pretrain.export import export
-    from pretrain.inference import load_model
-    from pretrain.sampling import sample
+    from pretrain.interop.load import load_model
+    from pretrain.model.sampling import sample
 
     run = llama_runs(layout)
     export(str(run), tmp_path / "hf")
@@ -187,7 +187,7 @@ def test_every_supported_shape_exports_exactly_and_maps_back(single_process, sha
     import transformers
 
     from pretrain.export import build_hf_model
-    from pretrain.hf_weights import from_hf, hf_config, to_hf
+    from pretrain.interop.hf_weights import from_hf, hf_config, to_hf
     from pretrain.model import build_gpt, position_ids, transformer_config
 
     overrides, cls = SHAPES[shape]
@@ -231,7 +231,7 @@ def test_every_supported_shape_exports_exactly_and_maps_back(single_process, sha
     ],
 )
 def test_export_refuses_what_no_transformers_architecture_expresses(overrides: list[str], message: str) -> None:
-    from pretrain.hf_weights import hf_architecture
+    from pretrain.interop.hf_weights import hf_architecture
 
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         hf_architecture(compose([*overrides, "data.dir=unused"]).model)

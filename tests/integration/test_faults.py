@@ -251,7 +251,7 @@ def test_a_crafted_pickle_never_runs_torn_metrics_and_inherited_fault_variables_
 def test_second_ctrl_c_aborts_at_once_without_traceback() -> None:
     script = (
         "import os, signal, time\n"
-        "from pretrain.preemption import StopRequest\n"
+        "from pretrain.trainer.preemption import StopRequest\n"
         "StopRequest(['SIGINT']).install()\n"
         "os.kill(os.getpid(), signal.SIGINT)\n"
         "os.kill(os.getpid(), signal.SIGINT)\n"

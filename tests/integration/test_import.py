@@ -105,7 +105,7 @@ def test_imported_model_is_the_source_and_exports_back_bit_exact(imported, arch:
     from conf.cli import compose
     from parallel.train_state import TrainState
     from pretrain.export import export
-    from pretrain.inference import load_model
+    from pretrain.interop.load import load_model
 
     source, run, stdout = imported(arch)
     name = f"imported-{arch}"

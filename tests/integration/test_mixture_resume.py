@@ -43,7 +43,7 @@ def expected_batches(sources: str, steps: int, changed_at: int, weights: list[st
     from conf.cli import compose
     from data.mixture import MixtureLoader
     from data.stream import Layout
-    from pretrain.mixture import open_sources
+    from pretrain.trainer.source_changes import open_sources
 
     out: dict[int, set] = {}
     state = None

@@ -203,7 +203,7 @@ def _wait_gone(pid: int, timeout: float) -> bool:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux's")
 def test_forked_child_ignores_the_stop_signals_drops_other_handlers_and_dies_with_its_parent() -> None:
-    from pretrain.preemption import StopRequest
+    from pretrain.trainer.preemption import StopRequest
 
     process_hygiene.install()
     stop = StopRequest(["SIGTERM", "SIGUSR1"]).install()

@@ -88,8 +88,8 @@ def test_head_lr_mult_reaches_the_finetuning_head() -> None:
 
     from parallel.megatron_engine import MegatronEngine
     from parallel.topology import Topology
-    from pretrain.finetune_model import FinetuneGPT
     from pretrain.tasks.finetune import HEAD_PARAMS
+    from pretrain.tasks.finetune_head import FinetuneGPT
     from pretrain.tasks.lm import lm_model_spec
 
     cfg = compose(["model=tiny", "data.dir=unused", "train.lr=1e-3", "train.warmup_steps=0"])

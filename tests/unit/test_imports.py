@@ -120,7 +120,7 @@ def test_engine_differences_live_in_the_capabilities_table() -> None:
     import re
 
     compared = re.compile(r"""engine\S*\s*(==|!=)\s*["'](megatron|deepspeed)["']""")
-    exempt = {"parallel/capabilities.py", "parallel/engine.py", "pretrain/deepspeed_convert.py"}
+    exempt = {"parallel/capabilities.py", "parallel/engine.py", "pretrain/interop/deepspeed_convert.py"}
     found = [
         f"{path.relative_to(REPO)}:{number}: {line.strip()}"
         for package in ALLOWED
@@ -160,3 +160,13 @@ def test_help_lists_only_the_commands_own_groups_and_keys(module: str) -> None:
     assert any(line.startswith(key) or line.strip().startswith(key) for line in config.splitlines()), config
     known = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
     assert set(listed) <= known
+
+
+def test_pretrain_top_level_holds_only_the_commands() -> None:
+    """Rooms named by their job: ``pretrain/*.py`` are the console scripts; everything else lives in a
+    room (model, tasks, trainer, eval, interop) whose name says what it does."""
+    top = {p.stem for p in (REPO / "pretrain").glob("*.py")} - {"__init__"}
+    commands = {m.split(".")[1] for m in COMMANDS if m.startswith("pretrain.")} | {"lm_eval_cli"}
+    assert top == commands, sorted(top ^ commands)
+    rooms = {p.name for p in (REPO / "pretrain").iterdir() if (p / "__init__.py").exists()}
+    assert rooms == {"model", "tasks", "trainer", "eval", "interop"}, rooms

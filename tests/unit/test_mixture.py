@@ -15,8 +15,8 @@ from data.mixture import MixtureLoader, MixtureOrder, Segment, Source
 from data.shards import load_manifest
 from data.stream import GlobalOrder, Layout, TrainLoader
 from parallel.train_state import TrainState
-from pretrain.mixture import DataResume, open_sources
-from pretrain.resume import data_identity
+from pretrain.trainer.resume_checks import data_identity
+from pretrain.trainer.source_changes import DataResume, open_sources
 
 K = 12
 SEED = 7
@@ -144,7 +144,7 @@ def test_a_source_of_weight_0_pauses_and_goes_on_where_it_paused(char_shards: Pa
 
 def test_val_loss_is_the_weighted_mean_of_the_sources_of_weight_above_0() -> None:
     from data.mixture import normalised
-    from pretrain.mixture import per_source_validation
+    from pretrain.trainer.source_changes import per_source_validation
 
     losses = {"web": 2.0, "books": 4.0, "code": 10.0}  # "raw" has no validation split
     weights = normalised({"web": 2, "books": 1, "code": 0, "raw": 1})  # 0.5, 0.25, 0, 0.25

@@ -193,8 +193,8 @@ def test_finetune_batches_cut_to_their_longest_example_give_the_same_loss(single
     goes, so L3 and the head's scores are those of the full-width batch."""
     import numpy as np
 
-    from pretrain.finetune_data import TaskBatches
-    from pretrain.finetune_model import FinetuneGPT, make_forward_step
+    from pretrain.tasks.finetune_examples import TaskBatches
+    from pretrain.tasks.finetune_head import FinetuneGPT, make_forward_step
 
     cfg = single_process
     lengths = np.array([5, 9, 3, 12, 7, 4, 11, 6])

@@ -150,7 +150,7 @@ def test_preflight_refuses_or_warns_before_any_work(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     from parallel.topology import Topology
-    from pretrain.trainer import Trainer
+    from pretrain.trainer.loop import Trainer
 
     def no_work(*args: object) -> None:
         raise RuntimeError("process groups: past the preflight")

@@ -11,7 +11,7 @@ from data.remote import RemoteOptions
 from data.shard_cache import ShardCache
 from data.shards import check_files, load_manifest, read_shard
 from data.stream import Layout, TrainLoader, eval_batches
-from pretrain.resume import data_identity
+from pretrain.trainer.resume_checks import data_identity
 from tests.remote_server import ShardServer
 
 FAST = RemoteOptions(backoff_s=0.001)

@@ -1,5 +1,5 @@
-"""In process: what a resumed run refuses or reports against its checkpoint (pretrain/resume.py), and
-the loss-spike skipping whose history a checkpoint carries (pretrain/skip_policy.py)."""
+"""In process: what a resumed run refuses or reports against its checkpoint (pretrain/trainer/resume_checks.py), and
+the loss-spike skipping whose history a checkpoint carries (pretrain/trainer/skip_policy.py)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from conf import test_hooks
 from conf.cli import compose
 from conf.errors import UserError
 from parallel.train_state import TrainState
-from pretrain.resume import check_resume, config_changes
-from pretrain.skip_policy import MIN_HISTORY, SkipPolicy
+from pretrain.trainer.resume_checks import check_resume, config_changes
+from pretrain.trainer.skip_policy import MIN_HISTORY, SkipPolicy
 
 
 def saved_state(cfg: object, engine: str = "megatron") -> TrainState:

@@ -25,8 +25,8 @@ from data.shards import load_manifest
 from parallel.checkpoint import load_rng_file, rng_state, set_rng_state
 from parallel.checksums import CorruptCheckpoint, read_manifest
 from parallel.run_lease import LEASE, Holder, Lease
-from pretrain.metrics import read_metrics, truncate_after
-from pretrain.skip_policy import SkipPolicy
+from pretrain.trainer.metrics import read_metrics, truncate_after
+from pretrain.trainer.skip_policy import SkipPolicy
 from tests.remote_server import ShardServer
 
 
@@ -219,7 +219,7 @@ def test_a_signal_ignored_at_start_stays_ignored(monkeypatch: pytest.MonkeyPatch
     """``nohup gpt-pretrain ... &``: a closed terminal must not stop a run started that way."""
     import signal
 
-    from pretrain.preemption import StopRequest
+    from pretrain.trainer.preemption import StopRequest
 
     previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:

@@ -12,7 +12,7 @@ Why it is built this way:
   single-process code and its results are needed once; rank 0 writes the metrics anyway.
 - **Scoring runs on every rank in lockstep.** tp splits every layer, pp splits the layers and
   ZeRO-3 gathers parameters with collectives, so one rank cannot run the model alone. Rank 0's LM
-  (:class:`~pretrain.lm_eval_model.InLoopLM`: gpt-eval's request handling, so the same windows and
+  (:class:`~pretrain.eval.lm_eval_model.InLoopLM`: gpt-eval's request handling, so the same windows and
   truncation) hands each batch of token rows to :class:`RowScorer`, which broadcasts it to the world
   group (``broadcast_object_list``); every rank builds the same micro-batches and calls
   ``engine.eval_step`` — the engine's own forward-only path (megatron's forward-only pipeline
@@ -290,7 +290,7 @@ class InLoopEval:
         from lm_eval.tasks import TaskManager
 
         from data.tokenizer import load_tokenizer
-        from pretrain.lm_eval_model import InLoopLM
+        from pretrain.eval.lm_eval_model import InLoopLM
 
         if self._lm is None:
             self._manager = TaskManager(include_path=self._task_dir.name, include_defaults=False)

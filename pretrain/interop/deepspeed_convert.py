@@ -8,7 +8,7 @@ the tokenizer; no optimizer state), once, atomically. :func:`model_checkpoint` i
 call: it returns the step dir itself for megatron runs and the converted view for DeepSpeed
 ones, converting in a child process (its own single-process group, whatever the caller's).
 
-    python -m pretrain.deepspeed_convert RUN_OR_STEP_DIR   # prints the converted directory
+    python -m pretrain.interop.deepspeed_convert RUN_OR_STEP_DIR   # prints the converted directory
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def model_checkpoint(spec: str | Path) -> Path:
         repo = Path(__file__).resolve().parent.parent
         env = {**os.environ, "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"}
         result = subprocess.run(
-            [sys.executable, "-m", "pretrain.deepspeed_convert", str(path)],
+            [sys.executable, "-m", "pretrain.interop.deepspeed_convert", str(path)],
             cwd=repo,
             env=env,
             capture_output=True,
@@ -115,7 +115,7 @@ def main() -> None:
     from conf.cli import exit_on_user_error, quiet_third_party
 
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m pretrain.deepspeed_convert RUN_OR_STEP_DIR")
+        sys.exit("usage: python -m pretrain.interop.deepspeed_convert RUN_OR_STEP_DIR")
     quiet_third_party()
     with exit_on_user_error():
         path = CheckpointDir.resolve(sys.argv[1])

@@ -2,7 +2,7 @@
 
 megatron-core's ``dist_checkpointing`` reshards on load, so a checkpoint written at any
 (tp, pp, dp) loads into a tp=pp=1 model; only the model weights are read. DeepSpeed runs
-are read through their converted megatron view (``pretrain/deepspeed_convert.py``).
+are read through their converted megatron view (``pretrain/interop/deepspeed_convert.py``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from data.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from parallel import cpu_compat
 from parallel.topology import Topology
 from parallel.train_state import TrainState
-from pretrain.deepspeed_convert import model_checkpoint
+from pretrain.interop.deepspeed_convert import model_checkpoint
 from pretrain.model import build_gpt, position_ids, transformer_config
 
 

@@ -1,7 +1,7 @@
 """The one training loop: ``Trainer(cfg).run(task)`` for pretraining and fine-tuning alike.
 
 ``run`` sets up, in this order: topology → run-dir check → preflight → process groups → the run
-dir's lease → stop signals and watchdog → :func:`pretrain.startup.resume` (engine, checkpoint,
+dir's lease → stop signals and watchdog → :func:`pretrain.trainer.startup.resume` (engine, checkpoint,
 guards) → metrics; then :meth:`Trainer.loop` runs the steps (skip policy, metrics, checkpoint
 before evaluation, in-loop lm-eval, preemption agreement), and one ``try/finally`` tears down
 whatever was set up, however the run ends. The step clock restarts after a step's saves and
@@ -25,12 +25,12 @@ from parallel.checkpoint import PREFIX, CheckpointDir
 from parallel.topology import Topology
 from parallel.train_state import TrainState
 from parallel.watchdog import Watchdog
-from pretrain.metrics import Metrics
-from pretrain.preemption import INTERRUPTED_EXIT_CODE, StopRequest
-from pretrain.preflight import preflight
-from pretrain.skip_policy import SkipPolicy
-from pretrain.startup import Start, resume, take_lease
 from pretrain.tasks import Task
+from pretrain.trainer.metrics import Metrics
+from pretrain.trainer.preemption import INTERRUPTED_EXIT_CODE, StopRequest
+from pretrain.trainer.preflight import preflight
+from pretrain.trainer.skip_policy import SkipPolicy
+from pretrain.trainer.startup import Start, resume, take_lease
 
 
 class Trainer:

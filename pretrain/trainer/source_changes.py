@@ -26,7 +26,7 @@ from data.mixture import Source
 from data.remote import RemoteOptions
 from data.shards import check_files, load_manifest
 from parallel.train_state import TrainState
-from pretrain.resume import data_identity
+from pretrain.trainer.resume_checks import data_identity
 
 
 def _local(directory: str) -> str:

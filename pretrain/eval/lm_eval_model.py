@@ -11,7 +11,7 @@ In process, ``GPTPretrainLM(load_model(...))`` (gpt-eval). From a shell, by name
     lm_eval --model gpt-pretrain --model_args checkpoint=RUN_DIR[,max_length=N] --tasks ... --device cpu
 
 :class:`InLoopLM` is the same request handling over the training engine's model (in-loop
-evaluation, ``pretrain/in_loop_eval.py``): rows are built here exactly as for a checkpoint, so
+evaluation, ``pretrain/eval/in_loop.py``): rows are built here exactly as for a checkpoint, so
 both score the same tokens.
 """
 
@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 from conf.errors import UserError
 from data.tokenizer import Tokenizer
-from pretrain.inference import LoadedModel, load_model
-from pretrain.sampling import sample
+from pretrain.interop.load import LoadedModel, load_model
+from pretrain.model.sampling import sample
 
 DEFAULT_BATCH_SIZE = 32  # batch_size=auto, and gpt-eval's default
 # model_args (and what lm-eval adds from --batch_size, --max_batch_size, --device)
@@ -217,7 +217,7 @@ class GPTPretrainLM(LM):
 
 
 class InLoopLM(GPTPretrainLM):
-    """gpt-eval's request handling over the model being trained (``pretrain/in_loop_eval.py``).
+    """gpt-eval's request handling over the model being trained (``pretrain/eval/in_loop.py``).
 
     The model lives in the training engine, split over tp/pp ranks, so there is no
     :class:`LoadedModel` and no logits here: ``score_rows`` returns each row's summed

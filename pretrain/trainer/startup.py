@@ -1,7 +1,7 @@
 """How a run starts in its run dir: ``resume(...) -> Start``.
 
 In this order: the run dir made ready (a killed save's temp dirs removed, ``run.restart``), the
-newest verified checkpoint selected, the resume guards (``pretrain/resume.py``), the engine built —
+newest verified checkpoint selected, the resume guards (``pretrain/trainer/resume_checks.py``), the engine built —
 from a weights-only step (``gpt-import``) or loaded from a full one, falling back past a step that
 verified but cannot be loaded on some rank — and the task's loader and the skip policy restored.
 Every change the resume makes is an event for ``metrics.jsonl`` (``Start.events``) and one line on
@@ -26,9 +26,9 @@ from parallel.run_lease import Lease
 from parallel.topology import Topology
 from parallel.train_state import TrainState
 from parallel.watchdog import Watchdog
-from pretrain.resume import check_resume, config_changes
-from pretrain.skip_policy import SkipPolicy
 from pretrain.tasks import Task
+from pretrain.trainer.resume_checks import check_resume, config_changes
+from pretrain.trainer.skip_policy import SkipPolicy
 
 RUN_FILES = ("metrics.jsonl", "config.yaml", "loss.png", "eval.png", "samples_rank*.jsonl", "results.json")
 

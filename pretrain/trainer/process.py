@@ -19,7 +19,7 @@ def start_training(cfg: DictConfig, make_task: Callable[[DictConfig], Any]) -> d
     from conf.cli import quiet_third_party
     from conf.schema import validate
     from parallel import cpu_compat, process_hygiene
-    from pretrain.trainer import Trainer
+    from pretrain.trainer.loop import Trainer
 
     validate(cfg)  # every config error is one line, before any file or process group
     process_hygiene.install()  # helper processes (writers, loader workers, megatron's Manager) die with this one
@@ -33,7 +33,7 @@ def start_training(cfg: DictConfig, make_task: Callable[[DictConfig], Any]) -> d
 def finish_command(summary: dict) -> None:
     """Tear the process groups down; a stopped run leaves with its requeue / interrupt code."""
     from parallel.topology import Topology
-    from pretrain.preemption import exit_for_requeue
+    from pretrain.trainer.preemption import exit_for_requeue
 
     Topology.destroy()
     if "exit_code" in summary:

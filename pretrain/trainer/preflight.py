@@ -114,7 +114,7 @@ def resume_problem(cfg: DictConfig, topo: Topology, checked: Checked) -> str | N
     """Why the checkpoint in run.dir cannot be resumed at this layout, or None."""
     if checked.saved is None:
         return None
-    from pretrain.resume import check_data, check_resume, data_identity
+    from pretrain.trainer.resume_checks import check_data, check_resume, data_identity
 
     try:
         check_resume(cfg, checked.saved, checked.saved_dir)
