@@ -51,6 +51,7 @@ def main() -> None:
     from data.stream import Layout, TrainLoader
     from parallel import cpu_compat
     from parallel.checkpoint import CheckpointDir
+    from parallel.run_config import Run
     from parallel.topology import Topology
     from parallel.train_state import TrainState
     from pretrain.tasks.lm import build_engine
@@ -62,11 +63,12 @@ def main() -> None:
     overrides += ["train.micro_batch=8", "train.global_batch=8", "train.max_steps=100000"]
     overrides += [f"train.checkpoint_writers={args.writers}"]
     cfg = compose(overrides)
-    topo = Topology.from_config(cfg)
+    run = Run.from_config(cfg)
+    topo = run.layout
     cpu_compat.apply()
     topo.init(1337)
     manifest = load_manifest(data)
-    engine = build_engine(cfg, topo, manifest.vocab_size)
+    engine = build_engine(run, manifest.vocab_size)
     loader = TrainLoader(manifest, Layout(8, 8, 0, 1), 1337, 12)
     params = sum(p.numel() for p in engine.unwrapped_model().parameters())
     ckpts = CheckpointDir(tempfile.mkdtemp(prefix="async-ckpt-"), keep_last=1)

@@ -199,16 +199,18 @@ def main() -> None:
     from conf.cli import compose, quiet_third_party
     from parallel import checksums, cpu_compat
     from parallel.checkpoint import CheckpointDir
+    from parallel.run_config import Run
     from parallel.topology import Topology
     from parallel.train_state import TrainState
     from pretrain.tasks.lm import build_engine
 
     quiet_third_party()
     cfg = compose([f"model={args.model}", "parallel.tp=1", "train.micro_batch=1", "train.global_batch=1"])
-    topo = Topology.from_config(cfg)
+    run = Run.from_config(cfg)
+    topo = run.layout
     cpu_compat.apply()
     topo.init(1337)
-    engine = build_engine(cfg, topo, args.vocab)
+    engine = build_engine(run, args.vocab)
     params = sum(p.numel() for p in engine.unwrapped_model().parameters())
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, args.vocab, (1, 65), generator=generator)

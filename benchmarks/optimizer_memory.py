@@ -27,16 +27,17 @@ def worker(model: str, out: Path) -> None:
 
     from conf.cli import compose, quiet_third_party
     from parallel import cpu_compat
-    from parallel.topology import Topology
+    from parallel.run_config import Run
     from pretrain.tasks.lm import build_engine
 
     quiet_third_party()
     world = int(os.environ["WORLD_SIZE"])
     cfg = compose([f"model={model}", "data.dir=unused", "train.micro_batch=1", "train.global_batch=2"])
-    topo = Topology.from_config(cfg)
+    run = Run.from_config(cfg)
+    topo = run.layout
     cpu_compat.apply()
     topo.init(seed=1)
-    engine = build_engine(cfg, topo, 50257 if model != "tiny" else 67)
+    engine = build_engine(run, 50257 if model != "tiny" else 67)
     seq = int(cfg.model.seq_len)
     tokens = torch.randint(0, 67, (1, seq + 1))
     engine.train_step([{"tokens": tokens, "mask": torch.ones(1, seq)}] * (2 // world))

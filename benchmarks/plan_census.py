@@ -42,14 +42,15 @@ def run_case(case: dict, out_dir: Path) -> None:
     from parallel.plan import estimate_memory
     from parallel.plan.census import AtOptimizerStep, SavedTensors, deepspeed_census, megatron_census
     from parallel.plan.memory import stage_saved_peak
-    from parallel.topology import Topology
+    from parallel.run_config import Run
     from pretrain.tasks.lm import build_engine
 
     cfg = compose(["data.dir=unused", "logging.wandb=disabled", *case["overrides"]])
-    topo = Topology.from_config(cfg)
+    run = Run.from_config(cfg)
+    topo = run.layout
     topo.init(int(cfg.train.seed))
-    engine = build_engine(cfg, topo, VOCAB)
-    plan = estimate_memory(cfg, topo, vocab_size=VOCAB, seq_len=int(cfg.model.seq_len), dp_ranks="all")
+    engine = build_engine(run, VOCAB)
+    plan = estimate_memory(run, topo, vocab_size=VOCAB, seq_len=int(cfg.model.seq_len), dp_ranks="all")
     pp_rank, dp_rank = parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_data_parallel_rank()
     estimate = plan.ranks[pp_rank * topo.dp + dp_rank]
     data = batches(cfg, topo)
@@ -81,7 +82,7 @@ def run_case(case: dict, out_dir: Path) -> None:
         result["measured"] = {"saved_peak": tracker.peak}
         if tracker.log is not None:
             result["log"] = tracker.log
-        result["estimate"] = {"saved_peak": stage_saved_peak(cfg, topo, pp_rank, VOCAB, int(cfg.model.seq_len))}
+        result["estimate"] = {"saved_peak": stage_saved_peak(run, topo, pp_rank, VOCAB, int(cfg.model.seq_len))}
     result["items"] = estimate.items
     (out_dir / f"{case['name']}.rank{topo.rank}.json").write_text(json.dumps(result))
     torch.distributed.barrier()

@@ -117,7 +117,7 @@ def predictions(data: Path) -> dict[str, tuple[float, dict[str, float]]]:
     from conf.cli import compose
     from parallel.plan.hardware import resolve
     from parallel.plan.time import estimate_time
-    from parallel.topology import Topology
+    from parallel.run_config import Run
 
     hardware: dict[int, object] = {}
     out = {}
@@ -128,8 +128,9 @@ def predictions(data: Path) -> dict[str, tuple[float, dict[str, float]]]:
             os.environ["OMP_NUM_THREADS"] = "1" if procs > 1 else str(os.cpu_count())
             hardware[procs] = resolve(cfg.hardware, False)
             print(f"{procs} process(es): {hardware[procs].describe()}", flush=True)
-        topo = Topology.from_config(cfg, world_size=procs, rank=0)
-        time = estimate_time(cfg, topo, hardware[procs])
+        run = Run.from_config(cfg, world_size=procs, rank=0)
+        topo = run.layout
+        time = estimate_time(run, topo, hardware[procs])
         out[name] = (time.tokens_per_s, time.terms)
     os.environ.pop("OMP_NUM_THREADS", None)
     return out

@@ -22,6 +22,12 @@ load on the machine disturbs less than MB/s.
     nice python benchmarks/prepare.py [--mb 200] [--scale 4] [--workers 2] [--rounds 2]
 
 The last line is the worse of the two against its goal.
+
+``--executor ray``: ``executor=ray`` over ``executor=local`` at the same ``workers``, alternated
+rounds, best of each (goal >= 0.8), twice: with the local Ray of ``--workers`` CPUs that the command
+starts (its start counted in its time; the start alone is timed and printed), and on a Ray head
+started before (``executor.address=``, as on a cluster); and the peak RSS of one Ray worker at
+``--mb`` and at ``--scale`` times as much (growth goal <= 10%).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -110,18 +117,41 @@ def ceiling(tokenizer: Path, files: list[Path], threads: int) -> tuple[float, fl
     return result["bytes"] / result["seconds"] / 1e6, result["bytes"] / result["cpu"] / 1e6
 
 
-def run_prepare(corpus: Path, out: Path, tokenizer: Path, workers: int) -> tuple[float, int, float]:
-    """(wall seconds, peak RSS of the process tree, CPU seconds of the tree) of one gpt-prepare run."""
+def worker_rss(pid: int) -> int:
+    """The largest RSS of one worker process under ``pid``: a pool process, or a Ray worker (titled
+    ``ray::TASK`` or ``ray::IDLE``; Ray's own agents, GCS and raylet are not workers)."""
+    import psutil
+
+    try:
+        procs = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return 0
+    largest = 0
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            title = (proc.cmdline() or [""])[0]
+            ray_worker = title.startswith("ray::") and not title.endswith("Agent")
+            if ray_worker or (title == sys.executable and proc.ppid() == pid):
+                largest = max(largest, proc.memory_info().rss)
+    return largest
+
+
+def run_prepare(
+    corpus: Path, out: Path, tokenizer: Path, workers: int, overrides: tuple[str, ...] | list[str] = ()
+) -> tuple[float, int, float, int]:
+    """(wall seconds, peak RSS of the process tree, CPU seconds of the tree, peak RSS of one worker)
+    of one gpt-prepare run."""
     cmd = [sys.executable, "-m", "data.prepare", f"input={corpus}", f"out={out}", f"tokenizer=file:{tokenizer}"]
-    cmd += [f"workers={workers}", "seq_len=1024"]
+    cmd += [f"workers={workers}", "seq_len=1024", *overrides]
     cpu = children_cpu()
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peak, done = [0], threading.Event()
+    peak, worker_peak, done = [0], [0], threading.Event()
 
     def sample() -> None:
         while not done.is_set():
             peak[0] = max(peak[0], tree_rss(proc.pid))
+            worker_peak[0] = max(worker_peak[0], worker_rss(proc.pid))
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -132,7 +162,84 @@ def run_prepare(corpus: Path, out: Path, tokenizer: Path, workers: int) -> tuple
     sampler.join()
     if proc.returncode != 0:
         sys.exit(f"gpt-prepare failed:\n{output}")
-    return seconds, peak[0], children_cpu() - cpu
+    return seconds, peak[0], children_cpu() - cpu, worker_peak[0]
+
+
+def ray_start_seconds(workers: int) -> float:
+    """Wall seconds of starting and stopping a local Ray of ``workers`` CPUs (what executor=ray adds)."""
+    code = (
+        "import logging, time, ray; t = time.perf_counter(); "
+        f"ray.init(address='local', num_cpus={workers}, include_dashboard=False, logging_level=logging.WARNING); "
+        "ray.shutdown(); print(time.perf_counter() - t)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+@contextlib.contextmanager
+def running_ray(workers: int) -> Iterator[str]:
+    """A Ray head of ``workers`` CPUs started apart (as on a cluster, before the job); its address.
+    Stopped by ending its own ``ray start --block`` (``ray stop`` would stop every Ray of the machine)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ray = Path(sys.executable).with_name("ray")
+    head = subprocess.Popen(
+        [str(ray), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+         f"--num-cpus={workers}", "--include-dashboard=false"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    address = f"127.0.0.1:{port}"
+    ready = "import sys, ray; ray.init(address=sys.argv[1], logging_level='ERROR'); ray.shutdown()"
+    try:
+        for _ in range(60):
+            if subprocess.run([sys.executable, "-c", ready, address], capture_output=True).returncode == 0:
+                break
+            time.sleep(1)
+        yield address
+    finally:
+        head.terminate()
+        head.wait(timeout=60)
+
+
+def compare_ray(args: argparse.Namespace, root: Path, tokenizer: Path, small: int, large: int) -> None:
+    """executor=ray (a Ray started by the command, and a running one) over executor=local, alternated
+    rounds, best of each; one Ray worker's peak RSS at 1x and at ``--scale`` x."""
+    print(f"a local Ray of {args.workers} CPUs starts and stops in {ray_start_seconds(args.workers):.1f} s", flush=True)
+    rates: dict[str, list[float]] = {}
+    worker_small = 0
+    with running_ray(args.workers) as address:
+        running = ["executor=ray", f"executor.address={address}"]
+        sides = {"local": ["executor=local"], "ray": ["executor=ray"], "ray, running": running}
+        for round_ in range(args.rounds):
+            for side, overrides in sides.items() if round_ % 2 == 0 else reversed(sides.items()):
+                out = root / f"out-{round_}"
+                seconds, _, _, worker = run_prepare(root / "small", out, tokenizer, args.workers, overrides)
+                shutil.rmtree(out)
+                rates.setdefault(side, []).append(small / seconds / 1e6)
+                worker_small = max(worker_small, worker) if side == "ray" else worker_small
+                print(
+                    f"round {round_ + 1}: {side} (workers={args.workers}) {rates[side][-1]:.2f} MB/s ({seconds:.1f} s)"
+                    + (f", peak RSS of one worker {worker / 2**20:.0f} MiB" if side != "ray, running" else ""),
+                    flush=True,
+                )
+    seconds, _, _, worker_large = run_prepare(
+        root / "large", root / "out-large", tokenizer, args.workers, ["executor=ray"]
+    )
+    print(
+        f"executor=ray on {large / 1e6:.0f} MB: {large / seconds / 1e6:.2f} MB/s ({seconds:.1f} s), peak RSS of "
+        f"one worker {worker_large / 2**20:.0f} MiB (on {small / 1e6:.0f} MB: {worker_small / 2**20:.0f} MiB)",
+        flush=True,
+    )
+    growth = worker_large / worker_small - 1
+    lines = [(1.10 / (1 + growth), f"peak RSS of one Ray worker at {args.scale}x = {100 * growth:+.1f}% (goal <= 10%)")]
+    for side in ("ray", "ray, running"):
+        ratio = max(rates[side]) / max(rates["local"])
+        lines.append((ratio / 0.8, f"{side} MB/s / local (best of {args.rounds}) = {ratio:.3f} (goal >= 0.8)"))
+    for _, line in sorted(lines, reverse=True):
+        print(line)
 
 
 def main() -> None:
@@ -141,6 +248,7 @@ def main() -> None:
     parser.add_argument("--scale", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--executor", choices=("local", "ray"), default="local", help="ray: ray over local")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench-prepare-"))
     pool = line_pool()
@@ -156,13 +264,17 @@ def main() -> None:
     BPETokenizer.train(sample_texts(files, "text", 20_000_000), 8192).save(root)
     print(f"bpe training (vocab 8192, 20 MB sample): {time.perf_counter() - start:.1f} s", flush=True)
     tokenizer = root / "tokenizer.json"
+    if args.executor == "ray":
+        compare_ray(args, root, tokenizer, small, large)
+        shutil.rmtree(root, ignore_errors=True)
+        return
 
     # alternated rounds, best of each side: a machine shared with others weighs on both alike
     ceilings, rates, cpu_ratios, peak_small = [], [], [], 0
     for round_ in range(args.rounds):
         ceiling_rate, ceiling_cpu = ceiling(tokenizer, files, args.workers)
         out = root / f"out-small-{round_}"
-        seconds, peak, cpu = run_prepare(root / "small", out, tokenizer, args.workers)
+        seconds, peak, cpu, _ = run_prepare(root / "small", out, tokenizer, args.workers)
         shutil.rmtree(out)
         rate, peak_small = small / seconds / 1e6, max(peak_small, peak)
         ceilings.append(ceiling_rate)
@@ -175,7 +287,7 @@ def main() -> None:
             flush=True,
         )
     rate, ceiling_rate = max(rates), max(ceilings)
-    seconds_large, peak_large, _ = run_prepare(root / "large", root / "out-large", tokenizer, args.workers)
+    seconds_large, peak_large, _, _ = run_prepare(root / "large", root / "out-large", tokenizer, args.workers)
     print(
         f"gpt-prepare on {large / 1e6:.0f} MB: {large / seconds_large / 1e6:.2f} MB/s ({seconds_large:.1f} s), "
         f"peak RSS {peak_large / 2**20:.0f} MiB (on {small / 1e6:.0f} MB: {peak_small / 2**20:.0f} MiB)",

@@ -1,23 +1,26 @@
-"""Loader samples/s from a local HTTP server over the same shards read from the directory (goal >= 0.8).
+"""Loader samples/s from a local HTTP or S3 server over the same shards read from the directory (goal >= 0.8).
 
 Side by side in one run, on the same shards (``--data``, else tinyshakespeare six times over, char,
 seq_len 64: 82 train shards of 1 MB, ~7 per stream, so that shard reads happen mid-epoch as in any
 corpus of many shards, not only when an epoch opens every stream): the trainer's ``TrainLoader``
 (global order, 12 streams, sha256 checks, collation; batch 12, ``num_workers=0``) reading
 ``data.dir=DIR`` and ``data.dir=http://127.0.0.1:PORT/…`` served by ``python -m http.server`` in
-another process, without a disk cache (every shard crosses the socket; ``data.prefetch=1``), then
-with a warm ``data.cache_dir``. Each round runs the three back to back; the ratios are the medians of
-the rounds' ratios (a shared machine's load changes between rounds more than within one). Also the
-loader process's CPU time per sample (all its threads).
+another process (``--scheme s3``: ``data.dir=s3://bench/…`` from moto's S3 server, ``python -m
+moto.server``, in another process, found through ``AWS_ENDPOINT_URL`` as a user's store is), without
+a disk cache (every shard crosses the socket; ``data.prefetch=1``), then with a warm
+``data.cache_dir``. Each round runs the three back to back; the ratios are the medians of the rounds'
+ratios (a shared machine's load changes between rounds more than within one). Also the loader
+process's CPU time per sample (all its threads).
 
-    python benchmarks/remote.py [--batches 5000] [--rounds 9] [--data DIR]
+    python benchmarks/remote.py [--scheme http|s3] [--batches 5000] [--rounds 9] [--data DIR]
 
-The last line is the ratio HTTP (no cache) / local.
+The last line is the ratio HTTP (or S3; no cache) / local.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import socket
 import statistics
@@ -64,21 +67,54 @@ def corpus(data: str | None) -> Path:
     return root / "ts6"
 
 
-def serve(root: Path) -> tuple[subprocess.Popen, str]:
-    """``python -m http.server`` on a free port of 127.0.0.1, serving ``root``, once it accepts."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    cmd = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(root)]
+def _started(cmd: list[str], port: int, what: str) -> subprocess.Popen:
+    """``cmd`` in another process, once it accepts connections on ``port``."""
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(200):
+    for _ in range(400):
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return server, f"http://127.0.0.1:{port}"
+            return server
         except OSError:
             time.sleep(0.05)
     server.kill()
-    sys.exit("benchmark: the local HTTP server did not start")
+    sys.exit(f"benchmark: the local {what} server did not start")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def serve(root: Path) -> tuple[subprocess.Popen, str]:
+    """``python -m http.server`` on a free port of 127.0.0.1, serving ``root``, once it accepts."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(root)]
+    return _started(cmd, port, "HTTP"), f"http://127.0.0.1:{port}"
+
+
+def serve_s3(data: Path) -> tuple[subprocess.Popen, str]:
+    """moto's S3 server in another process, the shard set uploaded to ``s3://bench/<name>``, and this
+    process's AWS environment pointed at it; returns the server and the shard set's URL."""
+    port = _free_port()
+    server = _started([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], port, "S3")
+    os.environ.update(
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_CONFIG_FILE=os.devnull,
+        AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+    )
+    os.environ.pop("AWS_PROFILE", None)
+    import boto3
+
+    client = boto3.client("s3")
+    client.create_bucket(Bucket="bench")
+    for path in sorted(data.iterdir()):
+        if path.is_file():
+            client.put_object(Bucket="bench", Key=f"{data.name}/{path.name}", Body=path.read_bytes())
+    return server, f"s3://bench/{data.name}"
 
 
 def main() -> None:
@@ -86,12 +122,17 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=5000, help="micro-batches read per measurement")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--data", default=None)
+    parser.add_argument("--scheme", choices=("http", "s3"), default="http", help="the remote side's protocol")
     args = parser.parse_args()
     data = corpus(args.data)
-    server, base = serve(data.parent)
-    url = f"{base}/{data.name}"
+    if args.scheme == "s3":
+        server, url = serve_s3(data)
+    else:
+        server, base = serve(data.parent)
+        url = f"{base}/{data.name}"
     cache = RemoteOptions(cache_dir=tempfile.mkdtemp(prefix="bench-cache-"))
-    ways = {"local": (str(data), RemoteOptions()), "http": (url, RemoteOptions()), "http+cache": (url, cache)}
+    remote, cached = args.scheme, f"{args.scheme}+cache"
+    ways = {"local": (str(data), RemoteOptions()), remote: (url, RemoteOptions()), cached: (url, cache)}
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in ways}
     try:
         loader_rate(url, args.batches, cache)  # fills the cache; also warms the page cache and imports
@@ -105,7 +146,7 @@ def main() -> None:
     for name, values in runs.items():
         rate, cpu = (statistics.median(v) for v in zip(*values, strict=True))
         print(f"{name:>10}: {rate:,.0f} samples/s, {cpu:.2f} CPU us/sample (median of {args.rounds} rounds)")
-    for name in ("http+cache", "http"):
+    for name in (cached, remote):
         ratios = [rate / base_rate for (rate, _), base_rate in zip(runs[name], local, strict=True)]
         rounds = ", ".join(f"{r:.2f}" for r in ratios)
         print(f"ratio {name} / local: {statistics.median(ratios):.3f} (rounds: {rounds})")

@@ -67,18 +67,19 @@ def worker(data: str, stage: int, steps: int, out: str) -> None:
     from data.shards import load_manifest
     from data.stream import Layout, TrainLoader
     from parallel import cpu_compat
-    from parallel.topology import Topology
+    from parallel.run_config import Run
     from pretrain.tasks.lm import build_engine
 
     quiet_third_party()
     overrides = [f"data.dir={data}", "model=tiny", "train.micro_batch=4", "train.global_batch=8"]
     overrides += ["parallel.engine=deepspeed", f"parallel.zero_stage={stage}", f"train.max_steps={steps}"]
     cfg = compose(overrides)
-    topo = Topology.from_config(cfg)
+    run = Run.from_config(cfg)
+    topo = run.layout
     cpu_compat.apply()
     topo.init(1337)
     manifest = load_manifest(data)
-    engine = build_engine(cfg, topo, manifest.vocab_size)
+    engine = build_engine(run, manifest.vocab_size)
     layout = Layout(8, 4, topo.dp_rank, topo.dp)
     loader = TrainLoader(manifest, layout, 1337, 12)
     # the census runs inside the last optimizer step, before the update: gradients (or their

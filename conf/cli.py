@@ -16,7 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
-from conf import schema  # noqa: F401 - registers the typed groups in Hydra's ConfigStore
+from conf import schema, tool_schemas  # noqa: F401 - register the commands' schemas in Hydra's ConfigStore
 from conf.errors import RunError, UserError
 
 CONF_DIR = Path(__file__).resolve().parent
@@ -158,6 +158,18 @@ def check_group_choices(argv: list[str], groups: tuple[str, ...] | None = None, 
         _check_composes(job, config_name)
 
 
+def check_command_line(argv: list[str], config_name: str) -> None:
+    """gpt-eval's, gpt-generate's, gpt-export's and gpt-import's :func:`check_group_choices` (they have
+    no groups): ``--help``, then an unknown key checked against the command's own schema tree
+    (:func:`conf.tool_schemas.unknown_override`: their ``eval`` and ``run`` are not gpt-pretrain's),
+    then types and syntax; each one ``error:`` line and exit 2."""
+    answer_help(argv, config_name, groups=())
+    wrong = tool_schemas.unknown_override(argv, tool_schemas.TOOL_ROOTS[config_name])
+    if wrong:
+        fail(wrong)
+    check_group_choices(argv, groups=(), config_name=config_name)
+
+
 def _jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
     """The override lists to check: the command line, or (``--multirun``) each value of each sweep
     with the other sweeps at their first value (every value is checked, not every combination)."""
@@ -216,7 +228,9 @@ def _check_composes(overrides: list[str], config_name: str) -> None:
             line = one_line(exc, value=value, config_name=config_name)
             fail(line if line.startswith(key) else f"{written}: {line}")
         fail(one_line(exc, config_name=config_name) if exc.__cause__ else _first_line(exc))
-    added = unknown_added_key(cfg, config_name)  # `+train.nope=1` composes: the schema refuses it
+    # `+train.nope=1` composes: the schema refuses it (the tool commands' keys: check_command_line, whose
+    # `eval` and `run` groups are not gpt-pretrain's, which unknown_added_key knows)
+    added = None if config_name in tool_schemas.TOOL_ROOTS else unknown_added_key(cfg, config_name)
     if added:
         fail(added)
 

@@ -40,13 +40,13 @@ def _fraction(key: str, value: float, closed: bool = True) -> None:
 class ModelConfig:
     """The GPT's shape (``conf/model/*.yaml`` presets name one) and how it is built."""
 
-    name: str = MISSING
-    num_layers: int = MISSING
-    num_heads: int = MISSING
-    hidden_size: int = MISSING
-    ffn_hidden_size: int = MISSING
+    name: str = MISSING  # the preset's name (run.dir defaults to runs/<name>)
+    num_layers: int = MISSING  # transformer blocks
+    num_heads: int = MISSING  # attention (query) heads
+    hidden_size: int = MISSING  # model width d (divisible by num_heads)
+    ffn_hidden_size: int = MISSING  # MLP width (swiglu: the gated width)
     seq_len: int = MISSING  # context length
-    dropout: float = 0.0
+    dropout: float = 0.0  # dropout probability of attention and hidden states (0: off)
     init_std: float = 0.02  # GPT-2 init; residual projections scaled by 1/sqrt(2*num_layers)
     tie_embeddings: bool = True  # output layer = input embedding
     layernorm_eps: float = 1.0e-5  # epsilon of every norm (LayerNorm or RMSNorm)
@@ -101,14 +101,17 @@ class ParallelConfig:
     need the world size live in ``parallel/topology.py``."""
 
     engine: str = "megatron"  # megatron | deepspeed
-    tp: int = 1
-    pp: int = 1
+    tp: int = 1  # tensor-parallel size (divides heads, query groups, FFN width and vocab_multiple)
+    pp: int = 1  # pipeline-parallel stages (pp * vpp divides num_layers)
     vpp: int = 1  # virtual pipeline chunks per stage (interleaved 1F1B)
     sequence_parallel: bool = True  # with tp > 1
     distributed_optimizer: Any = "auto"  # ZeRO-1 (megatron): auto = dp > 1, or what the checkpoint used
     zero_stage: int = 0  # deepspeed engine: 0-3
     offload: str = "none"  # deepspeed engine: none | cpu
     timeout_s: float = 600  # collective timeout, and the watchdog's limit for one step / eval / save
+    straggler_every: int = 50  # steps per straggler window: ranks share their compute time per step (0: off)
+    straggler_factor: float = 1.5  # a rank slower than this x the median of its pipeline stage's ranks is slow
+    straggler_windows: int = 3  # windows in a row a rank must be slow before it is named (a line and an event)
 
     def check(self) -> None:
         if self.engine not in ("megatron", "deepspeed"):
@@ -136,22 +139,22 @@ class TrainConfig:
     global_batch: int = 12  # sequences per optimizer step (accumulation = global / (micro * dp))
     lr: float = 6.0e-4  # peak learning rate (AdamW); each model preset sets its own
     min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
-    warmup_steps: int = 100
+    warmup_steps: int = 100  # linear warmup from 0 to lr over this many steps
     warmup_fraction: float | None = None  # when set: warmup over this fraction of max_steps (not warmup_steps)
     lr_decay_steps: int | None = None  # null: max_steps
     lr_schedule: str = "cosine"  # cosine | linear | constant | inverse-square-root (megatron-core's scheduler)
     weight_decay: float = 0.1  # matrices only (biases and norms are not decayed)
     lr_mult: Any = None  # {parameter-name glob: factor} on those parameters' lr (megatron; typed in check())
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0
+    beta1: float = 0.9  # AdamW's first-moment decay
+    beta2: float = 0.99  # AdamW's second-moment decay
+    grad_clip: float = 1.0  # clip the global gradient norm to this
     spike_factor: float | None = None  # skip a step whose loss > factor x the recent mean (non-finite: always)
     max_skipped: int = 10  # stop (exit 1, last checkpoint kept) after this many consecutive skipped steps
     bf16: bool = False  # bf16 autocast for the forward pass (fp32 master weights)
     compile: bool = False  # torch.compile the model
-    seed: int = 1337
+    seed: int = 1337  # model init, data order, dropout
     eval_every: int = 250  # 0: only at the end (fine-tuning: every epoch)
-    eval_micro_batch: int = 64
+    eval_micro_batch: int = 64  # sequences per forward pass on one rank in validation
     eval_batches: int | None = None  # null: the whole validation split
     save_every: int = 1000  # 0: only at the end (fine-tuning: every epoch); -1: never
     keep_last: int = 3  # checkpoints kept in run.dir/checkpoints
@@ -161,7 +164,7 @@ class TrainConfig:
     preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGHUP"])
     requeue_exit_code: int = 75  # EX_TEMPFAIL; launch/slurm.sbatch requeues the job on it
     sample_tokens: int = 300  # printed at the end (single-process runs); 0 disables
-    sample_prompt: str = ""
+    sample_prompt: str = ""  # the end-of-run sample's prompt ("": start from end-of-text)
     peak_tflops: float | None = None  # device peak for MFU (e.g. 989 for H100 bf16); null: measured
     log_samples: bool = False  # write run.dir/samples_rank<R>.jsonl: the sample ids of every step
     preflight: str = "warn"  # memory check at start (gpt-plan's estimate vs the device): warn | error | off
@@ -259,9 +262,9 @@ class DataConfig:
 @dataclass
 class LoggingConfig:
     wandb: str = "offline"  # offline | online | disabled (offline never touches the network)
-    project: str = "gpt-pretrain"
+    project: str = "gpt-pretrain"  # the wandb project
     console_every: int = 100  # a metrics line on the console every N steps
-    progress_bar: bool = True
+    progress_bar: bool = True  # a tqdm bar (steps, ETA, loss) when stderr is a terminal
 
     def check(self) -> None:
         """``wandb``: a known mode, and credentials for ``online`` (else wandb would prompt or fail
@@ -285,8 +288,8 @@ class SentimentEvalConfig:
 
     path: str | None = None  # JSONL with text/label (e.g. ../shared/data/rotten_tomatoes.validation.jsonl)
     fewshot_path: str | None = None  # where few-shot examples come from (default: path, minus the document)
-    text_field: str = "text"
-    label_field: str = "label"
+    text_field: str = "text"  # the JSONL field holding the text
+    label_field: str = "label"  # the JSONL field holding the label
 
 
 @dataclass
@@ -319,7 +322,7 @@ class EvalConfig:
     # in-context examples (k) of every task; a list [0,5] evaluates each k (keys eval/<task>/<k>shot/<metric>)
     num_fewshot: Any = 0
     batch_size: int = 32  # sequences per scoring round (split over the data-parallel ranks)
-    limit: int | None = None  # only the first N documents of each task
+    limit: int | None = None  # N documents of each bundled task drawn with eval.seed (a task file of yours: first N)
     seed: int = 1234  # few-shot sampling (gpt-eval's seed)
     sentiment: SentimentEvalConfig = field(default_factory=SentimentEvalConfig)
     perplexity: PerplexityEvalConfig = field(default_factory=PerplexityEvalConfig)
@@ -376,8 +379,8 @@ class TaskConfig:
     """A labelled fine-tuning task: JSONL files whose fields depend on ``type`` (see the README)."""
 
     type: str = "classification"  # classification | entailment | similarity | multiple_choice
-    train: str = MISSING
-    validation: str = MISSING
+    train: str = MISSING  # the labelled training JSONL
+    validation: str = MISSING  # the labelled validation JSONL (val_acc, val_loss every epoch)
     test: str | None = None  # optional: results.json then also has test_acc
     max_train_examples: int | None = None  # use this many train examples (a seeded sample); null: all
     max_len: int | None = None  # tokens per framed sequence; null: the pretrained context (model.seq_len)
@@ -395,7 +398,7 @@ class FinetuneConfig:
     aux_lm_weight: float = 0.5  # λ in L3 = L2 + λ·L1 (GPT-1: 0.5); 0 disables the auxiliary LM loss
     from_scratch: bool = False  # true: same architecture and tokenizer, random weights (the baseline)
     epochs: int = 3  # GPT-1: 3
-    classifier_dropout: float = 0.1
+    classifier_dropout: float = 0.1  # dropout before the task head (GPT-1: 0.1)
     head_lr_mult: float = 1.0  # the new head's learning rate = train.lr x this (the body keeps train.lr)
     # keep the embeddings + the first K blocks of the checkpoint, the rest as from_scratch (GPT-1 Fig. 2);
     # null: all. The range (0 ... model.num_layers) is checked against the checkpoint (pretrain/tasks/finetune.py)
@@ -441,8 +444,8 @@ class HardwareConfig:
     name: str = "auto"  # auto: this machine (its GPU's preset, or cpu)
     memory_gb: float | None = None  # per device; null: detected (GPU memory; host RAM / processes on a CPU)
     peak_tflops_bf16: float | None = None  # dense datasheet peak
-    peak_tflops_fp32: float | None = None
-    matmul_efficiency: float = 0.5
+    peak_tflops_fp32: float | None = None  # dense datasheet peak in fp32 (train.bf16=false)
+    matmul_efficiency: float = 0.5  # fraction of the peak the model's matrix products reach
     memory_bandwidth_gbps: float | None = None  # device memory (HBM) GB/s: element-wise ops, optimizer step
     intra_node_gbps: float | None = None  # collective bus bandwidth per device inside a node (NVLink)
     inter_node_gbps: float | None = None  # per device between nodes (InfiniBand / RoCE)
@@ -450,8 +453,8 @@ class HardwareConfig:
     host_gbps: float = 20.0  # host memory bandwidth the offloaded optimizer step reaches
     latency_us: float = 10.0  # per collective / point-to-point message
     layer_overhead_us: float = 0.0  # per layer and micro-batch (forward + backward): op dispatch, small kernels
-    gpus_per_node: int = 8
-    nodes: int = 1
+    gpus_per_node: int = 8  # devices (ranks) per node; on a CPU, processes
+    nodes: int = 1  # world size = gpus_per_node x nodes
     calibrate: bool | None = None  # null: measure on this machine for cpu (and auto without a GPU)
 
     def check(self) -> None:

@@ -108,9 +108,11 @@ def register() -> None:
 register()
 
 
-def validate(cfg: DictConfig) -> None:
+def validate(cfg: DictConfig) -> dict[str, Any]:
     """Check a composed config before anything runs: every required key is set, every group present
     has only its schema's keys with values of their types, every group's ``check()`` passes.
+    Returns the groups as their dataclasses (interpolations resolved): what the run reads from here on
+    (``parallel/run_config.py`` freezes them into the Run).
 
     Raises :class:`UserError` with one line naming the key (``train.max_steps=abc: expected an
     integer``). Top-level keys without a schema (another command's) are left alone.
@@ -118,9 +120,18 @@ def validate(cfg: DictConfig) -> None:
     missing = sorted(re.sub(r"\[(\d+)\]", r".\1", key) for key in OmegaConf.missing_keys(cfg))  # Hydra's list.0.key
     if missing:
         raise UserError(f"{missing[0]}=: required (pass {missing[0]}=...)")
-    groups = [_typed(cfg, name) for name in GROUPS if name in cfg]
-    for group in groups:
+    groups = {name: _typed(cfg, name) for name in GROUPS if name in cfg}
+    for group in groups.values():
         group.check()
+    return groups
+
+
+def typed_group(name: str, values: dict[str, Any]) -> Any:
+    """A group as recorded in a checkpoint (``TrainState.config[name]``) as its dataclass: keys an older
+    version did not have take today's defaults, keys it had and this version dropped are ignored."""
+    schema = GROUPS[name]
+    known = {f.name for f in dataclasses.fields(schema)}
+    return _typed(OmegaConf.create({name: {k: v for k, v in values.items() if k in known}}), name)
 
 
 def check_plan(cfg: DictConfig) -> None:

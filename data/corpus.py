@@ -1,8 +1,10 @@
-"""The input corpus, streamed: files, directories and globs of ``.txt`` / ``.jsonl``, plain, ``.gz`` or ``.zst``.
+"""The input corpus, streamed: ``.txt`` / ``.jsonl`` (plain, ``.gz`` or ``.zst``), Parquet and Arrow files,
+local or in a bucket (which files ``input=`` names: ``data/inputs.py``).
 
 Nothing here holds more than one document (or, for a long one, one piece of it) in memory:
-files are read a block at a time. A ``.txt`` file is one document; a ``.jsonl`` line is one
-document (its ``text_field``). A document longer than :data:`PIECE_CHARS` is cut into pieces,
+files are read a block at a time (Parquet and Arrow a record batch at a time,
+``data/parquet_input.py``). A ``.txt`` file is one document; a ``.jsonl`` line, or a table's row,
+is one document (its ``text_field``). A document longer than :data:`PIECE_CHARS` is cut into pieces,
 only at a space or newline between two word characters (``\\w \\w``): that is where byte-level
 BPE (GPT-2's pre-tokenizer regex), tiktoken's and sentencepiece-style pre-tokenizers split
 anyway, so tokenizing the pieces one after another gives the tokens of the whole document for
@@ -14,18 +16,16 @@ Text is decoded as gpt-prepare always did: strict UTF-8, universal newlines for 
 from __future__ import annotations
 
 import codecs
-import glob
 import io
 import json
 import re
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
 from typing import Any, BinaryIO
 
 from conf.errors import UserError
+from data.inputs import InputFile, compression_of, kind_of, open_binary, size_of
+from data.parquet_input import table_texts
 
-TEXT_SUFFIXES = (".txt", ".jsonl")
-COMPRESSIONS = ("gz", "zst")
 BLOCK = 1 << 20  # bytes read at a time
 PIECE_CHARS = 1 << 20  # a longer document is cut into pieces of about this many characters
 CHUNK_CHARS = 1 << 20  # pieces are sent to a tokenizing worker in chunks of about this many characters
@@ -34,48 +34,13 @@ CUT = re.compile(r"(?<=\w)[ \n](?=\w)")
 Piece = tuple[str, bool]  # (text, whether it ends its document)
 
 
-def compression_of(path: Path) -> str:
-    """``gz``, ``zst`` or ``''`` (by the name's last suffix)."""
-    suffix = path.suffix.lstrip(".")
-    return suffix if suffix in COMPRESSIONS else ""
-
-
-def is_jsonl(path: Path) -> bool:
-    name = path.name[: -len(path.suffix)] if compression_of(path) else path.name
-    return name.endswith(".jsonl")
-
-
-def is_input_name(name: str) -> bool:
-    """A name a directory input picks up: ``.txt`` / ``.jsonl``, optionally ``.gz`` / ``.zst``."""
-    return any(name.endswith(s + c) for s in TEXT_SUFFIXES for c in ("", ".gz", ".zst"))
-
-
-def resolve_inputs(spec: str) -> list[Path]:
-    """A file, a directory (its input files, recursively) or a glob → sorted files."""
-    if not spec:
-        raise UserError("input=: empty; give a file, a directory or a glob")
-    path = Path(spec).expanduser()
-    if path.is_file():
-        files = [path]
-    elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and is_input_name(p.name))
-    else:
-        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
-    if not files:
-        raise UserError(f"input={spec}: no such file, or no .txt/.jsonl(.gz/.zst) files match")
-    return files
-
-
 class Source:
     """One input file open for reading, decompressed; ``consumed`` counts its on-disk bytes read."""
 
-    def __init__(self, path: Path, on_read: Callable[[int], None] | None = None) -> None:
+    def __init__(self, path: InputFile, on_read: Callable[[int], None] | None = None) -> None:
         self.path, self.on_read, self.consumed = path, on_read, 0
         self.compression = compression_of(path)
-        try:
-            self.raw: BinaryIO = open(path, "rb")  # noqa: SIM115 - closed in close()
-        except OSError as exc:
-            raise UserError(f"{path}: cannot read ({exc.strerror})") from exc
+        self.raw: BinaryIO = open_binary(path)  # closed in close()
         self.stream: Any = self.raw
         if self.compression == "gz":
             import gzip
@@ -90,6 +55,8 @@ class Source:
         while True:
             try:
                 block = self.stream.read(BLOCK)
+            except UserError:  # an object in a bucket that could not be read: named already
+                raise
             except Exception as exc:  # noqa: BLE001 - gzip/zlib/zstd errors: a user's damaged file, in one line
                 raise UserError(f"{self.path}: not a valid .{self.compression or 'txt'} file ({exc})") from exc
             position = self.raw.tell()
@@ -200,24 +167,30 @@ def jsonl_file_pieces(source: Source, text_field: str) -> Iterator[Piece]:
             yield from doc_pieces(text)
 
 
-def file_pieces(path: Path, text_field: str, on_read: Callable[[int], None] | None = None) -> Iterator[Piece]:
+def file_pieces(path: InputFile, text_field: str, on_read: Callable[[int], None] | None = None) -> Iterator[Piece]:
     """The pieces of one input file's documents, in order; the file is closed when the generator is."""
+    kind = kind_of(path)
+    if kind in ("parquet", "arrow"):
+        for text in table_texts(path, text_field, on_read):
+            if text:
+                yield from doc_pieces(text)
+        return
     source = Source(path, on_read)
     try:
-        yield from jsonl_file_pieces(source, text_field) if is_jsonl(path) else text_file_pieces(source)
+        yield from jsonl_file_pieces(source, text_field) if kind == "jsonl" else text_file_pieces(source)
     finally:
         source.close()
 
 
-def corpus_pieces(files: Iterable[Path], text_field: str) -> Iterator[Piece]:
+def corpus_pieces(files: Iterable[InputFile], text_field: str) -> Iterator[Piece]:
     for path in files:
         yield from file_pieces(path, text_field)
 
 
-def sample_texts(files: list[Path], text_field: str, budget: int) -> Iterator[str]:
+def sample_texts(files: list[InputFile], text_field: str, budget: int) -> Iterator[str]:
     """At most about ``budget`` UTF-8 bytes of text for training a tokenizer: from each file its first
     share, shares in proportion to the files' sizes on disk (everything, when the corpus is smaller)."""
-    sizes = [p.stat().st_size for p in files]
+    sizes = [size_of(p) for p in files]
     total = sum(sizes) or 1
     for path, size in zip(files, sizes, strict=True):
         share, taken = budget * size / total, 0
@@ -232,7 +205,7 @@ def sample_texts(files: list[Path], text_field: str, budget: int) -> Iterator[st
             pieces.close()
 
 
-def first_text(files: list[Path], text_field: str) -> bool:
+def first_text(files: list[InputFile], text_field: str) -> bool:
     """Whether any document holds more than whitespace (stops at the first that does)."""
     return any(text.strip() for text, _ in corpus_pieces(files, text_field))
 

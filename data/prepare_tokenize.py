@@ -7,6 +7,7 @@ few chunks, whatever the size of the file.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -14,13 +15,19 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+from tqdm import tqdm
 
 from conf.errors import UserError
 from data.corpus import chunks, file_pieces
+from data.inputs import InputFile, stat_of
 from data.prepare_dedup import HashSet, combine
 from data.prepare_pool import encode_chunk, ordered_map_keyed
 from data.prepare_progress import Progress
-from data.prepare_work import WorkDir, file_stat
+from data.prepare_work import WorkDir
+from data.tokenizer import Tokenizer
+
+UNKNOWN_EXAMPLES = 5  # characters shown in the unknown-token report
+SMALL_UNKNOWN_SHARE = 1e-4  # above this share of the tokens, text lost to the unknown token is a warning
 
 
 @dataclass
@@ -66,11 +73,23 @@ class PartWriter:
 class FilePart:
     """The part being written for one input file, and its counts."""
 
-    def __init__(self, work: WorkDir, index: int, path: Path, dedup: bool) -> None:
-        self.index, self.stat = index, file_stat(path)
+    def __init__(self, work: WorkDir, index: int, path: InputFile, dedup: bool) -> None:
+        self.index, self.stat = index, stat_of(path)
         self.writer = PartWriter(work, index, dedup)
         self.documents = self.duplicates = 0
         self.open_doc: OpenDocument | None = None
+        self.unknown, self.unknown_examples = 0, []  # the unknown token's count, a few characters that became it
+
+    def count_unknown(self, tokens: np.ndarray, texts: list[str], tokenizer: Tokenizer) -> None:
+        """A tokenizer given by ``file:`` may lack characters of this corpus: they all become its
+        unknown token, which gpt-prepare reports (:func:`report_unknown`) rather than let pass silently."""
+        if tokenizer.unk_id is None:
+            return
+        found = int(np.count_nonzero(tokens == tokenizer.unk_id))
+        self.unknown += found
+        if found and len(self.unknown_examples) < UNKNOWN_EXAMPLES:
+            more = tokenizer.unknown_examples(texts, UNKNOWN_EXAMPLES)
+            self.unknown_examples = sorted(set(self.unknown_examples) | set(more))[:UNKNOWN_EXAMPLES]
 
     def add(self, result: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], seen: HashSet | None) -> None:
         tokens, lengths, ends, hashes = result
@@ -88,12 +107,14 @@ class FilePart:
             "tokens": self.writer.tokens,
             "documents": self.documents,
             "duplicates": self.duplicates,
+            "unknown": self.unknown,
+            "unknown_examples": self.unknown_examples,
         }
 
 
 def tokenize_files(
     work: WorkDir,
-    todo: list[tuple[int, Path]],
+    todo: list[tuple[int, InputFile]],
     executor: Executor | None,
     window: int,
     text_field: str,
@@ -104,23 +125,25 @@ def tokenize_files(
     is: one stream of chunks through the pool, so that workers do not wait at file boundaries."""
     dedup = seen is not None
     paths = dict(todo)
+    tokenizer = work.tokenizer()
 
-    def tasks() -> Iterator[tuple[int, tuple[list[str], list[bool], bool] | None]]:
+    def tasks() -> Iterator[tuple[tuple[int, list[str]], tuple[list[str], list[bool], bool] | None]]:
         for index, path in todo:
             pieces = file_pieces(path, text_field, progress.update)
             try:
                 for texts, ends in chunks(pieces):
-                    yield index, (texts, ends, dedup)
+                    yield (index, texts), (texts, ends, dedup)  # the key keeps the texts: unknown examples
             finally:
                 pieces.close()
-            yield index, None  # the end of this file
+            yield (index, []), None  # the end of this file
 
     part: FilePart | None = None
     try:
-        for index, result in ordered_map_keyed(executor, encode_chunk, tasks(), window):
+        for (index, texts), result in ordered_map_keyed(executor, encode_chunk, tasks(), window):
             if part is None:
                 part = FilePart(work, index, paths[index], dedup)
             if result is not None:
+                part.count_unknown(result[0], texts, tokenizer)
                 part.add(result, seen)
                 continue
             part.writer.close()
@@ -129,6 +152,25 @@ def tokenize_files(
     finally:
         if part is not None:
             part.writer.close()
+    report_unknown(list(work.done.values()), tokenizer)
+
+
+def report_unknown(entries: list[dict], tokenizer: Tokenizer) -> None:
+    """One line (every input file, resumed ones too) when text became the unknown token: a ``warning:``
+    above a small share, else a ``note:``."""
+    unknown = sum(entry.get("unknown", 0) for entry in entries)  # a part recorded before counting: 0
+    if not unknown:
+        return
+    total = max(sum(entry["tokens"] for entry in entries), 1)
+    examples = sorted({c for entry in entries for c in entry.get("unknown_examples", [])})[:UNKNOWN_EXAMPLES]
+    what = "characters" if tokenizer.kind == "char" else "tokens"
+    shown = f" (e.g. {', '.join(repr(c) for c in examples)})" if examples else ""
+    level = "warning" if unknown / total > SMALL_UNKNOWN_SHARE else "note"
+    tqdm.write(
+        f"{level}: {unknown:,} of {total:,} {what} ({unknown / total:.2%}) are not in the tokenizer's vocabulary "
+        f"and became its unknown token{shown}",
+        file=sys.stderr,
+    )
 
 
 def _dedup_chunk(

@@ -1,12 +1,19 @@
 """gpt-prepare's work directory: what makes an interrupted run resumable.
 
-``.OUT.gpt-prepare-work`` beside ``out`` holds the tokenizer (trained once), one part per finished
-input file (``part-NNNNNN.bin``: its documents' tokens, each followed by end-of-text, in order;
-``part-NNNNNN.hashes``: the kept documents' hashes when ``dedup=true``) and ``progress.json``,
-which lists the finished parts. A part is written as ``*.partial`` and renamed before the record
-names it, so a part the record lists is complete, and a restarted run skips exactly those files.
-Shards and the manifest are made from the parts only once every file is done, into
-``owned_output``'s temp dir (``data/output_dir.py``): ``out`` never holds a partial output.
+``.OUT.gpt-prepare-work`` beside ``out`` (or ``work_dir=``; for an ``s3://`` out, a local cache dir)
+holds the tokenizer (trained once), one part per finished input file (``part-NNNNNN.bin``: its
+documents' tokens, each followed by end-of-text, in order; ``part-NNNNNN.hashes``: the kept
+documents' hashes when ``dedup=true``) and ``progress.json``, which lists the finished parts. A
+part is written as ``*.partial`` and renamed before the record names it, so a part the record
+lists is complete, and a restarted run skips exactly those files. Shards and the manifest are
+made from the parts only once every file is done, into ``owned_output``'s temp dir
+(``data/output_dir.py``, or ``data/s3_output.py``): ``out`` never holds a partial output.
+
+``executor=ray dedup=true`` (``data/prepare_ray.py``) keeps one more stage per file: a scanned file's
+tokens with every document (``part-NNNNNN.raw``), its documents' hashes (``.dochash``) and where
+each ends (``.docend``), listed under ``scanned`` in the record; the global dedup then turns it into
+the same ``part-NNNNNN.bin`` the local pool writes, and parts are recorded done in file order, so
+the finished parts of a dedup run are always the first files (which the local pool resumes from).
 
 A restart resumes only with the settings the parts were made with (tokenizer, text field, dedup,
 the same input files, the finished ones unchanged), else it refuses in one line; ``resume=false``
@@ -28,21 +35,22 @@ from typing import Any
 import numpy as np
 
 from conf.errors import UserError
+from data.inputs import InputFile, record_name, stat_now
+from data.s3 import S3Store
 from data.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 
 WORK_FORMAT = "gpt-prepare-work/1"
 RECORD = "progress.json"
 LOCK = "lock"
-OWN_NAMES = (RECORD, f".{RECORD}.tmp", LOCK, TOKENIZER_FILE, "part-*.bin", "part-*.hashes", "part-*.partial")
+SCAN_KINDS = ("raw", "dochash", "docend")  # a scanned file's stage (executor=ray dedup=true)
+OWN_NAMES = (
+    RECORD, f".{RECORD}.tmp", LOCK, TOKENIZER_FILE, "part-*.bin", "part-*.hashes", "part-*.partial",
+    *(f"part-*.{kind}" for kind in SCAN_KINDS), "dedup-*.drops", "dedup-*.drops.partial",
+)  # fmt: skip
 
 
 def work_dir_of(out: Path) -> Path:
     return out.parent / f".{out.name}.gpt-prepare-work"
-
-
-def file_stat(path: Path) -> list[int]:
-    stat = path.stat()
-    return [stat.st_size, stat.st_mtime_ns]
 
 
 class WorkDir:
@@ -52,11 +60,20 @@ class WorkDir:
         self.path, self.record, self._lock = path, record, lock
 
     @classmethod
-    def open(cls, out: Path, settings: dict[str, Any], inputs: list[Path], resume: bool) -> WorkDir:
-        """Create the work dir for ``out``, or take up the one an interrupted run left (refusing in
-        one line when its settings or finished inputs differ)."""
-        path = work_dir_of(out)
-        names = [str(p.resolve()) for p in inputs]
+    def open(
+        cls,
+        out: Path | str,
+        settings: dict[str, Any],
+        inputs: list[InputFile],
+        resume: bool,
+        path: Path | None = None,
+        store: S3Store | None = None,
+    ) -> WorkDir:
+        """Create the work dir for ``out`` (at ``path``, else beside ``out``), or take up the one an
+        interrupted run left (refusing in one line when its settings or finished inputs differ);
+        ``store`` re-checks finished inputs in a bucket."""
+        path = path or work_dir_of(Path(out))
+        names = [record_name(p) for p in inputs]
         fresh = {"format": WORK_FORMAT, "settings": settings, "inputs": names, "tokenizer": False, "done": []}
         existed = path.exists()
         if existed:
@@ -67,7 +84,7 @@ class WorkDir:
             path.mkdir(parents=True, exist_ok=True)
             lock = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise UserError(f"out={out}: cannot write beside it ({exc.strerror})") from exc
+            raise UserError(f"out={out}: cannot write its work dir {path} ({exc.strerror})") from exc
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -76,7 +93,7 @@ class WorkDir:
         work = cls(path, fresh, lock)
         try:
             if existed and record is not None and resume and worth_keeping(record):
-                work._check_resumable(record, settings, names, out)
+                work._check_resumable(record, settings, names, out, store)
                 work.record = record
             elif existed:
                 work._remove_parts()
@@ -86,7 +103,9 @@ class WorkDir:
             raise
         return work
 
-    def _check_resumable(self, record: dict, settings: dict, names: list[str], out: Path) -> None:
+    def _check_resumable(
+        self, record: dict, settings: dict, names: list[str], out: Path | str, store: S3Store | None
+    ) -> None:
         hint = f"rerun with those settings to resume it, or pass resume=false to start over ({self.path})"
         for key, value in settings.items():
             old = record["settings"].get(key)
@@ -96,14 +115,19 @@ class WorkDir:
             differ = next((a for a, b in zip(record["inputs"], names, strict=False) if a != b), None)
             which = differ or f"{len(record['inputs'])} files, now {len(names)}"
             raise UserError(f"out={out}: an interrupted gpt-prepare read other input files ({which}); {hint}")
-        for done in record["done"]:
+        for done in record["done"] + record.get("scanned", []):
             name = record["inputs"][done["index"]]
-            if not Path(name).is_file() or file_stat(Path(name)) != done["stat"]:
+            if stat_now(name, store) != done["stat"]:
                 raise UserError(f"{name}: changed since an interrupted gpt-prepare tokenized it; {hint}")
 
     @property
     def done(self) -> dict[int, dict[str, Any]]:
         return {d["index"]: d for d in self.record["done"]}
+
+    @property
+    def scanned(self) -> dict[int, dict[str, Any]]:
+        """Files scanned for a distributed dedup, not yet done (``executor=ray dedup=true``)."""
+        return {d["index"]: d for d in self.record.get("scanned", [])}
 
     def part(self, index: int, kind: str = "bin") -> Path:
         return self.path / f"part-{index:06d}.{kind}"
@@ -117,13 +141,29 @@ class WorkDir:
         self._save()
 
     def finish_part(self, index: int, entry: dict[str, Any]) -> None:
-        """Rename the part's ``.partial`` files into place, then record it as done."""
-        for kind in ("bin", "hashes"):
-            partial = self.path / f"{self.part(index, kind).name}.partial"
-            if partial.exists():
-                os.replace(partial, self.part(index, kind))
+        """Rename the part's ``.partial`` files into place, then record it as done (and drop its scan)."""
+        self._rename_partials(index, {"bin": "bin", "hashes": "hashes"})
         self.record["done"] = [d for d in self.record["done"] if d["index"] != index] + [{"index": index, **entry}]
+        scanned = self.record.get("scanned", [])
+        self.record["scanned"] = [d for d in scanned if d["index"] != index]
         self._save()
+        for kind in SCAN_KINDS:
+            with contextlib.suppress(FileNotFoundError):
+                self.part(index, kind).unlink()
+
+    def finish_scan(self, index: int, entry: dict[str, Any]) -> None:
+        """Rename a scanned file's ``.partial`` files (written as a part's would be, plus where each
+        document ends) into their scan names, then record it as scanned."""
+        self._rename_partials(index, {"bin": "raw", "hashes": "dochash", "docend": "docend"})
+        scanned = [d for d in self.record.get("scanned", []) if d["index"] != index]
+        self.record["scanned"] = scanned + [{"index": index, **entry}]
+        self._save()
+
+    def _rename_partials(self, index: int, kinds: dict[str, str]) -> None:
+        for written, final in kinds.items():
+            partial = self.path / f"{self.part(index, written).name}.partial"
+            if partial.exists():
+                os.replace(partial, self.part(index, final))
 
     def hashes(self) -> list[np.ndarray]:
         """The kept documents' hashes of every finished part (to rebuild the dedup set on resume)."""
@@ -157,8 +197,11 @@ class WorkDir:
 
 
 def worth_keeping(record: dict[str, Any]) -> bool:
-    """Whether a work dir holds work worth resuming: a finished input file, or a trained BPE tokenizer."""
-    return bool(record["done"]) or (bool(record["tokenizer"]) and record["settings"].get("tokenizer") == "bpe")
+    """Whether a work dir holds work worth resuming: a finished (or scanned) input file, or a trained
+    BPE tokenizer."""
+    if record["done"] or record.get("scanned"):
+        return True
+    return bool(record["tokenizer"]) and record["settings"].get("tokenizer") == "bpe"
 
 
 def _read_record(path: Path) -> dict[str, Any] | None:

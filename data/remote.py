@@ -1,22 +1,27 @@
-"""Shard sets at a URL: ``http(s)://…`` natively, ``pipe:COMMAND`` through the user's own CLI.
+"""Shard sets at a URL: ``http(s)://…`` and ``s3://…`` natively, ``pipe:COMMAND`` through the user's own CLI.
 
-``data.dir=https://host/corpus`` reads ``…/corpus/manifest.json``, ``…/tokenizer.json`` and each
-shard ``…/corpus/<file>`` as listed in the manifest. ``data.dir='pipe:aws s3 cp s3://b/corpus/{file} -'``
-is webdataset's ``pipe:`` URL (a shell command whose stdout is the file; exit status 0 required),
-extended to a directory: ``{file}`` stands for the file's name in the shard set and is substituted,
-shell-quoted, for each file read (manifest, tokenizer, shards).
+``data.dir=https://host/corpus`` (or ``s3://bucket/corpus``) reads ``…/corpus/manifest.json``,
+``…/tokenizer.json`` and each shard ``…/corpus/<file>`` as listed in the manifest.
+``data.dir='pipe:aws s3 cp s3://b/corpus/{file} -'`` is webdataset's ``pipe:`` URL (a shell command
+whose stdout is the file; exit status 0 required), extended to a directory: ``{file}`` stands for the
+file's name in the shard set and is substituted, shell-quoted, for each file read (manifest,
+tokenizer, shards).
 
 What comes from libraries and what is added here:
 - HTTP is urllib3 (pooled keep-alive connections, connect/read timeouts, redirects, a body cut
   short of its ``Content-Length`` raises). Not fsspec's HTTP filesystem: its aiohttp transfers run
   on an asyncio thread that costs the loader about twice urllib3's CPU per shard and contends for
   the GIL with it (benchmarks/README.md, remote shards).
+- S3 is boto3 (:mod:`data.s3`: why boto3, and where its credentials, region and endpoint come from),
+  except the shard GETs themselves: boto3 signs a URL (locally, with the user's credentials) and urllib3
+  fetches it as any HTTP shard — botocore's own GET costs about twice the CPU a shard (benchmarks/README.md).
 - ``pipe:`` runs like webdataset's ``gopen_pipe`` (``shell=True``), but through ``subprocess.run``:
   gopen's pipe has no timeout on a hung command and lets its stderr go past the error message.
-- Hand-written, since neither has them: the retry policy (transient errors — resets, short reads,
-  timeouts, 5xx, a failed command, a sha256 mismatch — retried with exponential backoff, a bounded
-  number of times, then one ``RemoteUnavailable`` (a ``UserError``) naming the URL; never a skip), verification of every
-  shard against the manifest before use, and the bounded cache of :mod:`data.shard_cache`.
+- Hand-written, since none has them: the retry policy of :mod:`data.retry` (transient errors — resets,
+  short reads, timeouts, 5xx, a failed command, a sha256 mismatch — retried with exponential backoff, a
+  bounded number of times, then one ``RemoteUnavailable`` (a ``UserError``) naming the URL; never a
+  skip), verification of every shard against the manifest before use, and the bounded cache of
+  :mod:`data.shard_cache`.
 """
 
 from __future__ import annotations
@@ -28,7 +33,6 @@ import shlex
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
@@ -36,16 +40,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from conf.errors import UserError
+from data.retry import Permanent as _Permanent
+from data.retry import RemoteUnavailable, retrying
+from data.retry import Transient as _Transient
+from data.s3 import SCHEME as S3
+from data.s3 import S3Store, error_code, split_url
 from data.shard_cache import ShardCache
 
-SCHEMES = ("http://", "https://", "pipe:")
+__all__ = ["SCHEMES", "Remote", "RemoteOptions", "RemoteUnavailable", "is_remote"]
+SCHEMES = ("http://", "https://", S3, "pipe:")
 T = TypeVar("T")
 FILE_FIELD = "{file}"
-
-
-class RemoteUnavailable(UserError):
-    """A remote file that could not be read after the retries: a wrong ``data.dir`` at start (exit 2),
-    data gone for good once training runs (the loader turns it into a :class:`RunError`, exit 1)."""
 
 
 def is_remote(location: object) -> bool:
@@ -61,21 +66,13 @@ class RemoteOptions:
     cache_bytes: int = 10 * 2**30  # the cache's bound
     retries: int = 3  # retries after the first attempt of a file
     prefetch: int = 1  # shards read ahead per stream, in background threads
-    timeout_s: float = 120.0  # HTTP: seconds without progress; pipe: seconds for the whole command
+    timeout_s: float = 120.0  # HTTP, S3: seconds without progress; pipe: seconds for the whole command
     backoff_s: float = 1.0  # the first retry's delay; doubled at each retry
 
     @classmethod
     def from_config(cls, data: Mapping[str, Any]) -> RemoteOptions:
         """The options named in a ``data`` config node (or a mapping); absent keys keep defaults."""
         return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data and data[f.name] is not None})
-
-
-class _Transient(Exception):
-    """A failed attempt worth retrying; its message says what went wrong."""
-
-
-class _Permanent(Exception):
-    """A failed attempt that a retry cannot fix (404, 403, a malformed URL)."""
 
 
 def _http_response(pool: Any, method: str, url: str) -> Any:
@@ -91,9 +88,10 @@ def _http_response(pool: Any, method: str, url: str) -> Any:
         raise _Transient(f"{type(reason).__name__}: {reason}") from exc
     if response.status == 200:
         return response
+    code = error_code(response.data)  # an S3 error's own code (NoSuchKey, SlowDown, …) says more
     if response.status == 404:
-        raise _Permanent("not found (HTTP 404)")
-    status = f"HTTP {response.status} {response.reason or ''}".strip()
+        raise _Permanent(f"not found ({code or 'HTTP 404'})")
+    status = f"HTTP {response.status} {code or response.reason or ''}".strip()
     raise _Transient(status) if response.status >= 500 or response.status in (408, 429) else _Permanent(status)
 
 
@@ -114,6 +112,10 @@ class Remote:
             raise UserError(f"data.*: retries, prefetch >= 0, timeout_s > 0 and cache_bytes >= 1 needed ({opts})")
         self.cache = ShardCache(opts.cache_dir, opts.cache_bytes) if opts.cache_dir else None
         self._pool: tuple[int, Any] | None = None
+        self.s3: tuple[S3Store, str, str] | None = None  # (store, bucket, prefix) of an s3:// shard set
+        if location.startswith(S3):
+            bucket, prefix = split_url(self.location, "data.dir")
+            self.s3 = (S3Store(opts.retries, opts.backoff_s, opts.timeout_s), bucket, prefix)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_pool": None}  # a DataLoader worker opens its own connections
@@ -135,9 +137,18 @@ class Remote:
             self._pool = (os.getpid(), pool)
         return self._pool[1]
 
+    def _key(self, name: str) -> tuple[S3Store, str, str]:
+        """(store, bucket, key) of file ``name`` of an s3:// shard set."""
+        assert self.s3 is not None
+        store, bucket, prefix = self.s3
+        return store, bucket, f"{prefix}/{name}" if prefix else name
+
     def _attempt(self, name: str) -> bytes:
         """One try at the whole file; raises _Transient or _Permanent."""
         url = self.url(name)
+        if self.s3 is not None:
+            store, bucket, key = self._key(name)
+            url = store.attempt(store.client.generate_presigned_url, "get_object", {"Bucket": bucket, "Key": key})
         if self.pipe:
             try:
                 done = subprocess.run(
@@ -175,19 +186,8 @@ class Remote:
         return blob
 
     def _retrying(self, what: str, attempt: Callable[[], T]) -> T:
-        """``attempt()``, retried ``retries`` times after a transient failure, ``backoff_s`` then
-        twice as long each time; then one ``UserError``: ``<what>: <last reason> after N attempts``."""
-        attempts = self.options.retries + 1
-        for number in range(1, attempts + 1):
-            try:
-                return attempt()
-            except _Permanent as exc:
-                raise RemoteUnavailable(f"{what}: {exc}") from None
-            except _Transient as exc:
-                reason = str(exc)
-            if number < attempts:
-                time.sleep(self.options.backoff_s * 2 ** (number - 1))
-        raise RemoteUnavailable(f"{what}: {reason} after {attempts} attempts")
+        """``attempt()`` under :func:`data.retry.retrying` with ``data.retries`` and the backoff."""
+        return retrying(what, attempt, self.options.retries, self.options.backoff_s)
 
     def sizes(self, names: list[str]) -> list[int] | None:
         """Each file's size from concurrent HEAD requests (None for ``pipe:``, which cannot stat):
@@ -195,14 +195,19 @@ class Remote:
         if self.pipe or not names:
             return None
 
+        def head_attempt(name: str) -> int:
+            if self.s3 is not None:
+                store, bucket, key = self._key(name)
+                return store.size(bucket, key)
+            return int(_http_response(pool, "HEAD", url(name)).headers.get("Content-Length", -1))
+
         def head(name: str) -> int:
             try:
-                response = self._retrying(f"shard {self.url(name)}", lambda: _http_response(pool, "HEAD", url(name)))
+                return self._retrying(f"shard {self.url(name)}", lambda: head_attempt(name))
             except UserError as exc:
                 raise UserError(str(exc).replace(": not found (HTTP 404)", ": missing")) from None
-            return int(response.headers.get("Content-Length", -1))
 
-        pool, url = self._http(), self.url
+        pool, url = (None if self.s3 else self._http()), self.url
         with ThreadPoolExecutor(8) as heads:
             return list(heads.map(head, names))
 
@@ -214,7 +219,7 @@ class Remote:
             try:
                 blobs[name] = self.fetch(name, what="data.dir file")
             except UserError as exc:
-                hint = "; is data.dir a gpt-prepare output directory?" if "HTTP 404" in str(exc) else ""
+                hint = "; is data.dir a gpt-prepare output directory?" if ": not found (" in str(exc) else ""
                 raise UserError(f"{exc}{hint}") from None
         local = Path(tempfile.mkdtemp(prefix="gpt-remote-data-"))
         atexit.register(shutil.rmtree, local, ignore_errors=True)

@@ -151,6 +151,20 @@ def check_files(manifest: Manifest) -> None:
                 raise UserError(f"shard {shard.path}: {size} bytes, manifest says {shard.size} (truncated?)")
 
 
+def shard_set_names(manifest_text: str) -> set[str] | None:
+    """The names a gpt-prepare shard set consists of (manifest, tokenizer, the ``.tar`` shards its
+    manifest lists), or None when ``manifest_text`` is not such a manifest: how an output written
+    before markers existed is still recognised as gpt-prepare's own."""
+    try:
+        raw = json.loads(manifest_text)
+        shards = {str(s["file"]) for split in raw["splits"].values() for s in split["shards"]}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if raw.get("format") != FORMAT or not all(f.endswith(".tar") and "/" not in f for f in shards):
+        return None
+    return {MANIFEST, TOKENIZER_FILE, *shards}
+
+
 def write_manifest(directory: Path, payload: dict[str, Any]) -> None:
     """Write ``manifest.json`` atomically (temp file + rename)."""
     payload = {"format": FORMAT, **payload}

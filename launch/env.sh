@@ -7,4 +7,10 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
   # shellcheck disable=SC1091
   source .venv/bin/activate
 fi
-python -m pip install -qq --disable-pip-version-check -e ".[dev]"
+# a first install downloads torch, megatron-core, DeepSpeed, transformers (minutes): pip's own lines
+# show the progress; "already satisfied" lines are left out (a re-run prints only the two lines below)
+echo "install: pip install -e .[dev] into ${VIRTUAL_ENV} (the first time takes a few minutes)..." >&2
+started=$SECONDS
+python -m pip install --disable-pip-version-check -e ".[dev]" 2>&1 \
+  | { grep --line-buffered -v -e "^Requirement already satisfied" -e "^Obtaining file" || true; } >&2
+echo "install: done in $((SECONDS - started)) s" >&2

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Launch one node's share of a run with torchrun; run it once per node.
 #
-#   launch/torchrun.sh [--nnodes N] [--nproc-per-node P] [--node-rank R]
-#                      [--master-addr HOST] [--master-port PORT] [--] COMMAND [ARGS...]
+#   launch/torchrun.sh [--nnodes N | --nnodes MIN:MAX] [--nproc-per-node P] [--node-rank R]
+#                      [--master-addr HOST] [--master-port PORT] [--max-restarts K]
+#                      [--rdzv-conf KEY=VALUE,...] [--] COMMAND [ARGS...]
 #
 # COMMAND is a module (pretrain.train, pretrain.finetune) or a console script
 # (gpt-pretrain, gpt-finetune); ARGS are its Hydra overrides. Every option falls back
@@ -12,6 +13,14 @@
 #
 # With a node rank (given, or SLURM_NODEID) the rendezvous is static on MASTER_ADDR:PORT;
 # without one it is torchrun's c10d rendezvous there (ranks by arrival, RDZV_ID names the job).
+#
+# Elastic: a node range (--nnodes MIN:MAX, or NNODES=1:4) always uses the c10d rendezvous (a node
+# rank is ignored) and lets torchrun restart the ranks up to K times (--max-restarts, MAX_RESTARTS;
+# default 3 with a range, else 0): when a node is lost the surviving nodes meet again and their
+# ranks resume from the newest checkpoint at the smaller dp (tp and pp stay; the global batch,
+# the sample order and the lr schedule too); a node that joins later grows the job back the same
+# way. The node at MASTER_ADDR hosts the rendezvous: losing it ends the job. --rdzv-conf (RDZV_CONF)
+# tunes torchrun's rendezvous, e.g. last_call_timeout=30,keep_alive_interval=5,keep_alive_max_attempt=3.
 #
 # Exit status: the workers' requeue code (train.requeue_exit_code, 75) after a
 # preemption signal was handled and a checkpoint saved -- torchrun itself reports any
@@ -33,6 +42,8 @@ if [ -z "$master_addr" ] && [ -n "${SLURM_JOB_NODELIST:-}" ] && command -v scont
 fi
 master_addr=${master_addr:-127.0.0.1}
 nproc=${NPROC_PER_NODE:-}
+max_restarts=${MAX_RESTARTS:-}
+rdzv_conf=${RDZV_CONF:-}
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -41,8 +52,10 @@ while [ $# -gt 0 ]; do
     --node-rank | --node_rank) node_rank=$2; shift 2 ;;
     --master-addr | --master_addr) master_addr=$2; shift 2 ;;
     --master-port | --master_port) master_port=$2; shift 2 ;;
+    --max-restarts | --max_restarts) max_restarts=$2; shift 2 ;;
+    --rdzv-conf | --rdzv_conf) rdzv_conf=$2; shift 2 ;;
     --) shift; break ;;
-    -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,/^set -euo pipefail/{/^#/p}' "$0"; exit 0 ;;
     -*) echo "launch/torchrun.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     *) break ;;
   esac
@@ -61,14 +74,25 @@ case "$command" in
   *) target=(-m "$command") ;;
 esac
 
+elastic=
+case "$nnodes" in
+  *:*)
+    elastic=1
+    [[ "$nnodes" =~ ^[1-9][0-9]*:[1-9][0-9]*$ ]] && [ "${nnodes%%:*}" -le "${nnodes##*:}" ] || {
+      echo "launch/torchrun.sh: --nnodes $nnodes: expected N or MIN:MAX with 1 <= MIN <= MAX" >&2; exit 2; }
+    node_rank= ;;  # c10d ranks nodes by arrival: a fixed node rank has no meaning in a range
+esac
+max_restarts=${max_restarts:-$([ -n "$elastic" ] && echo 3 || echo 0)}
+[[ "$max_restarts" =~ ^[0-9]+$ ]] || { echo "launch/torchrun.sh: --max-restarts $max_restarts: expected an integer >= 0" >&2; exit 2; }
 if [ -n "$node_rank" ]; then
   rendezvous=(--node_rank "$node_rank" --master_addr "$master_addr" --master_port "$master_port")
 else
   rendezvous=(--rdzv_backend c10d --rdzv_endpoint "$master_addr:$master_port" --rdzv_id "${RDZV_ID:-${SLURM_JOB_ID:-gpt}}")
+  [ -z "$rdzv_conf" ] || rendezvous+=(--rdzv_conf "$rdzv_conf")
 fi
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cmd=(python "$here/torchrun_agent.py" --nnodes "$nnodes" --nproc_per_node "$nproc" "${rendezvous[@]}"
-  --max_restarts 0 "${target[@]}" "$@")
+  --max_restarts "$max_restarts" "${target[@]}" "$@")
 if [ -n "${LAUNCH_DRY_RUN:-}" ]; then  # print what would run (tests, and checking a job script)
   echo "${cmd[*]}"
   exit 0
@@ -92,7 +116,9 @@ while :; do
   wait "$child" && rc=0 || rc=$?
   kill -0 "$child" 2>/dev/null || break  # wait returned for a trapped signal: keep waiting
 done
-if [ -s "$status" ]; then
-  exit "$(head -n 1 "$status")"
+# a success is a success: with --max-restarts an earlier attempt's code (e.g. the watchdog's, when a
+# node was lost and the others went on without it) is no longer the job's
+if [ "$rc" -ne 0 ] && [ -s "$status" ]; then
+  exit "$(tail -n 1 "$status")"
 fi
 exit "$rc"

@@ -32,10 +32,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from omegaconf import DictConfig
 
 from parallel import checksums, cpu_compat
 from parallel.engine import ModelSpec, StepResult, layout_config, lr_scheduler
+from parallel.run_config import Run
 from parallel.topology import Topology, compute_device
 from parallel.train_state import TrainState
 
@@ -80,7 +80,7 @@ def _mpu() -> Any:
     )
 
 
-def deepspeed_config(cfg: DictConfig, topo: Topology, num_params: int) -> dict[str, Any]:
+def deepspeed_config(cfg: Run, topo: Topology, num_params: int) -> dict[str, Any]:
     """The DeepSpeed JSON config, derived from the Hydra config (nothing else to keep in sync).
 
     Bucket sizes follow the model (as the HF integration's "auto" does) instead of DeepSpeed's
@@ -141,7 +141,7 @@ def param_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
 class DeepSpeedEngine:
     """One ``deepspeed.DeepSpeedEngine`` over this rank's GPT, behind the trainer's interface."""
 
-    def __init__(self, cfg: DictConfig, topo: Topology, spec: ModelSpec):
+    def __init__(self, cfg: Run, topo: Topology, spec: ModelSpec):
         deepspeed = import_deepspeed()
         self.cfg, self.topo = cfg, topo
         self.forward_step = spec.forward_step

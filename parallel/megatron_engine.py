@@ -21,11 +21,12 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get
 from megatron.core.optimizer.optimizer_config import ParamKey
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
-from omegaconf import DictConfig
 
 from conf.errors import UserError
+from conf.groups import TrainConfig
 from parallel import checksums, cpu_compat, process_hygiene
 from parallel.engine import ModelSpec, StepResult, layout_config, lr_scheduler
+from parallel.run_config import Run
 from parallel.topology import Topology, compute_device
 
 
@@ -66,14 +67,14 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def lr_overrides(opt_config: OptimizerConfig, train: DictConfig) -> dict | None:
+def lr_overrides(opt_config: OptimizerConfig, train: TrainConfig) -> dict | None:
     """megatron's param-group overrides with ``train.lr_mult`` ({name glob: factor}) applied.
 
     A factor scales a group's peak and final learning rate (the schedule keeps its shape):
     fine-tuning gives its new head a larger rate than the pretrained body. The standard
     overrides (no weight decay on biases and norms) are kept.
     """
-    mults = train.get("lr_mult") or {}
+    mults = train.lr_mult or {}
     if not mults:
         return None
     overrides = get_standard_config_overrides(opt_config)
@@ -101,17 +102,17 @@ class _AsyncSave:
 class MegatronEngine:
     """Model chunks, optimizer and LR schedule for this rank, built from the config."""
 
-    def __init__(self, cfg: DictConfig, topo: Topology, spec: ModelSpec):
+    def __init__(self, cfg: Run, topo: Topology, spec: ModelSpec):
         """``spec.build`` makes each model chunk (one per virtual pipeline stage) on the CPU;
         ``spec.forward_step`` is megatron-core's schedule step, whose loss function returns
         ``(loss, {name: tensor})``: the named values are summed over micro-batches and ranks
         into the step's totals; ``spec.batch_shape`` gives the (sequence length, sequences)
-        of a micro-batch for the pipeline's messages. ``parallel.distributed_optimizer`` is
-        a resolved bool here (the Trainer resolves ``auto``)."""
+        of a micro-batch for the pipeline's messages. ``cfg.distributed_optimizer`` is the run's
+        resolved bool (``auto`` and the resumed checkpoint's choice settled)."""
         self.cfg, self.topo = cfg, topo
         self._save_strategy: Any = None
         self.forward_step, self.batch_shape = spec.forward_step, spec.batch_shape
-        distributed_optimizer = bool(cfg.parallel.distributed_optimizer)
+        distributed_optimizer = cfg.distributed_optimizer
         train = cfg.train
         bf16 = bool(train.bf16)
         self.config = layout_config(spec.config, topo, bf16)
@@ -120,7 +121,7 @@ class MegatronEngine:
             chunks = [spec.build(self.config, i if vpp else None) for i in range(vpp or 1)]
             # built on the CPU (same weights at every layout), trained where the compute is
             chunks = [chunk.to(compute_device()) for chunk in chunks]
-        if bool(train.get("compile", False)):
+        if train.compile:
             # in place (nn.Module.compile): same module type and checkpoint keys, compiled forward
             for chunk in chunks:
                 chunk.compile()
@@ -243,7 +244,7 @@ class MegatronEngine:
             state = self._sharded_state_dict(is_loading=False)
             state["scheduler"] = self.scheduler.state_dict()
             state["common"] = train_state
-            writers = int(self.cfg.train.get("checkpoint_writers", 2))
+            writers = self.cfg.train.checkpoint_writers
             if self._save_strategy is None:  # kept: caches the save plan across saves of the same layout
                 self._save_strategy = TorchDistSaveShardedStrategy(
                     "torch_dist", 1, thread_count=writers, cached_metadata=True

@@ -11,20 +11,18 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from omegaconf import DictConfig
 
 from conf.errors import UserError
 from parallel.capabilities import capabilities
 
 
-def _check_engine(par: DictConfig, tp: int, pp: int) -> str:
+def _check_engine(par: Any, tp: int, pp: int) -> str:
     """Which engine, and whether it supports the requested ZeRO stage / offload / layout."""
-    engine, stage, offload = str(par.engine), int(par.zero_stage), str(par.offload)
+    engine, stage, offload = par.engine, par.zero_stage, par.offload  # values checked by ParallelConfig.check
     caps = capabilities(engine)
-    if offload not in ("none", "cpu"):
-        raise UserError(f"parallel.offload={offload}: expected none or cpu")
     if caps.zero_stages == (0,):
         if stage:
             raise UserError(
@@ -60,21 +58,19 @@ class Topology:
     sequence_parallel: bool
 
     @classmethod
-    def from_config(cls, cfg: DictConfig, world_size: int | None = None, rank: int | None = None) -> Topology:
-        """Validate the layout for ``world_size`` processes (default: torchrun's WORLD_SIZE)."""
+    def from_config(cls, cfg: Any, world_size: int | None = None, rank: int | None = None) -> Topology:
+        """Validate the layout of ``cfg``'s groups (typed: ``cfg.parallel``, ``cfg.model``, ``cfg.train``,
+        ``cfg.data`` or None) for ``world_size`` processes (default: torchrun's WORLD_SIZE)."""
         world = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
         rank = int(os.environ.get("RANK", 0)) if rank is None else rank
         par, model, train = cfg.parallel, cfg.model, cfg.train
-        tp, pp, vpp = int(par.tp), int(par.pp), int(par.vpp or 1)
-        for key, value in (("parallel.tp", tp), ("parallel.pp", pp), ("parallel.vpp", vpp)):
-            if value < 1:
-                raise UserError(f"{key}={value}: must be >= 1")
+        tp, pp, vpp = par.tp, par.pp, par.vpp
         if world % (tp * pp):
             raise UserError(f"world size {world} is not divisible by parallel.tp*parallel.pp={tp}*{pp}")
         dp = world // (tp * pp)
         if model.num_heads % tp:
             raise UserError(f"model.num_heads={model.num_heads} is not divisible by parallel.tp={tp}")
-        groups = model.get("num_query_groups") or model.num_heads
+        groups = model.num_query_groups or model.num_heads
         if groups % tp:
             raise UserError(f"model.num_query_groups={groups} is not divisible by parallel.tp={tp}")
         if model.ffn_hidden_size % tp:
@@ -98,16 +94,16 @@ class Topology:
                 f"parallel.vpp={vpp}: the interleaved schedule needs the micro-batches per step ({micro_batches} = "
                 f"train.global_batch/(train.micro_batch*dp)) to be a multiple of parallel.pp={pp}"
             )
-        if "data" in cfg and cfg.data.num_streams % dp:
+        if getattr(cfg, "data", None) is not None and cfg.data.num_streams % dp:
             raise UserError(f"data.num_streams={cfg.data.num_streams} is not divisible by dp={dp}")
         caps = capabilities(_check_engine(par, tp, pp))
-        if not caps.async_save and train.get("async_save"):
+        if not caps.async_save and train.async_save:
             raise UserError(
                 f"train.async_save=true: only the megatron engine saves asynchronously (parallel.engine={par.engine})"
             )
-        if not caps.lr_mult and train.get("lr_mult"):
+        if not caps.lr_mult and train.lr_mult:
             raise UserError("train.lr_mult: per-parameter learning rates need parallel.engine=megatron")
-        if not caps.qk_norm_with_tp and tp > 1 and cfg.get("model", {}).get("qk_norm"):
+        if not caps.qk_norm_with_tp and tp > 1 and model.qk_norm:
             raise UserError(  # megatron's finalize_model_grads sums them by name; DeepSpeed does not
                 "model.qk_norm=true with parallel.engine=deepspeed needs parallel.tp=1 "
                 "(the replicated q/k norm gradients are not summed over tp there)"

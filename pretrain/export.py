@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import hydra
 from omegaconf import DictConfig
 
+from conf.tool_schemas import ExportRoot, typed
 from data.output_dir import check_output_dir, owned_output
 from data.tokenizer import BPETokenizer, Tokenizer
 
@@ -68,17 +69,18 @@ def build_hf_model(arch: str, config: Any, weights: dict[str, torch.Tensor]) -> 
 
 
 def export(checkpoint: str, out: str | Path, overwrite: bool = False) -> Path:
-    """Write ``out/`` with config.json, model.safetensors and (BPE) tokenizer files."""
+    """Write ``out/`` with config.json, model.safetensors and the tokenizer's files."""
     out = Path(out).expanduser()
     inputs = [Path(checkpoint).expanduser()]
     check_output_dir(out, COMMAND, overwrite, inputs=inputs, legacy=legacy_export)  # before any slow import or load
 
+    from parallel.run_config import as_plain
     from parallel.train_state import TrainState
     from pretrain.interop.hf_weights import CLASSES, hf_architecture, hf_config, to_hf
     from pretrain.interop.load import load_model
 
     loaded = load_model(checkpoint)
-    m = loaded.cfg.model
+    m = as_plain(loaded.cfg.model)  # the mapping hf_weights reads
     hf_architecture(m)  # refuses what no transformers architecture expresses, before any conversion
     rows = loaded.vocab_size
     if str(TrainState.read(loaded.path).converted_from or "").startswith("transformers:"):
@@ -95,28 +97,23 @@ def export(checkpoint: str, out: str | Path, overwrite: bool = False) -> Path:
 
 
 def save_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
-    """BPE → transformers tokenizer files; char/byte tokenizers have no transformers equivalent."""
-    if isinstance(tokenizer, BPETokenizer):
-        from transformers import PreTrainedTokenizerFast
-
-        eot = tokenizer.backend.id_to_token(tokenizer.eot_id)  # <|endoftext|>, or an imported model's own (</s>, ...)
-        fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend, bos_token=eot, eos_token=eot, unk_token=eot)
-        fast.save_pretrained(out)
-    else:
+    """transformers tokenizer files (``AutoTokenizer.from_pretrained(out)``) that encode every text as
+    ours: char and byte as ``tokenizers`` BPE models without merges (``Tokenizer.to_tokenizers``).
+    The end-of-text token is transformers' bos/eos, so, as in any transformers tokenizer, its literal
+    text in an input is that token (ours spell it out character by character or byte by byte).
+    tiktoken has no such file here (its encoding is saved by name only)."""
+    backend = tokenizer.to_tokenizers()
+    if backend is None:
         print(f"note: tokenizer '{tokenizer.kind}' has no transformers equivalent; tokenizer files not written")
+        return
+    from transformers import PreTrainedTokenizerFast
 
-
-def refuse_unknown_keys(argv: list[str], config_name: str) -> None:
-    """A misspelt key (``ovewrite=true``) is one line and exit 2, not Hydra's traceback-like exit 1."""
-    from omegaconf import OmegaConf
-
-    from conf.cli import CONF_DIR, fail
-
-    known = [k for k in OmegaConf.load(CONF_DIR / f"{config_name}.yaml") if k != "defaults"]
-    for arg in argv:
-        key = arg.partition("=")[0].lstrip("+~")
-        if "=" in arg and not arg.startswith("-") and key not in known and not key.startswith("hydra"):
-            fail(f"{key}: unknown key (this command takes {', '.join(known)})")
+    eot = backend.id_to_token(tokenizer.eot_id)  # <|endoftext|>, or an imported model's own (</s>, ...)
+    special = {"bos_token": eot, "eos_token": eot}
+    if isinstance(tokenizer, BPETokenizer):
+        special["unk_token"] = eot  # byte-level BPE has no unknown token; char's <unk> is no special token
+    fast = PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False, **special)
+    fast.save_pretrained(out)
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="export")
@@ -124,15 +121,15 @@ def _hydra_main(cfg: DictConfig) -> None:
     from conf.cli import exit_on_user_error
 
     with exit_on_user_error():
-        out = export(str(cfg.checkpoint), str(cfg.out), bool(cfg.overwrite))
+        config = typed(cfg, ExportRoot)
+        out = export(config.checkpoint, config.out, config.overwrite)
         print(f"exported to {out}")
 
 
 def main() -> None:
-    from conf.cli import answer_help, quiet_third_party
+    from conf.cli import check_command_line, quiet_third_party
 
-    answer_help(sys.argv[1:], "export", groups=())
-    refuse_unknown_keys(sys.argv[1:], "export")
+    check_command_line(sys.argv[1:], "export")
     quiet_third_party()
     _hydra_main()
 

@@ -23,6 +23,7 @@ SHARED_FIXTURE_GROUPS = {  # the first fixture of the list that a test uses name
     "runs": "parallel-layouts",  # test_parallel's module cache: a layout trained once, resharded later
     "ds_runs": "deepspeed-layouts",  # test_deepspeed's module cache
     "base_run": "faults",
+    "sigkill_run": "sigkill-resume",  # test_pretrain_e2e: a run killed and rerun, read by the goodput test
 }
 
 
@@ -144,3 +145,18 @@ def llama_tiny_single(char_shards: Path, tmp_path_factory: pytest.TempPathFactor
     from tests.integration.test_parallel import MODERN, train_layout
 
     return train_layout(char_shards, tmp_path_factory.mktemp("llama_tiny") / "single", f"{MODERN}:single")
+
+
+def run_of(cfg: object, world_size: int = 1) -> object:
+    """The Run of a composed config in this process (rank 0), as the commands build it."""
+    from parallel.run_config import Run
+
+    return Run.from_config(cfg, world_size=world_size, rank=0)
+
+
+def opened_sources(cfg: object) -> tuple:
+    """``data.sources`` of a composed config opened as gpt-pretrain opens them: (sources, identity)."""
+    from pretrain.trainer.source_changes import open_sources, resolved_sources
+
+    run = run_of(cfg)
+    return open_sources(resolved_sources(run.data), run.model.seq_len)

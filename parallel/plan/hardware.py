@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from conf.errors import UserError
 from conf.groups import HardwareConfig
@@ -114,12 +114,14 @@ class Hardware:
     def elementwise_s(self, nbytes: float) -> float:
         return nbytes / self.memory_bw
 
-    def describe(self) -> str:
+    def describe(self, rates: bool = True) -> str:
+        """One line: devices, memory and, with ``rates``, the peak (``resolve(rates=False)`` leaves a
+        calibrated device's rates unmeasured: printing them would print placeholders)."""
         where = f"{self.world_size} = {self.gpus_per_node} x {self.nodes} node{'s' if self.nodes > 1 else ''}"
-        text = (
-            f"hardware={self.name}: {where}, {self.memory_bytes / GiB:.1f} GiB each, "
-            f"peak {self.peak_flops / 1e12:.4g} TFLOP/s"
-        )
+        text = f"hardware={self.name}: {where}, {self.memory_bytes / GiB:.1f} GiB each"
+        if not rates:
+            return text
+        text += f", peak {self.peak_flops / 1e12:.4g} TFLOP/s"
         if self.probe is not None:
             return text + " (measured: " + ", ".join(f"{k} {v:.4g}" for k, v in self.measured.items()) + ")"
         return text + f", matmul efficiency {self.matmul_efficiency:g}"
@@ -148,7 +150,7 @@ def detected_gpu() -> tuple[str | None, float, int]:
 
 
 def resolve(
-    hw: DictConfig,
+    hw: HardwareConfig,
     bf16: bool,
     processes_per_node: int | None = None,
     calibrate: bool | None = None,
@@ -158,7 +160,7 @@ def resolve(
     when not given, and, for a CPU, measured ones. ``processes_per_node``: the ranks sharing one
     machine (the preflight's LOCAL_WORLD_SIZE), else ``hardware.gpus_per_node``. ``rates=False``:
     memory only (the preflight), nothing measured."""
-    values = dict(OmegaConf.to_container(hw, resolve=True))
+    values = dataclasses.asdict(hw)
     name = str(values["name"])
     gpu_memory, devices = 0.0, 0
     if name == "auto":  # this machine: its GPU's preset (or cpu's), with what the user set on top
@@ -206,10 +208,10 @@ def resolve(
     return out
 
 
-def _user_set(hw: DictConfig, name: str) -> set[str]:
+def _user_set(hw: HardwareConfig, name: str) -> set[str]:
     """The keys of ``hw`` that differ from its preset's (a command-line ``hardware.KEY=...``)."""
     base = {**dataclasses.asdict(HardwareConfig()), **preset(name)}
-    return {k for k, v in OmegaConf.to_container(hw, resolve=True).items() if v != base.get(k)}
+    return {k for k, v in dataclasses.asdict(hw).items() if v != base.get(k)}
 
 
 _MEASURED = ("peak_tflops_bf16", "peak_tflops_fp32", "memory_bandwidth_gbps", "intra_node_gbps", "latency_us")

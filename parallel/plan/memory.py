@@ -12,14 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from omegaconf import DictConfig
-
-from parallel.capabilities import capabilities, shards_optimizer
+from parallel.capabilities import capabilities
 from parallel.plan import activations as act
 from parallel.plan.buffers import ddp_buffer
 from parallel.plan.params import GPT2_VOCAB, Chunk, Shape, chunks
 
 if TYPE_CHECKING:  # the planner imports no torch (gpt-plan starts fast)
+    from parallel.run_config import Run
     from parallel.topology import Topology
 
 ADAM_STEP_BYTES = 4  # torch AdamW keeps a one-element fp32 ``step`` tensor per parameter tensor
@@ -68,7 +67,7 @@ class MemoryPlan:
 
 
 @dataclass(frozen=True)
-class Run:
+class StepRegime:
     """What the estimate needs beyond the shapes, resolved once from the config."""
 
     engine: str
@@ -88,13 +87,13 @@ class Run:
         return 2 if self.bf16 else 4
 
 
-def resolve_vocab_and_seq(cfg: DictConfig, vocab_size: int | None, seq_len: int | None) -> tuple[int, int]:
+def resolve_vocab_and_seq(cfg: Run, vocab_size: int | None, seq_len: int | None) -> tuple[int, int]:
     """The vocabulary and window length: given, else the data manifest's, else GPT-2's vocabulary
     and ``model.seq_len``."""
     if vocab_size is not None and seq_len is not None:
         return vocab_size, seq_len
     manifest = None
-    if "data" in cfg and cfg.data.get("dir"):
+    if cfg.data is not None and cfg.data.dir:
         from conf.errors import UserError
         from data.shards import load_manifest
 
@@ -107,28 +106,27 @@ def resolve_vocab_and_seq(cfg: DictConfig, vocab_size: int | None, seq_len: int 
     return int(vocab), int(seq)
 
 
-def _run(cfg: DictConfig, topo: Topology, seq: int) -> Run:
+def _run(cfg: Run, topo: Topology, seq: int) -> StepRegime:
     par, train, model = cfg.parallel, cfg.train, cfg.model
-    spec = str(model.get("spec", "auto"))
+    spec = str(model.spec)
     if spec == "auto":
         spec = "local"  # the planner runs anywhere; ask for model.spec=te to plan the GPU spec
-    return Run(
+    return StepRegime(
         engine=str(par.engine),
-        zero_stage=int(par.get("zero_stage", 0)),
-        offload=str(par.get("offload", "none")) == "cpu",
-        distributed_optimizer=capabilities(str(par.engine)).distributed_optimizer
-        and shards_optimizer(str(par.engine), par.get("distributed_optimizer", "auto"), 0, topo.dp),
-        bf16=bool(train.get("bf16", False)),
+        zero_stage=int(par.zero_stage),
+        offload=str(par.offload) == "cpu",
+        distributed_optimizer=cfg.distributed_optimizer,
+        bf16=bool(train.bf16),
         micro_batch=int(train.micro_batch),
         micro_batches=int(train.global_batch) // (int(train.micro_batch) * topo.dp),
         seq=seq,
-        recompute=str(model.get("recompute", "none")),
+        recompute=str(model.recompute),
         spec=spec,
-        attention=str(model.get("attention", "sdpa")),
+        attention=str(model.attention),
     )
 
 
-def _megatron_states(stage: list[Chunk], topo: Topology, run: Run, shape: Shape) -> list[dict[str, int]]:
+def _megatron_states(stage: list[Chunk], topo: Topology, run: StepRegime, shape: Shape) -> list[dict[str, int]]:
     """Items of each dp rank of one pipeline stage under megatron-core (the buffers are laid out once)."""
     e = run.dtype_bytes
     buffers = []
@@ -171,7 +169,7 @@ def _shared(name: str, chunk: Chunk, topo: Topology, shape: Shape) -> bool:
     )
 
 
-def stage_activations(stage: list[Chunk], topo: Topology, run: Run, shape: Shape) -> act.StageActivations:
+def stage_activations(stage: list[Chunk], topo: Topology, run: StepRegime, shape: Shape) -> act.StageActivations:
     batch_first = topo.tp == 1 and topo.pp == 1 and run.attention == "sdpa" and run.spec == "local"
     m = act.Micro(
         run.seq, run.micro_batch, topo.tp, topo.sequence_parallel, run.dtype_bytes, batch_first, run.attention
@@ -191,7 +189,7 @@ def stage_activations(stage: list[Chunk], topo: Topology, run: Run, shape: Shape
     )
 
 
-def _activations(stage: list[Chunk], topo: Topology, run: Run, shape: Shape) -> dict[str, int]:
+def _activations(stage: list[Chunk], topo: Topology, run: StepRegime, shape: Shape) -> dict[str, int]:
     """Peak saved bytes of one stage (the loss's own bytes are under ``logits``)."""
     a = stage_activations(stage, topo, run, shape)
     items = {"activations.layers": a.flights * a.per_chunk}
@@ -207,7 +205,7 @@ def _activations(stage: list[Chunk], topo: Topology, run: Run, shape: Shape) -> 
 
 
 def stage_saved_peak(
-    cfg: DictConfig, topo: Topology, pp_rank: int, vocab_size: int | None = None, seq_len: int | None = None
+    cfg: Run, topo: Topology, pp_rank: int, vocab_size: int | None = None, seq_len: int | None = None
 ) -> int:
     """The peak bytes saved for backward on ``pp_rank``'s stage (loss included): what
     ``parallel.plan.census.SavedTensors`` measures over one training step."""
@@ -218,7 +216,7 @@ def stage_saved_peak(
 
 
 def estimate_memory(
-    cfg: DictConfig,
+    cfg: Run,
     topo: Topology,
     vocab_size: int | None = None,
     seq_len: int | None = None,

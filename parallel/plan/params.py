@@ -13,12 +13,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from omegaconf import DictConfig
+from conf.groups import ModelConfig
 
 GPT2_VOCAB = 50257  # the vocabulary assumed when neither the caller nor a data manifest gives one
 
 
-def padded_vocab(vocab_size: int, model: DictConfig) -> int:
+def padded_vocab(vocab_size: int, model: ModelConfig) -> int:
     """pretrain/model/gpt.py ``padded_vocab_size``: padded to ``model.vocab_multiple`` (tp-independent)."""
     multiple = int(model.vocab_multiple)
     return int(math.ceil(vocab_size / multiple) * multiple)
@@ -44,22 +44,22 @@ class Shape:
     tied: bool
 
     @classmethod
-    def from_config(cls, model: DictConfig, vocab_size: int) -> Shape:
+    def from_config(cls, model: ModelConfig, vocab_size: int) -> Shape:
         heads = int(model.num_heads)
         return cls(
             layers=int(model.num_layers),
             hidden=int(model.hidden_size),
             heads=heads,
-            groups=int(model.get("num_query_groups") or heads),
+            groups=int(model.num_query_groups or heads),
             head_dim=int(model.hidden_size) // heads,
             ffn=int(model.ffn_hidden_size),
             seq_len=int(model.seq_len),
             vocab=padded_vocab(vocab_size, model),
-            gated=str(model.get("mlp", "gelu")) == "swiglu",
-            bias=bool(model.get("bias", True)),
-            layernorm=str(model.get("norm", "layernorm")) != "rmsnorm",
-            qk_norm=bool(model.get("qk_norm", False)),
-            learned_positions=str(model.get("position", "learned")) != "rope",
+            gated=str(model.mlp) == "swiglu",
+            bias=bool(model.bias),
+            layernorm=str(model.norm) != "rmsnorm",
+            qk_norm=bool(model.qk_norm),
+            learned_positions=str(model.position) != "rope",
             tied=bool(model.tie_embeddings),
         )
 

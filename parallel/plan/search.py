@@ -16,48 +16,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-
 from conf.errors import UserError
-from parallel.capabilities import ENGINES, capabilities, shards_optimizer
+from parallel.capabilities import ENGINES, capabilities
 from parallel.plan.hardware import Hardware
 from parallel.plan.memory import MemoryPlan, estimate_memory
 from parallel.plan.params import Shape
 from parallel.plan.time import StepTime, estimate_time, stages
+from parallel.run_config import Groups, Run, replaced
 from parallel.topology import Topology
 
 MAX_MICRO_BATCH = 32
 MAX_VPP = 8
 RECOMPUTE = ("none", "selective", "full")
-
-
-class Plain(dict):
-    """A resolved config as nested dicts read like a DictConfig (``cfg.model.get(...)``, ``cfg.train.lr``):
-    the checks and estimates run a thousand times per search, and OmegaConf's node access is ~100x slower."""
-
-    def __getattr__(self, key: str) -> Any:
-        try:
-            return self[key]
-        except KeyError:
-            raise AttributeError(key) from None
-
-    def __setattr__(self, key: str, value: Any) -> None:
-        self[key] = value
-
-    @classmethod
-    def of(cls, value: Any) -> Any:
-        if isinstance(value, dict):
-            return cls({k: cls.of(v) for k, v in value.items()})
-        if isinstance(value, list):
-            return [cls.of(v) for v in value]
-        return value
-
-    def update_key(self, dotted: str, value: Any) -> None:
-        *parents, last = dotted.split(".")
-        node = self
-        for part in parents:
-            node = node[part]
-        node[last] = value
 
 
 @dataclass(frozen=True)
@@ -114,7 +84,7 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def layouts(cfg: DictConfig, world: int, gpus_per_node: int) -> Iterator[Layout]:
+def layouts(cfg: Groups, world: int, gpus_per_node: int) -> Iterator[Layout]:
     """Every candidate for ``world`` ranks (the checks decide which are valid)."""
     layers, global_batch = int(cfg.model.num_layers), int(cfg.train.global_batch)
     for tp in [d for d in _divisors(world) if d <= gpus_per_node]:
@@ -145,48 +115,56 @@ def _states_floor(layout: Layout, topo: Topology, cfg: Any, vocab_size: int) -> 
     shape = Shape.from_config(cfg.model, vocab_size)
     params = max(stage.params for stage in stages(shape, topo.tp, topo.pp, topo.vpp))
     weights = params * (2 if cfg.train.bf16 else 4)
-    sharded = shards_optimizer(layout.engine, layout.distributed_optimizer, layout.zero_stage, topo.dp)
+    sharded = cfg.optimizer_sharded
     moments = 0.0 if layout.offload else params * 8 / (topo.dp if sharded else 1)
     return weights / (topo.dp if layout.zero_stage == 3 else 1) + moments
 
 
 def search(
-    cfg: DictConfig,
+    groups: Groups,
     hw: Hardware,
     vocab_size: int,
     seq_len: int,
-    compatible: Callable[[DictConfig, Topology], str | None] | None = None,
+    compatible: Callable[[Run], str | None] | None = None,
 ) -> tuple[list[Ranked], Counter]:
     """(layouts that pass every check and fit, fastest first; why the others were dropped)."""
     world = hw.world_size
-    work = Plain.of(OmegaConf.to_container(cfg, resolve=True))  # set per layout, in place
+    base = groups.as_dict()
     kept: list[Ranked] = []
     dropped: Counter = Counter()
     too_big: set[tuple] = set()  # (structure, recompute) whose smaller micro-batch did not fit
-    for layout in layouts(cfg, world, hw.gpus_per_node):
+    for layout in layouts(groups, world, hw.gpus_per_node):
         structure = (layout.tp, layout.pp, layout.vpp, layout.optimizer, layout.recompute)
         if structure in too_big:  # activations only grow with the micro-batch
             dropped["does not fit"] += 1
             continue
-        for key, value in layout.overrides().items():
-            work.update_key(key, value)
         try:
-            topo = Topology.from_config(work, world_size=world, rank=0)
+            run = Run.build(_with_overrides(base, layout.overrides()), world_size=world, rank=0)
         except UserError:
             dropped["fails a check"] += 1
             continue
-        if _states_floor(layout, topo, work, vocab_size) > hw.memory_bytes:
+        topo = run.layout
+        if _states_floor(layout, topo, run, vocab_size) > hw.memory_bytes:
             dropped["does not fit"] += 1
             continue
-        problem = compatible(work, topo) if compatible else None
+        problem = compatible(run) if compatible else None
         if problem:
             dropped["cannot resume run.dir"] += 1
             continue
-        memory = estimate_memory(work, topo, vocab_size=vocab_size, seq_len=seq_len)
+        memory = estimate_memory(run, topo, vocab_size=vocab_size, seq_len=seq_len)
         if not hw.fits(memory):
             too_big.add(structure)
             dropped["does not fit"] += 1
             continue
-        kept.append(Ranked(layout, topo.dp, memory, estimate_time(work, topo, hw, vocab_size, seq_len)))
+        kept.append(Ranked(layout, topo.dp, memory, estimate_time(run, topo, hw, vocab_size, seq_len)))
     kept.sort(key=lambda r: (-r.time.tokens_per_s, r.memory.largest.total))
     return kept, dropped
+
+
+def _with_overrides(groups: dict[str, Any], overrides: dict[str, object]) -> dict[str, Any]:
+    """``groups`` with ``{"group.key": value}`` applied (new group instances; the base is untouched)."""
+    changes: dict[str, dict[str, object]] = {}
+    for dotted, value in overrides.items():
+        name, key = dotted.split(".", 1)
+        changes.setdefault(name, {})[key] = value
+    return {**groups, **{name: replaced(groups[name], **values) for name, values in changes.items()}}

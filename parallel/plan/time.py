@@ -18,12 +18,11 @@ import functools
 import math
 from dataclasses import dataclass, field
 
-from omegaconf import DictConfig
-
-from parallel.capabilities import capabilities, shards_optimizer
+from parallel.capabilities import capabilities
 from parallel.plan.hardware import Hardware
 from parallel.plan.memory import resolve_vocab_and_seq
 from parallel.plan.params import Shape, chunks
+from parallel.run_config import Run
 from parallel.topology import Topology
 
 # element-wise passes over a layer's activations (forward + backward, bytes = passes x tokens x width x
@@ -120,7 +119,7 @@ class Links:
 
 
 def estimate_time(
-    cfg: DictConfig,
+    cfg: Run,
     topo: Topology,
     hw: Hardware,
     vocab_size: int | None = None,
@@ -139,7 +138,7 @@ def estimate_time(
     h, f, hd = shape.hidden, shape.ffn, shape.head_dim
     links = Links.of(topo, hw)
     comm = hw.collective_s
-    recompute = str(model.get("recompute", "none"))
+    recompute = str(model.recompute)
     engine = str(par.engine)
     notes: list[str] = []
 
@@ -150,8 +149,8 @@ def estimate_time(
     gemm_fwd = sum(hw.gemm_s(n, k, o, e) for k, o in linears)
     gemm_all = sum(hw.linear_s(n, k, o, e) for k, o in linears)  # forward, the input's and weight's gradients
     attention = hw.attention_s(b, shape.heads // tp, max(1, shape.groups // tp), seq, hd, e)
-    passes_h = H_PASSES + (DROPOUT_PASSES if float(model.get("dropout", 0.0)) > 0 else 0)
-    elem_bytes = n * e * (passes_h * h / (tp if sp else 1) + F_PASSES[str(model.get("mlp", "gelu"))] * f / tp)
+    passes_h = H_PASSES + (DROPOUT_PASSES if float(model.dropout) > 0 else 0)
+    elem_bytes = n * e * (passes_h * h / (tp if sp else 1) + F_PASSES[str(model.mlp)] * f / tp)
     elementwise = hw.elementwise_s(elem_bytes)
     act_bytes = n * h * e
     # per layer 2 all-gathers + 2 reduce-scatters forward and again backward (SP), or 2 + 2 all-reduces
@@ -174,7 +173,7 @@ def estimate_time(
     # launching a layer's ops costs hw.layer_overhead_s of host time; a GPU runs them asynchronously, so
     # only what its kernels do not cover is exposed; a CPU computes what it launches, so all of it is
     zero_engine = capabilities(engine).zero
-    zero = int(par.get("zero_stage", 0)) if zero_engine else 0
+    zero = int(par.zero_stage) if zero_engine else 0
     per_layer, per_step = DEEPSPEED_HOST[zero] if zero_engine else (0.0, 0.0)
     host = hw.layer_overhead_s * (1 + per_layer)
     work = gemm_all + attention + elementwise + redo + tp_layer
@@ -214,8 +213,8 @@ def estimate_time(
     # after the micro-batches: gradients over dp, the optimizer step (the stage with the most parameters)
     params = max(stage.params for stage in all_stages)
     caps = capabilities(engine)
-    stage = int(par.get("zero_stage", 0)) if caps.zero else 0
-    sharded = shards_optimizer(engine, par.get("distributed_optimizer", "auto"), stage, dp)
+    stage = int(par.zero_stage) if caps.zero else 0
+    sharded = cfg.optimizer_sharded
     grad_bytes = 4 if caps.grad_reduce_fp32 else e  # megatron reduces in fp32 (grad_reduce_in_fp32)
     grads, weights = params * grad_bytes, params * e
     buckets = max(1, math.ceil(params / min(5e8, max(params, h * h)))) if caps.grad_buckets else 1
@@ -240,7 +239,7 @@ def estimate_time(
         terms["dp_comm"] += comm("all-reduce", shape.vocab // tp * h * 4, 2, links.pp)
     owned = params / dp if sharded else params
     step_bytes = owned * (ADAM_BYTES + (ADAM_BF16_EXTRA if e == 2 else 0))
-    offload = caps.offload and str(par.get("offload", "none")) == "cpu"
+    offload = caps.offload and str(par.offload) == "cpu"
     terms["optimizer"] = step_bytes / (hw.host_bw if offload else hw.memory_bw)
     terms["offload_pcie"] = 0.0
     if offload:  # gradients to the host, updated weights back; ZeRO-3 also streams parameters in

@@ -56,11 +56,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
 
-from conf.groups import fewshot_counts
+from conf.groups import EvalConfig, fewshot_counts
 from parallel.engine import Engine
+from parallel.run_config import Groups, replaced
 from parallel.topology import Topology
+from pretrain.eval.samples import sample_documents
 
 Row = tuple[list[int], int]  # (tokens of one window, how many of its last tokens are scored)
 
@@ -206,16 +207,39 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
 
 
+def resolved_eval(ev: EvalConfig | None) -> EvalConfig | None:
+    """``eval`` with its task files' paths resolved: config.yaml and checkpoints work from any cwd."""
+    if ev is None or not ev.every_steps:
+        return ev
+    from pretrain.evaluate import BUILDERS
+
+    def absolute(path: str | None) -> str | None:
+        return str(Path(path).expanduser().resolve()) if path else path
+
+    groups = {
+        "sentiment": replaced(
+            ev.sentiment, path=absolute(ev.sentiment.path), fewshot_path=absolute(ev.sentiment.fewshot_path)
+        ),
+        "perplexity": replaced(ev.perplexity, path=absolute(ev.perplexity.path)),
+    }
+    tasks = [t if t in BUILDERS else absolute(t) for t in ev.tasks]
+    return replaced(ev, tasks=tasks, **groups)
+
+
 class InLoopEval:
     """The configured tasks, their filled-in files and the evaluation at a step (all ranks)."""
 
-    def __init__(self, cfg: DictConfig, tokenizer_dir: Path, task_dir: tempfile.TemporaryDirectory | None):
+    def __init__(
+        self, cfg: Groups, tokenizer_dir: Path, task_dir: tempfile.TemporaryDirectory | None, counts: dict[str, int]
+    ):
         ev = cfg.eval
         self.every = int(ev.every_steps)
         self.tasks = [str(t) for t in ev.tasks]
         self.shots = fewshot_counts(ev.num_fewshot, "eval.num_fewshot")
         self.batch_size, self.limit = int(ev.batch_size), ev.limit
         self.seed = int(ev.seed)
+        # eval.limit: N documents drawn (seeded) across a bundled task's split, as gpt-eval's limit=N
+        self.samples = {task: sample_documents(count, self.limit, self.seed) for task, count in counts.items()}
         self.seq_len = int(cfg.model.seq_len)
         self.micro_rows = int(cfg.train.eval_micro_batch)
         self.tokenizer_dir = tokenizer_dir
@@ -223,29 +247,23 @@ class InLoopEval:
         self._lm: Any = None
 
     @classmethod
-    def from_config(cls, cfg: DictConfig, tokenizer_dir: Path) -> InLoopEval | None:
-        """None when ``eval.every_steps`` is off. Every rank fills in the bundled task files here (and
-        so refuses the same bad file in one line, before any process group); rank 0 keeps them."""
-        ev = cfg.get("eval")
+    def from_config(cls, cfg: Groups, tokenizer_dir: Path) -> InLoopEval | None:
+        """None when ``eval.every_steps`` is off (``cfg.eval``: :func:`resolved_eval`'s). Every rank fills
+        in the bundled task files here (and so refuses the same bad file in one line, before any
+        process group); rank 0 keeps them."""
+        ev = cfg.eval
         if ev is None or not ev.every_steps:
             return None
         from pretrain.evaluate import BUILDERS
 
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local task files only (read at datasets' import)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        for group in (ev.sentiment, ev.perplexity):  # config.yaml and checkpoints work from any cwd
-            for key in ("path", "fewshot_path"):
-                if group.get(key):
-                    group[key] = str(Path(group[key]).expanduser().resolve())
-        ev.tasks = [t if t in BUILDERS else str(Path(t).expanduser().resolve()) for t in ev.tasks]
         task_dir = tempfile.TemporaryDirectory(prefix="gpt-in-loop-eval-")
-        for task in ev.tasks:
-            if task in BUILDERS:
-                BUILDERS[task](cfg, Path(task_dir.name))
+        counts = {task: BUILDERS[task](cfg, Path(task_dir.name)) for task in ev.tasks if task in BUILDERS}
         if int(os.environ.get("RANK", 0)) != 0:
             task_dir.cleanup()
             task_dir = None
-        return cls(cfg, tokenizer_dir, task_dir)
+        return cls(cfg, tokenizer_dir, task_dir, counts)
 
     def due(self, step: int, last: bool) -> bool:
         return self.every > 0 and (step % self.every == 0 or last)
@@ -304,7 +322,9 @@ class InLoopEval:
                 tasks=[task],
                 num_fewshot=k,
                 task_manager=self._manager,
-                limit=self.limit,
+                # a bundled task: its seeded sample (or all); a task file of the user's: lm-eval's first N
+                limit=None if task in self.samples else self.limit,
+                samples={task: self.samples[task]} if self.samples.get(task) is not None else None,
                 log_samples=False,
                 random_seed=self.seed,
                 fewshot_random_seed=self.seed,

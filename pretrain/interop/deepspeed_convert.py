@@ -65,23 +65,20 @@ def convert(step_dir: Path) -> Path:
     """Write ``step_dir/megatron`` (single process)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from megatron.core import dist_checkpointing
-    from omegaconf import OmegaConf
 
     from parallel import cpu_compat
     from parallel.deepspeed_engine import import_deepspeed
-    from parallel.topology import Topology
+    from parallel.run_config import Run
     from pretrain.model import build_gpt, transformer_config
 
     state = TrainState.read(step_dir)
     layout = state.layout
     if int(layout.get("tp", 1)) > 1:
         raise UserError(f"{step_dir}: DeepSpeed checkpoints saved at tp={layout['tp']} cannot be converted (tp=1 only)")
-    cfg = OmegaConf.create(state.config)
-    cfg.parallel.update(tp=1, pp=1, vpp=1, engine="megatron", zero_stage=0, offload="none")
+    cfg = Run.from_saved(state.config, tp=1, pp=1, vpp=1, engine="megatron", zero_stage=0, offload="none")
     import_deepspeed()
     cpu_compat.apply()
-    topo = Topology.from_config(cfg, world_size=1, rank=0)
-    topo.init(int(cfg.train.seed))
+    cfg.layout.init(cfg.train.seed)
     added = int(state.task.get("added_tokens", 0))  # a fine-tuned model's start/delimiter/extract rows
     model = build_gpt(cfg.model, state.vocab_size + added, transformer_config(cfg.model), seed=0)
     weights = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
@@ -98,7 +95,7 @@ def convert(step_dir: Path) -> Path:
     converted = dataclasses.replace(
         state,
         engine="megatron",
-        config=OmegaConf.to_container(cfg),
+        config=cfg.to_dict(),
         converted_from="deepspeed",
         distributed_optimizer=False,
     )

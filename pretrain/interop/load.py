@@ -7,16 +7,16 @@ are read through their converted megatron view (``pretrain/interop/deepspeed_con
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from conf.errors import UserError
 from data.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from parallel import cpu_compat
-from parallel.topology import Topology
+from parallel.run_config import Run
 from parallel.train_state import TrainState
 from pretrain.interop.deepspeed_convert import model_checkpoint
 from pretrain.model import build_gpt, position_ids, transformer_config
@@ -24,8 +24,8 @@ from pretrain.model import build_gpt, position_ids, transformer_config
 
 @dataclass
 class LoadedModel:
-    model: torch.nn.Module  # megatron-core GPTModel, eval mode
-    cfg: DictConfig  # the training run's config
+    model: torch.nn.Module  # megatron-core GPTModel (or load_model's wrap of it), eval mode
+    cfg: Run  # the training run as its checkpoint recorded it (at tp = pp = 1)
     tokenizer: Tokenizer
     vocab_size: int  # the tokenizer's (the model's output is padded beyond it)
     step: int
@@ -51,22 +51,28 @@ class LoadedModel:
         return torch.log_softmax(logits, dim=-1)[..., : self.vocab_size]
 
 
-def load_model(spec: str | Path) -> LoadedModel:
-    """The model of ``checkpoint=spec`` (a run dir or a step dir, either engine) in this process, tp=pp=1."""
+Wrap = Callable[[torch.nn.Module, TrainState], torch.nn.Module]
+
+
+def load_model(spec: str | Path, wrap: Wrap | None = None) -> LoadedModel:
+    """The model of ``checkpoint=spec`` (a run dir or a step dir, either engine) in this process, tp=pp=1.
+
+    ``wrap`` builds the module the checkpoint holds around the GPT before the weights are read
+    (gpt-eval's classifier: a gpt-finetune run's head, ``pretrain/eval/classifier.py``)."""
     from megatron.core import dist_checkpointing
 
     path = model_checkpoint(spec)  # a DeepSpeed step is converted to megatron's format once
     state = TrainState.read(path)
-    cfg = OmegaConf.create(state.config)
-    cfg.parallel.tp = cfg.parallel.pp = cfg.parallel.vpp = 1
+    cfg = Run.from_saved(state.config, tp=1, pp=1, vpp=1)
     tokenizer_dir = path if (path / TOKENIZER_FILE).is_file() else Path(cfg.data.dir)
     tokenizer = load_tokenizer(tokenizer_dir)
     vocab_size = state.vocab_size  # the tokenizer's; a fine-tuned model has its added tokens beyond it
     model_vocab = vocab_size + int(state.task.get("added_tokens", 3 if "labels" in state.task else 0))
     cpu_compat.apply()  # megatron-core on a CPU-only machine
-    topo = Topology.from_config(cfg, world_size=1, rank=0)
-    topo.init(int(cfg.train.seed))
-    model = build_gpt(cfg.model, model_vocab, transformer_config(cfg.model), seed=int(cfg.train.seed))
+    cfg.layout.init(cfg.train.seed)
+    model = build_gpt(cfg.model, model_vocab, transformer_config(cfg.model), seed=cfg.train.seed)
+    if wrap is not None:
+        model = wrap(model, state)
     sharded = {"model": model.sharded_state_dict()}
     try:
         loaded = dist_checkpointing.load(sharded, str(path))

@@ -25,9 +25,9 @@ from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
-from omegaconf import DictConfig
 
 from conf.errors import UserError
+from conf.groups import ModelConfig
 from pretrain.model.layers import (
     BatchFirstEmbedding,
     BatchFirstRotaryEmbedding,
@@ -40,7 +40,7 @@ from pretrain.model.layers import (
 )
 
 
-def padded_vocab_size(vocab_size: int, model_cfg: DictConfig) -> int:
+def padded_vocab_size(vocab_size: int, model_cfg: ModelConfig) -> int:
     """Pad the tokenizer's vocabulary; independent of tp so checkpoints reshard."""
     multiple = int(model_cfg.vocab_multiple)
     return int(math.ceil(vocab_size / multiple) * multiple)
@@ -56,24 +56,24 @@ RECOMPUTE: dict[str, dict[str, Any]] = {
 }
 
 
-def architecture(model_cfg: DictConfig) -> dict[str, Any]:
+def architecture(model_cfg: ModelConfig) -> dict[str, Any]:
     """The ``model`` group's architecture options as megatron-core ``TransformerConfig`` fields.
 
     Keys absent from an older checkpoint's config mean the classic GPT-2 shape."""
-    mlp = str(model_cfg.get("mlp", "gelu"))
-    groups = model_cfg.get("num_query_groups")
+    mlp = str(model_cfg.mlp)
+    groups = model_cfg.num_query_groups
     return {
-        "normalization": "RMSNorm" if model_cfg.get("norm", "layernorm") == "rmsnorm" else "LayerNorm",
+        "normalization": "RMSNorm" if model_cfg.norm == "rmsnorm" else "LayerNorm",
         "gated_linear_unit": mlp == "swiglu",
         "activation_func": F.silu if mlp == "swiglu" else F.gelu,
         "num_query_groups": int(groups) if groups else None,
-        "add_bias_linear": bool(model_cfg.get("bias", True)),
-        "qk_layernorm": bool(model_cfg.get("qk_norm", False)),
-        **RECOMPUTE[str(model_cfg.get("recompute", "none"))],
+        "add_bias_linear": bool(model_cfg.bias),
+        "qk_layernorm": bool(model_cfg.qk_norm),
+        **RECOMPUTE[str(model_cfg.recompute)],
     }
 
 
-def transformer_config(model_cfg: DictConfig, **layout: Any) -> TransformerConfig:
+def transformer_config(model_cfg: ModelConfig, **layout: Any) -> TransformerConfig:
     """megatron-core's config from the ``model`` group; ``layout`` (tp, pp, sequence parallelism,
     dtypes) comes from the engine (``parallel.engine.layout_config``); without it, one process."""
     if model_cfg.hidden_size % model_cfg.num_heads:
@@ -242,7 +242,7 @@ def decoder_spec(
 
 
 def build_gpt(
-    model_cfg: DictConfig, vocab_size: int, config: TransformerConfig, vp_stage: int | None = None, seed: int = 1234
+    model_cfg: ModelConfig, vocab_size: int, config: TransformerConfig, vp_stage: int | None = None, seed: int = 1234
 ) -> GPTModel:
     """One GPT (or this rank's pipeline stage of it) with the local megatron spec.
 
@@ -257,15 +257,15 @@ def build_gpt(
     model = GPT(
         config=config,
         transformer_layer_spec=decoder_spec(
-            config, seed, vp_stage, str(model_cfg.get("attention", "sdpa")), str(model_cfg.get("spec", "auto"))
+            config, seed, vp_stage, str(model_cfg.attention), str(model_cfg.spec)
         ),
         vocab_size=padded_vocab_size(vocab_size, model_cfg),
         max_sequence_length=int(model_cfg.seq_len),
         pre_process=pre,
         post_process=post,
         share_embeddings_and_output_weights=bool(model_cfg.tie_embeddings),
-        position_embedding_type="rope" if model_cfg.get("position", "learned") == "rope" else "learned_absolute",
-        rotary_base=float(model_cfg.get("rope_theta", 10000.0)),
+        position_embedding_type="rope" if model_cfg.position == "rope" else "learned_absolute",
+        rotary_base=float(model_cfg.rope_theta),
         vp_stage=vp_stage,
     )
     # leave the default generator (dropout) independent of how many layers this stage built
@@ -278,12 +278,12 @@ def position_ids(batch: int, seq_len: int) -> torch.Tensor:
     return torch.arange(seq_len).repeat(batch, 1)  # contiguous: embedding lookups of an expand() are slow on CPU
 
 
-def flops_per_token(model_cfg: DictConfig, vocab_size: int, seq_len: int) -> float:
+def flops_per_token(model_cfg: ModelConfig, vocab_size: int, seq_len: int) -> float:
     """Training FLOPs per token: 6·N (N = non-embedding matmul params + output layer) plus
     attention scores and values (6·layers·seq·d, PaLM appendix B convention)."""
     d, layers = int(model_cfg.hidden_size), int(model_cfg.num_layers)
     ffn, heads = int(model_cfg.ffn_hidden_size), int(model_cfg.num_heads)
-    kv = d // heads * int(model_cfg.get("num_query_groups") or heads)  # key and value widths
-    mlp = (3 if model_cfg.get("mlp", "gelu") == "swiglu" else 2) * d * ffn
+    kv = d // heads * int(model_cfg.num_query_groups or heads)  # key and value widths
+    mlp = (3 if model_cfg.mlp == "swiglu" else 2) * d * ffn
     matmul_params = layers * (2 * d * d + 2 * d * kv + mlp) + d * padded_vocab_size(vocab_size, model_cfg)
     return 6.0 * matmul_params + 6.0 * layers * seq_len * d

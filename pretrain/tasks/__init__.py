@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from omegaconf import DictConfig
 
 from parallel.engine import Engine, ModelSpec, StepResult
+from parallel.run_config import Groups, Run
 from parallel.topology import Topology
 from parallel.train_state import TrainState
 
@@ -37,19 +37,26 @@ class Task(Protocol):
     seq_len: int | None  # the data's sequence length for the preflight's estimate; None: the model's
     in_loop_eval: InLoopEvaluation | None  # lm-eval tasks run during training (eval.every_steps), or None
 
-    def configure(self, cfg: DictConfig) -> None:
-        """Fill in the config in effect (e.g. the pretrained model's shape, derived max_steps)
-        before the topology is derived: config.yaml and the checkpoints record the result."""
+    def configure(self, groups: Groups) -> dict[str, Any]:
+        """The groups this task settles (e.g. the pretrained model's shape, derived max_steps, resolved
+        data dirs), as new group instances by name: the Run is built from them, and config.yaml and
+        the checkpoints record the result."""
 
-    def check_resume(self, cfg: DictConfig, state: TrainState, step_dir: Path) -> bool:
+    def check_resume(self, config: Run, state: TrainState, step_dir: Path) -> bool:
         """Refuse (one line) a checkpoint this task cannot continue; returns whether its
         loader state is to be restored."""
 
-    def model_spec(self, cfg: DictConfig, resuming: bool) -> ModelSpec:
+    def model_spec(self, config: Run, resuming: bool) -> ModelSpec:
         """The model and its loss; ``resuming``: the weights come from the run's checkpoint."""
 
-    def start(self, cfg: DictConfig, topo: Topology) -> None:
+    def start(self, config: Run, topo: Topology) -> None:
         """Open the batches for this rank (their state is loaded next, when resuming)."""
+
+    def describe(self) -> str:
+        """What the run trains on, for the start banner (the data or the task file)."""
+
+    def eval_description(self) -> str:
+        """What an evaluation covers, announced before it runs ("N windows of the validation split")."""
 
     def begin(self, run_dir: Path, step: int) -> None:
         """Training starts (or resumes) at ``step``: open any per-run files of the task."""
@@ -70,7 +77,7 @@ class Task(Protocol):
     def step_record(self, result: StepResult, step_time: float, step: int) -> dict[str, Any]:
         """The task's fields of a step's ``metrics.jsonl`` line."""
 
-    def cadence(self, cfg: DictConfig) -> tuple[int, int]:
+    def cadence(self, config: Run) -> tuple[int, int]:
         """(evaluate every N steps, save every N steps); 0 = only at the end, -1 = never."""
 
     def evaluate(self, engine: Engine, topo: Topology, beat: Callable[[], None]) -> dict[str, float]:

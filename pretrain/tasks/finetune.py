@@ -19,13 +19,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from conf.errors import UserError
+from conf.schema import typed_group
 from data.tasks import TASK_TYPES, SpecialTokens, batch_arrays, encode_examples, label_vocabulary, read_jsonl
 from data.tokenizer import TOKENIZER_FILE, load_tokenizer
 from parallel.capabilities import capabilities
 from parallel.engine import Engine, ModelSpec, StepResult
+from parallel.run_config import Groups, Run, replaced
 from parallel.topology import Topology
 from parallel.train_state import TrainState
 from pretrain.interop.deepspeed_convert import model_checkpoint
@@ -36,7 +37,7 @@ HEAD_PARAMS = "*finetune_head.*"  # the task head's parameter names (under megat
 ADDED_TOKENS = 3  # start, delimiter, extract (ids right after the tokenizer's)
 
 
-def load_examples(cfg: DictConfig, tokenizer: Any, special: SpecialTokens, seq_len: int) -> dict[str, Any]:
+def load_examples(cfg: Groups, tokenizer: Any, special: SpecialTokens, seq_len: int) -> dict[str, Any]:
     """Encoded train / validation / test examples, the label vocabulary and the sequence length."""
     task_type = str(cfg.task.type)
     if task_type not in TASK_TYPES:
@@ -125,7 +126,7 @@ class HeadOnlyPhase:
     so a run resumed in either phase continues exactly.
     """
 
-    def __init__(self, head_steps: int, max_steps: int, train: DictConfig, warmup_fraction: float | None):
+    def __init__(self, head_steps: int, max_steps: int, train: Any, warmup_fraction: float | None):
         from parallel.engine import lr_scheduler
 
         self.head_steps = head_steps
@@ -191,8 +192,7 @@ class FinetuneTask:
     seq_len = None  # the preflight uses the pretrained model's
     in_loop_eval = None
 
-    def __init__(self, cfg: DictConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: Groups):
         self.init_dir = model_checkpoint(cfg.init.checkpoint)
         self.pretrained = TrainState.read(self.init_dir)
         tokenizer_dir = self.init_dir
@@ -218,31 +218,30 @@ class FinetuneTask:
             )
         self.phase: HeadOnlyPhase | None = None
 
-    def configure(self, cfg: DictConfig) -> None:
-        """The pretrained model's shape; max_steps from the epochs; warmup from its fraction;
-        the head's lr multiplier merged into the user's ``train.lr_mult``."""
-        cfg.model = OmegaConf.create(self.pretrained.model)
+    def configure(self, cfg: Groups) -> dict[str, Any]:
+        """The pretrained model's shape; max_steps from the epochs; the head's lr multiplier merged into
+        the user's ``train.lr_mult`` (the run records them: config.yaml, the checkpoints)."""
         train = cfg.train
-        head_steps = self.steps_per_epoch * int(cfg.finetune.head_only_epochs)
-        max_steps = int(train.max_steps or head_steps + self.steps_per_epoch * int(cfg.finetune.epochs))
-        train.max_steps = max_steps
-        train.lr_decay_steps = max_steps
-        if head_steps:  # before the Trainer turns warmup_fraction into warmup steps of the whole run
-            self.phase = HeadOnlyPhase(head_steps, max_steps, train, train.get("warmup_fraction"))
-        head_mult = float(cfg.finetune.head_lr_mult)  # > 0: conf/groups.py
+        head_steps = self.steps_per_epoch * cfg.finetune.head_only_epochs
+        max_steps = train.max_steps or head_steps + self.steps_per_epoch * cfg.finetune.epochs
+        changes: dict[str, Any] = {"max_steps": max_steps, "lr_decay_steps": max_steps}
+        if head_steps:  # its own schedules, from warmup_fraction of each phase (not of the whole run)
+            self.phase = HeadOnlyPhase(head_steps, max_steps, train, train.warmup_fraction)
+        head_mult = cfg.finetune.head_lr_mult  # > 0: conf/groups.py
         if head_mult != 1.0 and not capabilities(cfg.parallel.engine).lr_mult:
             raise UserError(
                 f"finetune.head_lr_mult={head_mult:g}: per-parameter learning rates need parallel.engine=megatron"
             )
         if head_mult != 1.0:
-            train.lr_mult = {**(train.get("lr_mult") or {}), HEAD_PARAMS: head_mult}  # keeps the user's
+            changes["lr_mult"] = {**(train.lr_mult or {}), HEAD_PARAMS: head_mult}  # keeps the user's
+        return {"model": typed_group("model", self.pretrained.model), "train": replaced(train, **changes)}
 
-    def check_resume(self, cfg: DictConfig, state: TrainState, step_dir: Path) -> bool:
+    def check_resume(self, cfg: Run, state: TrainState, step_dir: Path) -> bool:
         """Refuse another ``transfer_layers`` or ``head_only_epochs``: the checkpoint's weights were
         initialised, and its steps trained, under the saved ones."""
         saved = state.config.get("finetune", {})
         for key, default in (("transfer_layers", None), ("head_only_epochs", 0)):
-            old, new = (("null" if v is None else v) for v in (saved.get(key, default), cfg.finetune.get(key, default)))
+            old, new = (("null" if v is None else v) for v in (saved.get(key, default), getattr(cfg.finetune, key)))
             if old != new:
                 raise UserError(
                     f"finetune.{key}={new}, but run.dir={cfg.run.dir} holds a run with finetune.{key}={old} "
@@ -250,7 +249,7 @@ class FinetuneTask:
                 )
         return True
 
-    def model_spec(self, cfg: DictConfig, resuming: bool) -> ModelSpec:
+    def model_spec(self, cfg: Run, resuming: bool) -> ModelSpec:
         from pretrain.tasks.finetune_head import FinetuneGPT, make_forward_step, task_batch_shape
 
         seed = int(cfg.train.seed)
@@ -258,7 +257,7 @@ class FinetuneTask:
         from_pretrained = not resuming and not bool(cfg.finetune.from_scratch)
         std = float(cfg.model.init_std)
 
-        transfer = cfg.finetune.get("transfer_layers")
+        transfer = cfg.finetune.transfer_layers
         phase = self.phase
         frozen = None if phase is None else (lambda: phase.head_only)
 
@@ -273,8 +272,8 @@ class FinetuneTask:
         step = make_forward_step(float(cfg.finetune.aux_lm_weight), self.special.start)
         return ModelSpec(base.config, build, step, task_batch_shape)
 
-    def start(self, cfg: DictConfig, topo: Topology) -> None:
-        self.topo = topo
+    def start(self, cfg: Run, topo: Topology) -> None:
+        self.cfg, self.topo = cfg, topo
         train = cfg.train
         self.quantum = math.lcm(8, topo.tp) if topo.sequence_parallel else 8  # widths sequence parallelism can split
         self.batches = TaskBatches(
@@ -286,6 +285,17 @@ class FinetuneTask:
             int(train.seed),
             self.quantum,
         )
+
+    def describe(self) -> str:
+        train = self.data["examples"]["train"]
+        return (
+            f"task.type={self.cfg.task.type}: {len(train)} training examples from {self.cfg.task.train}, "
+            f"{self.steps_per_epoch} steps per epoch"
+        )
+
+    def eval_description(self) -> str:
+        examples = self.data["examples"].get("validation") or []
+        return f"accuracy over {len(examples)} validation examples (task.validation)"
 
     def begin(self, run_dir: Path, step: int) -> None:
         if self.phase is not None:
@@ -327,7 +337,7 @@ class FinetuneTask:
             record.update(lr=self.phase.lr({}), phase="head" if self.phase.head_only else "full")
         return record
 
-    def cadence(self, cfg: DictConfig) -> tuple[int, int]:
+    def cadence(self, cfg: Run) -> tuple[int, int]:
         """0 = at the end of every epoch (GPT-1 evaluates per epoch)."""
         return int(cfg.train.eval_every) or self.steps_per_epoch, int(cfg.train.save_every) or self.steps_per_epoch
 

@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+
+from parallel.run_config import Run
 
 
 def trim(batches: list[dict[str, torch.Tensor]], quantum: int) -> list[dict[str, torch.Tensor]]:
@@ -95,7 +96,7 @@ def eval_micro_batches(
     return [trim(batches[i : i + step], quantum) for i in range(0, len(batches), step)]
 
 
-def write_results(run_dir: Path, cfg: DictConfig, results: dict[str, Any], task: dict[str, Any], init: Path) -> None:
+def write_results(run_dir: Path, cfg: Run, results: dict[str, Any], task: dict[str, Any], init: Path) -> None:
     """``run.dir/results.json``: accuracies plus what produced them."""
     payload = {
         **results,

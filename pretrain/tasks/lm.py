@@ -15,23 +15,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 
 from conf.errors import UserError
+from conf.groups import ModelConfig
 from data.mixture import MixtureLoader, Source, normalised
 from data.remote import RemoteOptions, is_remote
 from data.shards import Manifest, check_files, load_manifest
 from data.stream import Layout, TrainLoader, eval_batches
 from data.tokenizer import TOKENIZER_FILE, check_saved_tokenizer, load_tokenizer
 from parallel.engine import Engine, ModelSpec, StepResult
+from parallel.run_config import Groups, Run, as_plain, replaced
 from parallel.topology import Topology, compute_device
 from parallel.train_state import TrainState
-from pretrain.eval.in_loop import InLoopEval
+from pretrain.eval.in_loop import InLoopEval, resolved_eval
 from pretrain.model import build_gpt, flops_per_token, position_ids, transformer_config
 from pretrain.trainer.flops import peak_flops
 from pretrain.trainer.metrics import truncate_after
 from pretrain.trainer.resume_checks import check_data, data_identity
-from pretrain.trainer.source_changes import DataResume, open_sources, per_source_validation, weights_line
+from pretrain.trainer.source_changes import (
+    DataResume,
+    open_sources,
+    per_source_validation,
+    resolved_sources,
+    weights_line,
+)
 
 
 def lm_forward_step(data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Callable]:
@@ -64,7 +71,7 @@ def lm_batch_shape(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
     return width - 1, rows
 
 
-def lm_model_spec(model_cfg: DictConfig, vocab_size: int, seed: int) -> ModelSpec:
+def lm_model_spec(model_cfg: ModelConfig, vocab_size: int, seed: int) -> ModelSpec:
     """The GPT of ``model_cfg`` with the LM loss: initial weights depend on ``seed`` only."""
 
     def build(config: Any, vp_stage: int | None) -> torch.nn.Module:
@@ -73,18 +80,12 @@ def lm_model_spec(model_cfg: DictConfig, vocab_size: int, seed: int) -> ModelSpe
     return ModelSpec(functools.partial(transformer_config, model_cfg), build, lm_forward_step, lm_batch_shape)
 
 
-def build_engine(cfg: DictConfig, topo: Topology, vocab_size: int) -> Engine:
-    """The engine of ``cfg`` over a pretraining GPT, as the Trainer builds it for a new run
-    (tests and benchmarks that need an engine without a run dir)."""
-    from omegaconf import open_dict
-
-    from parallel.capabilities import distributed_optimizer_in_effect
+def build_engine(run: Run, vocab_size: int) -> Engine:
+    """The engine of ``run`` over a pretraining GPT, as the Trainer builds it for a new run (benchmarks
+    and tests that need an engine without a run dir: ``Run.from_config(cfg, world_size, rank)``)."""
     from parallel.engine import engine_class
 
-    with open_dict(cfg):
-        cfg.parallel.distributed_optimizer = distributed_optimizer_in_effect(cfg, topo.dp)
-    spec = lm_model_spec(cfg.model, vocab_size, int(cfg.train.seed))
-    return engine_class(str(cfg.parallel.engine))(cfg, topo, spec)
+    return engine_class(run.parallel.engine)(run, run.layout, lm_model_spec(run.model, vocab_size, run.train.seed))
 
 
 def validation_loss(
@@ -119,62 +120,89 @@ class PretrainTask:
 
     command = "gpt-pretrain"
 
-    def __init__(self, cfg: DictConfig):
+    def __init__(self, groups: Groups):
         self.sources: list[Source] = []  # data.sources: a mixture (data/mixture.py, pretrain/trainer/source_changes.py)
         self.resume: DataResume | None = None
         self.mixture_events: list[dict[str, Any]] = []
-        if cfg.data.get("sources"):
-            self.sources, self.identity = open_sources(cfg)  # one tokenizer, seq_len and dtype
+        data, model = groups.data, groups.model
+        if data.sources:
+            self.data = resolved_sources(data)  # dirs resolved, names filled in: as the run records them
+            self.sources, self.identity = open_sources(self.data, model.seq_len)  # one tokenizer, seq_len, dtype
             self.manifest = self.sources[0].manifest
         else:
-            if not is_remote(cfg.data.dir):  # config.yaml and checkpoints work from any cwd
-                cfg.data.dir = str(Path(cfg.data.dir).expanduser().resolve())
-            self.manifest = load_manifest(cfg.data.dir, RemoteOptions.from_config(cfg.data))
+            # config.yaml and checkpoints work from any cwd
+            self.data = data if is_remote(data.dir) else replaced(data, dir=str(Path(data.dir).expanduser().resolve()))
+            self.manifest = load_manifest(self.data.dir, RemoteOptions.from_config(as_plain(self.data)))
             check_files(self.manifest)
             self.identity = data_identity(self.manifest)
-            if self.manifest.seq_len > cfg.model.seq_len:
+            if self.manifest.seq_len > model.seq_len:
                 raise UserError(
-                    f"data.dir={cfg.data.dir} has seq_len={self.manifest.seq_len} > model.seq_len={cfg.model.seq_len}"
+                    f"data.dir={data.dir} has seq_len={self.manifest.seq_len} > model.seq_len={model.seq_len}"
                 )
         # loaded, not only hashed: a broken tokenizer.json would be copied into every checkpoint
         # (a mixture's sources share its bytes: open_sources compared their sha256)
         check_saved_tokenizer(self.manifest.directory, self.manifest.vocab_size, self.manifest.eot_id)
         self.vocab_size = self.manifest.vocab_size
         self.files = (self.manifest.directory / TOKENIZER_FILE,)
-        self.cfg = cfg
         self.sample_log: Any = None
+        self.mfu_warned = False
         # eval.every_steps: lm-eval tasks on the current weights; task files checked here, before any work
-        self.in_loop_eval = InLoopEval.from_config(cfg, self.manifest.directory)
+        self.eval = resolved_eval(groups.eval)
+        resolved = Groups({**groups.as_dict(), "eval": self.eval})
+        self.in_loop_eval = InLoopEval.from_config(resolved, self.manifest.directory)
 
     @property
     def seq_len(self) -> int:
         return self.manifest.seq_len
 
-    def configure(self, cfg: DictConfig) -> None:
-        pass
+    def configure(self, groups: Groups) -> dict[str, Any]:
+        return {"data": self.data, "eval": self.eval}
 
-    def check_resume(self, cfg: DictConfig, state: TrainState, step_dir: Path) -> bool:
+    def check_resume(self, config: Run, state: TrainState, step_dir: Path) -> bool:
         if self.sources or "sources" in (state.data_identity or {}):  # a mixture now or then
-            self.resume = DataResume(cfg, state, self.identity)
+            self.resume = DataResume(config, state, self.identity)
             return self.resume.restore or bool(self.sources)  # a mixture's new sources start at 0
-        return check_data(cfg, state, self.identity)
+        return check_data(config, state, self.identity)
 
-    def model_spec(self, cfg: DictConfig, resuming: bool) -> ModelSpec:
-        return lm_model_spec(cfg.model, self.vocab_size, int(cfg.train.seed))
+    def model_spec(self, config: Run, resuming: bool) -> ModelSpec:
+        return lm_model_spec(config.model, self.vocab_size, config.train.seed)
 
-    def start(self, cfg: DictConfig, topo: Topology) -> None:
-        self.topo = topo
-        self.layout = Layout(int(cfg.train.global_batch), int(cfg.train.micro_batch), topo.dp_rank, topo.dp)
-        args = (self.layout, int(cfg.train.seed), int(cfg.data.num_streams), int(cfg.data.num_workers))
+    def start(self, config: Run, topo: Topology) -> None:
+        self.config, self.topo = config, topo
+        train, data = config.train, config.data
+        self.layout = Layout(train.global_batch, train.micro_batch, topo.dp_rank, topo.dp)
+        args = (self.layout, train.seed, data.num_streams, data.num_workers)
         self.loader = MixtureLoader(self.sources, *args) if self.sources else TrainLoader(self.manifest, *args)
         self.tokens_per_step = self.layout.global_batch * self.manifest.seq_len
         # MFU: model FLOPs per token (6N + attention) over all ranks' peak
-        self.model_flops = flops_per_token(cfg.model, self.vocab_size, self.manifest.seq_len)
-        self.world_peak = peak_flops(cfg.train.peak_tflops, bool(cfg.train.bf16)) * topo.world_size
+        self.model_flops = flops_per_token(config.model, self.vocab_size, self.manifest.seq_len)
+        peak = peak_flops(train.peak_tflops, train.bf16)  # None: no peak a step cannot exceed (no MFU)
+        self.world_peak = None if peak is None else peak * topo.world_size
+
+    def describe(self) -> str:
+        m = self.manifest
+        what = f"{m.tokenizer} tokenizer, vocab {m.vocab_size}, windows of {m.seq_len}"
+        if self.sources:
+            return f"data.sources {', '.join(s.name for s in self.sources)} ({what})"
+        return f"data.dir {m.location or m.directory} ({what})"
+
+    def eval_description(self) -> str:
+        manifests = [s.manifest for s in self.sources] if self.sources else [self.manifest]
+        windows = sum(
+            min(sum(s.num_samples for s in m.shards("val")), self._eval_limit()) for m in manifests if "val" in m.splits
+        )
+        whole = self.config.train.eval_batches is None
+        return f"{windows} windows of the validation split" + ("" if whole else " (train.eval_batches)")
+
+    def _eval_limit(self) -> int:
+        """Windows an evaluation reads per split (``train.eval_batches`` micro-batches on every dp rank)."""
+        train = self.config.train
+        limit = train.eval_batches
+        return 1 << 62 if limit is None else limit * train.eval_micro_batch * self.topo.dp
 
     def begin(self, run_dir: Path, step: int) -> None:
         """``samples_rank<R>.jsonl`` (``train.log_samples``): the sample ids each rank trained on, per step."""
-        if not self.cfg.train.log_samples:
+        if not self.config.train.log_samples:
             return
         path = run_dir / f"samples_rank{self.topo.rank}.jsonl"
         truncate_after(path, step)
@@ -218,29 +246,36 @@ class PretrainTask:
             if self.sources:  # the index of each id's source in data.sources
                 line["sources"] = [i for batch in self._last for i in batch["source"].tolist()]
             self.sample_log.write(json.dumps(line) + "\n")
-        record = {
-            "tokens": step * self.tokens_per_step,
-            "tokens_per_s": self.tokens_per_step / step_time,
-            "mfu": self.model_flops * self.tokens_per_step / step_time / self.world_peak,
-        }
+        record = {"tokens": step * self.tokens_per_step, "tokens_per_s": self.tokens_per_step / step_time}
+        if self.world_peak is not None:
+            mfu = self.model_flops * self.tokens_per_step / step_time / self.world_peak
+            if mfu <= 1.0:
+                record["mfu"] = mfu
+            elif not self.mfu_warned:  # a peak below what the run reaches: not a peak, say so once
+                self.mfu_warned = True
+                print(
+                    f"warning: train.peak_tflops={self.config.train.peak_tflops} is below what this run "
+                    f"reaches (MFU {mfu:.2f} > 1): MFU is left out; pass the device's datasheet peak",
+                    flush=True,
+                )
         if self.sources:  # consumed over all ranks (the global order is known to every rank)
             seq = self.manifest.seq_len
             record.update({f"tokens/{name}": n * seq for name, n in self.loader.samples().items()})
         return record
 
-    def cadence(self, cfg: DictConfig) -> tuple[int, int]:
-        return int(cfg.train.eval_every), int(cfg.train.save_every)
+    def cadence(self, config: Run) -> tuple[int, int]:
+        return config.train.eval_every, config.train.save_every
 
     def evaluate(self, engine: Engine, topo: Topology, beat: Callable[[], None]) -> dict[str, float]:
-        train = self.cfg.train
+        train = self.config.train
         if self.sources:  # val_loss/<name> per source with a validation split; val_loss: their weighted mean
             losses = {
-                s.name: validation_loss(engine, s.manifest, topo, int(train.eval_micro_batch), train.eval_batches, beat)
+                s.name: validation_loss(engine, s.manifest, topo, train.eval_micro_batch, train.eval_batches, beat)
                 for s in self.sources
             }
             found = {name: loss for name, loss in losses.items() if loss is not None}
             return per_source_validation(found, normalised(self.loader.weights))
-        loss = validation_loss(engine, self.manifest, topo, int(train.eval_micro_batch), train.eval_batches, beat)
+        loss = validation_loss(engine, self.manifest, topo, train.eval_micro_batch, train.eval_batches, beat)
         return {} if loss is None else {"val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
 
     def finish(
@@ -252,8 +287,8 @@ class PretrainTask:
             self.in_loop_eval.close()
         val_loss = (last_eval or {}).get("val_loss")
         if topo.rank == 0 and val_loss is not None:
-            print(f"val_loss {val_loss:.4f} (whole validation split, step {step})", flush=True)
-        if topo.rank == 0 and trained and int(self.cfg.train.sample_tokens) > 0:
+            print(f"val_loss {val_loss:.4f} ({self.eval_description()}, step {step})", flush=True)
+        if topo.rank == 0 and trained and self.config.train.sample_tokens > 0:
             self.print_sample(engine, topo)
         return {"step": step, "val_loss": val_loss}
 
@@ -263,17 +298,17 @@ class PretrainTask:
             return
         from pretrain.model.sampling import sample
 
-        cfg = self.cfg
+        train = self.config.train
         tokenizer = load_tokenizer(self.manifest.directory)
-        prompt = tokenizer.encode(str(cfg.train.sample_prompt)) or [tokenizer.eot_id]
+        prompt = tokenizer.encode(train.sample_prompt) or [tokenizer.eot_id]
         ids = sample(
             engine.unwrapped_model(),
             prompt,
-            int(cfg.train.sample_tokens),
-            int(cfg.model.seq_len),
+            train.sample_tokens,
+            self.config.model.seq_len,
             tokenizer.vocab_size,
             temperature=0.8,
             top_k=200,
-            seed=int(cfg.train.seed),
+            seed=train.seed,
         )
         print("--- sample ---\n" + tokenizer.decode(prompt + ids).strip() + "\n--------------", flush=True)

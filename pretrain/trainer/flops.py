@@ -1,8 +1,11 @@
-"""Model FLOPs utilisation: achieved training FLOP/s over the device's matmul peak.
+"""Model FLOPs utilisation: achieved training FLOP/s over the device's peak.
 
-The peak is ``train.peak_tflops`` when given (a datasheet number, e.g. 989 for H100 bf16
-dense), else measured at start with a short square-matmul benchmark in the training dtype, so
-that MFU on a CPU is relative to what this CPU's BLAS actually reaches.
+MFU is reported only against a peak a step cannot exceed: ``train.peak_tflops`` when given (a
+datasheet number, e.g. 989 for H100 bf16 dense), else the datasheet of a GPU the hardware presets
+know (``conf/hardware/``). A CPU has no such number (a short matmul probe at start measures what its
+BLAS reached in that moment, which a busy or idle neighbour moves, and a step then "exceeded" it), so
+a CPU run logs no MFU unless ``train.peak_tflops`` is given; ``benchmarks/mfu.py`` measures a peak
+once and passes it to the runs it compares.
 """
 
 from __future__ import annotations
@@ -38,11 +41,14 @@ def measured_peak_flops(dtype: torch.dtype = torch.float32, size: int | None = N
     return 2.0 * size**3 * count / (time.perf_counter() - start)
 
 
-def peak_flops(peak_tflops: float | None, bf16: bool) -> float:
+def peak_flops(peak_tflops: float | None, bf16: bool) -> float | None:
+    """The device's peak FLOP/s for MFU, or None when none is known (module docstring)."""
     if peak_tflops:
         return float(peak_tflops) * 1e12
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    if torch.cuda.is_available():
-        return measured_peak_flops(dtype)
-    # a CPU's BLAS may peak at 1024 or 2048 depending on its caches: take the better
-    return max(measured_peak_flops(dtype, size, seconds=0.2) for size in (1024, 2048))
+    if not torch.cuda.is_available():
+        return None
+    from parallel.plan.hardware import detected_gpu, preset
+
+    name, _, _ = detected_gpu()
+    datasheet = preset(name).get("peak_tflops_bf16" if bf16 else "peak_tflops_fp32") if name else None
+    return float(datasheet) * 1e12 if datasheet else None

@@ -10,14 +10,19 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from parallel.run_config import Run
+from pretrain.trainer import goodput
+from pretrain.trainer.console import Interval, fields
+
 METRICS = "metrics.jsonl"
+QUIET_S = 30.0  # a training line at least this often, however slow the steps
 
 
 def parse_lines(text: str) -> tuple[list[tuple[str, dict[str, Any]]], int]:
@@ -61,18 +66,23 @@ def truncate_after(path: Path, step: int) -> None:
 
 
 class Metrics:
-    def __init__(self, cfg: DictConfig, run_dir: Path, start_step: int, enabled: bool):
+    def __init__(self, cfg: Run, run_dir: Path, start_step: int, enabled: bool):
         self.enabled = enabled
         self.run_dir = run_dir
         self.path = run_dir / METRICS
-        self.every = int(cfg.logging.console_every)
+        self.every = cfg.logging.console_every
+        self.interval = Interval(start_step, cfg.train.max_steps)
         self.wandb: Any = None
         self.bar: Any = None
         self.failures = 0
+        self.last_step = start_step  # the step of this session's session_end (goodput)
         if not enabled:
             return
+        session = _session_events(cfg, self.path, start_step)  # before the truncation drops the lost steps
         truncate_after(self.path, start_step)
         self.file = self.path.open("a", buffering=1)
+        for event in session:
+            self.log(event)
         mode = str(cfg.logging.wandb)
         if mode != "disabled":
             self.wandb = _init_wandb(cfg, run_dir, mode)
@@ -89,6 +99,7 @@ class Metrics:
     def log(self, record: dict[str, Any], console: bool = False) -> None:
         if not self.enabled:
             return
+        self.last_step = max(self.last_step, record["step"])
         try:
             self.file.write(json.dumps(record) + "\n")
             if self.wandb is not None:
@@ -100,17 +111,38 @@ class Metrics:
         if record.get("loss") is not None:
             self.bar.update(record["step"] - self.bar.n)
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
-        if console or ("loss" in record and record["step"] % self.every == 0):
-            text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
-            tqdm.write(text)
+        if "step_time_s" in record:  # a training step: its line every logging.console_every steps
+            self.interval.add(record)
+            step = record["step"]
+            if step % self.every == 0 or step == self.interval.max_steps or self.interval.quiet_for() > QUIET_S:
+                tqdm.write(self.interval.line(record))
+                return
+        if console:
+            tqdm.write(fields(record))
 
     def close(self) -> None:
         if not self.enabled or self.file.closed:  # closed once, whatever calls it again
             return
         self.bar.close()
-        self.file.close()
+        self.plot()
         if self.wandb is not None:
+            _goodput_summary(self.wandb, self.run_dir)
             self.wandb.finish()
+            self.wandb = None
+        # the session's last line, after its plots and wandb: the goodput account's end of this session
+        self.log({"step": self.last_step, "event": goodput.SESSION_END, "time": time.time()})
+        self.file.close()
+
+    def say(self, text: str) -> None:
+        """A line on rank 0's console (above the progress bar on a terminal)."""
+        if self.enabled:
+            tqdm.write(text)
+
+    def plot(self) -> None:
+        """``loss.png`` and ``eval.png`` from ``metrics.jsonl`` as it is now (after each evaluation, and
+        at the end)."""
+        if not self.enabled:
+            return
         for plot in (plot_losses, plot_evals):
             try:
                 plot(self.run_dir)
@@ -118,7 +150,29 @@ class Metrics:
                 print(f"warning: {plot.__name__} drew nothing ({type(exc).__name__}: {exc})", file=sys.stderr)
 
 
-def _init_wandb(cfg: DictConfig, run_dir: Path, mode: str) -> Any:
+def _session_events(cfg: Run, path: Path, start_step: int) -> list[dict[str, Any]]:
+    """This session's goodput events (``pretrain/trainer/goodput.py``); a failure is a warning, never
+    a reason to stop the run."""
+    topo = cfg.layout
+    layout = {"world_size": topo.world_size, "tp": topo.tp, "pp": topo.pp, "dp": topo.dp}
+    try:
+        return goodput.session_events(read_metrics(path.parent), start_step, goodput.last_write(path), layout)
+    except Exception as exc:  # noqa: BLE001 - the account is a report, training comes first
+        print(f"warning: goodput: no session record ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return []
+
+
+def _goodput_summary(run: Any, run_dir: Path) -> None:
+    """The goodput account's figures in wandb's run summary (what ``gpt-goodput`` prints)."""
+    try:
+        now = time.time()  # the session ends about now: its session_end line follows wandb's finish
+        records = [*read_metrics(run_dir), {"step": 0, "event": goodput.SESSION_END, "time": now}]
+        run.summary.update(goodput.account(records, now).summary())
+    except Exception as exc:  # noqa: BLE001 - a summary never fails a run
+        print(f"warning: goodput: no wandb summary ({type(exc).__name__}: {exc})", file=sys.stderr)
+
+
+def _init_wandb(cfg: Run, run_dir: Path, mode: str) -> Any:
     """A wandb run whose id lives in the run dir, so a resumed job continues it."""
     os.environ.setdefault("WANDB_SILENT", "true")
     import wandb
@@ -133,7 +187,7 @@ def _init_wandb(cfg: DictConfig, run_dir: Path, mode: str) -> Any:
         resume="allow",
         dir=str(run_dir),
         mode=mode,
-        config=OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
+        config=cfg.to_dict(),
         settings=wandb.Settings(init_timeout=30, silent=True),
     )
 

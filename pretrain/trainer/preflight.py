@@ -17,10 +17,11 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from conf.errors import UserError
-from parallel.capabilities import capabilities, distributed_optimizer_in_effect, shards_optimizer
+from parallel.capabilities import distributed_optimizer_in_effect
 from parallel.plan.hardware import GiB, Hardware
 from parallel.plan.memory import MemoryPlan, RankMemory
 from parallel.plan.params import GPT2_VOCAB
+from parallel.run_config import Groups, Run
 from parallel.topology import Topology
 
 KINDS = ("params", "grads", "optimizer", "activations", "comm_buffers", "logits")
@@ -34,6 +35,8 @@ class Checked:
     passed: list[tuple[str, str]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     topo: Topology | None = None
+    groups: Groups | None = None  # the validated config (the "config" check)
+    planned: Run | None = None  # the run at the config's layout (the "layout" check)
     vocab_size: int = GPT2_VOCAB
     seq_len: int = 0
     manifest: Any = None
@@ -51,14 +54,14 @@ class Checked:
         return result
 
 
-def _validated(cfg: DictConfig) -> str:
+def _validated(cfg: DictConfig, checked: Checked) -> str:
     from conf.schema import validate
 
     probe = copy.deepcopy(cfg)
     if not _has_data(probe):  # gpt-plan plans without data (vocab_size=, else GPT-2's)
         with open_dict(probe):
             probe.data.dir = "<not given>"
-    validate(probe)
+    checked.groups = Groups(validate(probe))
     return "every key has its type and passes its group's checks"
 
 
@@ -67,15 +70,16 @@ def _has_data(cfg: DictConfig) -> bool:
     return not OmegaConf.is_missing(data, "dir") and bool(data.get("dir") or data.get("sources"))
 
 
-def _data(cfg: DictConfig, checked: Checked) -> str:
+def _data(cfg: Groups, checked: Checked) -> str:
+    from data.remote import is_remote
     from data.shards import check_files, load_manifest
     from data.tokenizer import check_saved_tokenizer
 
-    dirs = [str(cfg.data.dir)] if cfg.data.get("dir") else [str(s.dir) for s in cfg.data.sources]
+    dirs = [cfg.data.dir] if cfg.data.dir else [s.dir for s in cfg.data.sources]
+    dirs = [d if is_remote(d) else str(Path(d).expanduser()) for d in dirs]
     for directory in dirs[1:]:  # a mixture: each source's shard files (gpt-pretrain checks their tokenizers)
-        check_files(load_manifest(directory if "://" in directory else str(Path(directory).expanduser())))
-    first = dirs[0]
-    manifest = load_manifest(first if ":" in first.split("/")[0] else str(Path(first).expanduser()))
+        check_files(load_manifest(directory))
+    manifest = load_manifest(dirs[0])
     check_files(manifest)
     check_saved_tokenizer(manifest.directory, manifest.vocab_size, manifest.eot_id)  # the trainer's, too
     if manifest.seq_len > int(cfg.model.seq_len):  # the trainer's check (pretrain/tasks/lm.py)
@@ -89,7 +93,7 @@ def _data(cfg: DictConfig, checked: Checked) -> str:
     )
 
 
-def _run_dir(cfg: DictConfig, checked: Checked) -> str:
+def _run_dir(cfg: Groups, checked: Checked) -> str:
     from data.output_dir import RUN_DIR_NAMES, check_run_dir
     from parallel.checkpoint import CheckpointDir
     from parallel.train_state import TrainState
@@ -99,7 +103,7 @@ def _run_dir(cfg: DictConfig, checked: Checked) -> str:
     steps = CheckpointDir(run_dir).steps()
     if not steps:
         return f"{run_dir}: no checkpoint (a new run)"
-    if cfg.run.get("restart", False):
+    if cfg.run.restart:
         return f"{run_dir}: {steps[0].name} is moved aside (run.restart=true)"
     try:
         checked.saved, checked.saved_dir = TrainState.read(steps[0]), steps[0]
@@ -110,8 +114,8 @@ def _run_dir(cfg: DictConfig, checked: Checked) -> str:
     return f"{run_dir}: resumes {steps[0].name} (checksums are verified at start)"
 
 
-def resume_problem(cfg: DictConfig, topo: Topology, checked: Checked) -> str | None:
-    """Why the checkpoint in run.dir cannot be resumed at this layout, or None."""
+def resume_problem(cfg: Run, checked: Checked) -> str | None:
+    """Why the checkpoint in run.dir cannot be resumed at ``cfg``'s layout, or None."""
     if checked.saved is None:
         return None
     from pretrain.trainer.resume_checks import check_data, check_resume, data_identity
@@ -121,7 +125,7 @@ def resume_problem(cfg: DictConfig, topo: Topology, checked: Checked) -> str | N
         if checked.manifest is not None:
             check_data(cfg, checked.saved, data_identity(checked.manifest))
         weights_only = bool(checked.saved.weights_only)
-        distributed_optimizer_in_effect(cfg, topo.dp, None if weights_only else checked.saved)
+        distributed_optimizer_in_effect(cfg, cfg.layout.dp, None if weights_only else checked.saved)
     except UserError as exc:
         return str(exc)
     return None
@@ -131,22 +135,23 @@ def run_checks(cfg: DictConfig, world_size: int, layout: bool = True) -> Checked
     """Every check gpt-pretrain makes before launch, at ``world_size`` ranks. ``layout=False``
     (the search) leaves out the layout of the config, whose alternatives are checked one by one."""
     checked = Checked(seq_len=int(cfg.model.seq_len))
-    if checked.run("config", lambda: _validated(cfg)) is None:
+    if checked.run("config", lambda: _validated(cfg, checked)) is None:
         return checked  # the other checks read the values this one refused
+    groups = checked.groups
     if not _has_data(cfg):
-        given = cfg.get("vocab_size")
+        given = cfg.vocab_size if "vocab_size" in cfg else None  # gpt-plan's (check_plan)
         checked.vocab_size = int(given) if given is not None else GPT2_VOCAB  # check_plan refused 0
         checked.passed.append(("data", f"not given: vocab {checked.vocab_size} assumed (data.dir=DIR or vocab_size=N)"))
     else:
-        checked.run("data", lambda: _data(cfg, checked))
-    checked.run("run dir", lambda: _run_dir(cfg, checked))
+        checked.run("data", lambda: _data(groups, checked))
+    checked.run("run dir", lambda: _run_dir(groups, checked))
     if layout:
-        topo = checked.run("layout", lambda: Topology.from_config(cfg, world_size=world_size, rank=0))
-        if isinstance(topo, Topology):
-            checked.topo = topo
-            checked.passed[-1] = ("layout", describe_layout(cfg, topo))
+        run = checked.run("layout", lambda: Run.build(groups, world_size=world_size, rank=0))
+        if isinstance(run, Run):
+            checked.planned, checked.topo = run, run.layout
+            checked.passed[-1] = ("layout", describe_layout(run))
             if checked.saved is not None:
-                problem = resume_problem(cfg, topo, checked)
+                problem = resume_problem(run, checked)
                 if problem:
                     checked.errors.append(problem)
                 else:
@@ -154,18 +159,16 @@ def run_checks(cfg: DictConfig, world_size: int, layout: bool = True) -> Checked
     return checked
 
 
-def describe_layout(cfg: DictConfig, topo: Topology) -> str:
-    train, par = cfg.train, cfg.parallel
-    accum = int(train.global_batch) // (int(train.micro_batch) * topo.dp)
+def describe_layout(cfg: Run) -> str:
+    train, par, topo = cfg.train, cfg.parallel, cfg.layout
     text = f"tp={topo.tp} pp={topo.pp} vpp={topo.vpp} dp={topo.dp}" + (" +sp" if topo.sequence_parallel else "")
-    if not capabilities(par.engine).distributed_optimizer:
+    if cfg.caps.zero:
         text += f", {par.engine} ZeRO-{par.zero_stage}" + (" +offload" if par.offload == "cpu" else "")
     else:
-        sharded = shards_optimizer(par.engine, par.distributed_optimizer, 0, topo.dp)
-        text += f", {par.engine}" + (" +distributed optimizer" if sharded else "")
+        text += f", {par.engine}" + (" +distributed optimizer" if cfg.distributed_optimizer else "")
     return (
-        f"{text}; micro-batch {train.micro_batch} x {accum} accumulation x dp {topo.dp} = global {train.global_batch}"
-        f"; recompute {cfg.model.get('recompute', 'none')}"
+        f"{text}; micro-batch {train.micro_batch} x {cfg.micro_batches} accumulation x dp {topo.dp} "
+        f"= global {train.global_batch}; recompute {cfg.model.recompute}"
     )
 
 
@@ -182,20 +185,19 @@ def largest(plan: MemoryPlan, hw: Hardware) -> tuple[int, RankMemory]:
     return index, plan.ranks[index]
 
 
-def suggestion(rank: RankMemory, cfg: DictConfig, topo: Topology) -> str:
+def suggestion(rank: RankMemory, cfg: Run) -> str:
     """What would most likely make ``rank`` fit: the remedy of its largest term."""
     states = rank.params + rank.grads + rank.optimizer
     if rank.activations >= states:
-        if cfg.model.get("recompute", "none") != "full":
+        if cfg.model.recompute != "full":
             return "model.recompute=selective or full, a smaller train.micro_batch, or more parallel.tp"
         return "a smaller train.micro_batch, or more parallel.tp / parallel.pp"
-    caps = capabilities(cfg.parallel.engine)
-    if topo.dp > 1 and caps.distributed_optimizer and str(cfg.parallel.distributed_optimizer) != "true":
+    if cfg.layout.dp > 1 and cfg.caps.distributed_optimizer and not cfg.distributed_optimizer:
         return "parallel.distributed_optimizer=true, or more parallel.tp / parallel.pp"
     return "more parallel.tp / parallel.pp, or parallel.engine=deepspeed with a higher parallel.zero_stage / offload"
 
 
-def memory_problem(plan: MemoryPlan, hw: Hardware, cfg: DictConfig, topo: Topology) -> str | None:
+def memory_problem(plan: MemoryPlan, hw: Hardware, cfg: Run) -> str | None:
     """The one line refusing a layout that does not fit, or None."""
     index, rank = largest(plan, hw)
     if hw.fits(plan):
@@ -209,27 +211,27 @@ def memory_problem(plan: MemoryPlan, hw: Hardware, cfg: DictConfig, topo: Topolo
         need, where = rank.cpu_offload, f"{size(hw.host_bytes)} of host memory per device"
     return (
         f"preflight: rank pp{index} needs {size(need)} ({parts}) > {where}; "
-        f"try {suggestion(rank, cfg, topo)} (gpt-plan search=true lists the layouts that fit)"
+        f"try {suggestion(rank, cfg)} (gpt-plan search=true lists the layouts that fit)"
     )
 
 
-def preflight(cfg: DictConfig, topo: Topology, vocab_size: int | None, seq_len: int | None) -> None:
+def preflight(cfg: Run, vocab_size: int | None, seq_len: int | None) -> None:
     """gpt-pretrain's memory check before the model is built (``train.preflight``): ``error`` refuses
     a layout predicted not to fit in one line, ``warn`` prints that line and goes on, ``off`` skips.
     The device's memory: ``hardware.memory_gb``, else the preset's, else the GPU's, else host RAM
     divided by the processes on this machine (LOCAL_WORLD_SIZE)."""
-    mode = str(cfg.train.get("preflight", "warn"))
+    mode, topo = cfg.train.preflight, cfg.layout
     if mode == "off":
         return
     from conf.groups import HardwareConfig
     from parallel.plan.hardware import resolve
     from parallel.plan.memory import estimate_memory
 
-    hw_cfg = cfg.get("hardware") or OmegaConf.structured(HardwareConfig)
+    hw_cfg = cfg.hardware or HardwareConfig()  # gpt-finetune has no hardware group: this machine
     local = int(os.environ.get("LOCAL_WORLD_SIZE", topo.world_size if topo.world_size > 1 else 1))
-    hw = resolve(hw_cfg, bool(cfg.train.bf16), processes_per_node=local, calibrate=False, rates=False)
+    hw = resolve(hw_cfg, cfg.train.bf16, processes_per_node=local, calibrate=False, rates=False)
     plan = estimate_memory(cfg, topo, vocab_size=vocab_size, seq_len=seq_len)
-    problem = memory_problem(plan, hw, cfg, topo)
+    problem = memory_problem(plan, hw, cfg)
     if problem is None:
         return
     if mode == "error":

@@ -12,22 +12,24 @@ from typing import Any
 from omegaconf import DictConfig
 
 
-def start_training(cfg: DictConfig, make_task: Callable[[DictConfig], Any]) -> dict:
-    """Validate ``cfg``, set up this process (in this order), build the task and run it."""
+def start_training(cfg: DictConfig, make_task: Callable[[Any], Any]) -> dict:
+    """Validate ``cfg``, set up this process (in this order), build the task, the run, and run it."""
     import torch
 
     from conf.cli import quiet_third_party
     from conf.schema import validate
     from parallel import cpu_compat, process_hygiene
+    from parallel.run_config import Groups, Run
     from pretrain.trainer.loop import Trainer
 
-    validate(cfg)  # every config error is one line, before any file or process group
+    groups = Groups(validate(cfg))  # every config error is one line, before any file or process group
     process_hygiene.install()  # helper processes (writers, loader workers, megatron's Manager) die with this one
     quiet_third_party()
     cpu_compat.apply()  # megatron-core on a CPU-only machine (a no-op with CUDA; version fixes always)
     torch.set_num_threads(torch.get_num_threads())
-    task = make_task(cfg)
-    return Trainer(cfg).run(task)
+    task = make_task(groups)
+    run = Run.build({**groups.as_dict(), **task.configure(groups)})  # the layout checked: still before any work
+    return Trainer(run).run(task)
 
 
 def finish_command(summary: dict) -> None:

@@ -18,12 +18,11 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
-
 from conf.errors import UserError
 from data.shards import MANIFEST, Manifest
-from data.tokenizer import TOKENIZER_FILE
+from data.tokenizer import TOKENIZER_FILE, equivalent_digests
 from parallel.capabilities import capabilities
+from parallel.run_config import Run
 from parallel.train_state import TrainState
 
 # a model key and its value in a checkpoint written before the key existed
@@ -72,47 +71,64 @@ def data_identity(manifest: Manifest) -> dict[str, Any]:
         "tokenizer": manifest.tokenizer,
         "vocab_size": manifest.vocab_size,
         "tokenizer_sha256": _sha256(manifest.directory / TOKENIZER_FILE),
+        "tokenizer_digests": equivalent_digests(manifest.directory),  # the same tokenizer in any file format
         "data_sha256": _sha256(manifest.directory / MANIFEST),
         "data_dir": manifest.location or str(manifest.directory),  # a URL for a remote shard set
     }
 
 
+def same_tokenizer(recorded: dict[str, Any], identity: dict[str, Any]) -> bool:
+    """Whether a recorded data identity (a checkpoint's, or another source's) names the tokenizer of
+    ``identity``: equal bytes, or files that encode alike (``equivalent_digests``)."""
+    if "tokenizer_sha256" not in recorded:
+        return True  # written before tokenizers were recorded
+    ours = set(identity.get("tokenizer_digests") or [identity["tokenizer_sha256"]])
+    theirs = set(recorded.get("tokenizer_digests") or [recorded["tokenizer_sha256"]])
+    return bool(ours & theirs)
+
+
+def _saved_shape(recorded: dict[str, Any], key: str) -> Any:
+    """A shape key as a checkpoint recorded it (its historical value when it predates the key)."""
+    value = recorded.get(key, SHAPE_KEYS[key])
+    return (value or recorded.get("num_heads")) if key == "num_query_groups" else value
+
+
 def _shape(model: Any, key: str) -> Any:
-    value = model.get(key, SHAPE_KEYS[key])
-    return (value or model.get("num_heads")) if key == "num_query_groups" else value
+    value = getattr(model, key)
+    return (value or model.num_heads) if key == "num_query_groups" else value
 
 
-def check_resume(cfg: DictConfig, state: TrainState, step_dir: Path) -> None:
+def check_resume(config: Run, state: TrainState, step_dir: Path) -> None:
     """Refuse a checkpoint of another engine, ZeRO stage or model shape (any task)."""
     engine = state.engine
-    run = cfg.run.dir
+    run = config.run.dir
     if state.weights_only:
-        engine = cfg.parallel.engine  # weights only: any engine and stage starts from them
-    if engine != cfg.parallel.engine:
+        engine = config.parallel.engine  # weights only: any engine and stage starts from them
+    if engine != config.parallel.engine:
         raise UserError(
             f"run.dir={run} holds a parallel.engine={engine} checkpoint ({step_dir.name}); resume it with "
             f"parallel.engine={engine}, or start a new run.dir (gpt-finetune/gpt-eval load either engine's checkpoints)"
         )
     saved_stage = state.config.get("parallel", {}).get("zero_stage", 0)
-    if capabilities(engine).zero and not state.weights_only and int(saved_stage) != int(cfg.parallel.zero_stage):
+    if capabilities(engine).zero and not state.weights_only and int(saved_stage) != config.parallel.zero_stage:
         raise UserError(
             f"run.dir={run} holds a parallel.zero_stage={saved_stage} checkpoint; resume it with that stage "
             "(the dp size may change)"
         )
     saved = state.model
-    diff = [k for k in SHAPE_KEYS if _shape(saved, k) != _shape(cfg.model, k)]
+    diff = [k for k in SHAPE_KEYS if _saved_shape(saved, k) != _shape(config.model, k)]
     if diff:
-        saved_shape = ", ".join(f"{k}={_shape(saved, k)}" for k in diff)
+        saved_shape = ", ".join(f"{k}={_saved_shape(saved, k)}" for k in diff)
         raise UserError(f"run.dir={run} holds a checkpoint of another model ({saved_shape}); use a new run.dir")
 
 
-def check_data(cfg: DictConfig, state: TrainState, identity: dict[str, Any]) -> bool:
+def check_data(config: Run, state: TrainState, identity: dict[str, Any]) -> bool:
     """Refuse a checkpoint trained with another tokenizer, or on another shard set unless
     ``data.allow_new``; returns whether the loader state is to be restored."""
-    run = cfg.run.dir
+    run = config.run.dir
     old = state.data_identity or {}
     old_vocab = old.get("vocab_size", state.vocab_size)
-    other_tokenizer = old.get("tokenizer_sha256", identity["tokenizer_sha256"]) != identity["tokenizer_sha256"]
+    other_tokenizer = not same_tokenizer(old, identity)
     if other_tokenizer or (old_vocab is not None and int(old_vocab) != identity["vocab_size"]):
         raise UserError(
             f"run.dir={run} was trained with another tokenizer ({old.get('tokenizer', '?')}, vocab {old_vocab}, "
@@ -120,7 +136,7 @@ def check_data(cfg: DictConfig, state: TrainState, identity: dict[str, Any]) -> 
             f"({identity['tokenizer']}, vocab {identity['vocab_size']}); use a new run.dir"
         )
     if old.get("data_sha256", identity["data_sha256"]) != identity["data_sha256"]:
-        if not cfg.data.get("allow_new", False):
+        if not config.data.allow_new:
             raise UserError(
                 f"data.dir={identity['data_dir']} is another shard set than the one run.dir={run} was trained on "
                 f"({old.get('data_dir')}); pass data.allow_new=true to continue pretraining on it"
@@ -129,11 +145,12 @@ def check_data(cfg: DictConfig, state: TrainState, identity: dict[str, Any]) -> 
     return True
 
 
-def config_changes(cfg: DictConfig, state: TrainState) -> list[dict[str, Any]]:
+def config_changes(config: Run, state: TrainState) -> list[dict[str, Any]]:
     """``config_change`` events for the optimisation settings that differ from the checkpoint's run."""
     saved = state.config.get("train", {})
+    now = config.to_dict()["train"]
     events = []
     for key in SCHEDULE_KEYS:
-        if key in saved and key in cfg.train and saved[key] != cfg.train[key]:
-            events.append({"event": "config_change", "key": f"train.{key}", "old": saved[key], "new": cfg.train[key]})
+        if key in saved and key in now and saved[key] != now[key]:
+            events.append({"event": "config_change", "key": f"train.{key}", "old": saved[key], "new": now[key]})
     return events

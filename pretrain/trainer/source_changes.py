@@ -18,41 +18,47 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, open_dict
-
 from conf.errors import UserError
-from conf.groups import source_name
+from conf.groups import DataConfig, source_name
 from data.mixture import Source
-from data.remote import RemoteOptions
+from data.remote import RemoteOptions, is_remote
 from data.shards import check_files, load_manifest
+from parallel.run_config import Run, as_plain, replaced
 from parallel.train_state import TrainState
-from pretrain.trainer.resume_checks import data_identity
+from pretrain.trainer.resume_checks import data_identity, same_tokenizer
 
 
 def _local(directory: str) -> str:
-    if "://" in directory or directory.startswith("pipe:"):
+    if is_remote(directory):
         return directory
     return str(Path(directory).expanduser().resolve())  # config.yaml and checkpoints work from any cwd
 
 
-def open_sources(cfg: DictConfig) -> tuple[list[Source], dict[str, Any]]:
-    """The sources of ``data.sources`` (dirs resolved and names filled in ``cfg``) and the
-    identity a checkpoint records; refuses sources that do not fit together in one line."""
+def resolved_sources(data: DataConfig) -> DataConfig:
+    """``data`` with every source's dir resolved (config.yaml and checkpoints work from any cwd) and
+    its name filled in: the sources as the run records them."""
+    specs = []
+    for spec in data.sources:
+        directory = _local(spec.dir)
+        specs.append(replaced(spec, dir=directory, name=source_name(directory, spec.name)))
+    return replaced(data, sources=specs)
+
+
+def open_sources(data: DataConfig, model_seq_len: int) -> tuple[list[Source], dict[str, Any]]:
+    """The sources of ``data.sources`` (:func:`resolved_sources`) and the identity a checkpoint
+    records; refuses sources that do not fit together in one line."""
     sources, identities = [], []
-    with open_dict(cfg):
-        for spec in cfg.data.sources:
-            spec.dir = _local(str(spec.dir))
-            spec.name = source_name(spec.dir, spec.get("name"))
-            if spec.dir == _local(spec.dir) and not Path(spec.dir).is_dir():
-                raise UserError(f"data.sources: {spec.name}: {spec.dir}: no such directory (run gpt-prepare first)")
-            manifest = load_manifest(spec.dir, RemoteOptions.from_config(cfg.data))  # a dir or URL
-            check_files(manifest)
-            sources.append(Source(str(spec.name), manifest, float(spec.weight)))
-            identities.append(data_identity(manifest))
+    for spec in data.sources:
+        if spec.dir == _local(spec.dir) and not Path(spec.dir).is_dir():
+            raise UserError(f"data.sources: {spec.name}: {spec.dir}: no such directory (run gpt-prepare first)")
+        manifest = load_manifest(spec.dir, RemoteOptions.from_config(as_plain(data)))  # a dir or URL
+        check_files(manifest)
+        sources.append(Source(str(spec.name), manifest, float(spec.weight)))
+        identities.append(data_identity(manifest))
     first, ident = sources[0], identities[0]
     for source, other in zip(sources[1:], identities[1:], strict=True):
         for what, a, b in (
-            ("tokenizer (tokenizer.json)", ident["tokenizer_sha256"], other["tokenizer_sha256"]),
+            ("tokenizer (tokenizer.json)", True, same_tokenizer(ident, other)),
             ("seq_len", first.manifest.seq_len, source.manifest.seq_len),
             ("dtype", first.manifest.dtype, source.manifest.dtype),
         ):
@@ -63,12 +69,12 @@ def open_sources(cfg: DictConfig) -> tuple[list[Source], dict[str, Any]]:
                     f"another {what}{shown}; a mixture's sources share one "
                     f"(gpt-prepare tokenizer=file:{ident['data_dir']})"
                 )
-    if first.manifest.seq_len > cfg.model.seq_len:
+    if first.manifest.seq_len > model_seq_len:
         raise UserError(
             f"data.sources: {first.name} ({ident['data_dir']}) has seq_len={first.manifest.seq_len} > "
-            f"model.seq_len={cfg.model.seq_len}"
+            f"model.seq_len={model_seq_len}"
         )
-    identity = {k: ident[k] for k in ("tokenizer", "vocab_size", "tokenizer_sha256")}
+    identity = {k: ident[k] for k in ("tokenizer", "vocab_size", "tokenizer_sha256", "tokenizer_digests")}
     identity["sources"] = [
         {"name": s.name, "data_dir": i["data_dir"], "data_sha256": i["data_sha256"], "weight": s.weight}
         for s, i in zip(sources, identities, strict=True)
@@ -79,13 +85,13 @@ def open_sources(cfg: DictConfig) -> tuple[list[Source], dict[str, Any]]:
 class DataResume:
     """How the loader state of a checkpoint carries over to the sources in effect (module docstring)."""
 
-    def __init__(self, cfg: DictConfig, state: TrainState, identity: dict[str, Any]):
+    def __init__(self, config: Run, state: TrainState, identity: dict[str, Any]):
         self.step = state.step
         self.events: list[dict[str, Any]] = []
         self.pairs: dict[str, str] = {}  # source in effect -> its name in the checkpoint
         old = state.data_identity or {}
-        run = cfg.run.dir
-        if old.get("tokenizer_sha256", identity["tokenizer_sha256"]) != identity["tokenizer_sha256"]:
+        run = config.run.dir
+        if not same_tokenizer(old, identity):
             raise UserError(
                 f"run.dir={run} was trained with another tokenizer ({old.get('tokenizer', '?')}, vocab "
                 f"{old.get('vocab_size', '?')}) than data.sources ({identity['tokenizer']}, vocab "
@@ -112,7 +118,7 @@ class DataResume:
         added = [s for s in new if s["name"] not in self.pairs]
         removed = [o for o in before if o["name"] not in self.pairs.values()]
         if self.restore and (added or removed):
-            if not cfg.data.get("allow_new", False):
+            if not config.data.allow_new:
                 raise UserError(_refusal(added, removed, before, run))
             self.events.append(
                 {

@@ -16,14 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, open_dict
-
 from conf.errors import UserError
 from parallel.capabilities import distributed_optimizer_in_effect
 from parallel.checkpoint import PREFIX, CheckpointDir, CheckpointException, one_line
 from parallel.engine import Engine, ModelSpec, engine_class
+from parallel.run_config import Run
 from parallel.run_lease import Lease
-from parallel.topology import Topology
 from parallel.train_state import TrainState
 from parallel.watchdog import Watchdog
 from pretrain.tasks import Task
@@ -35,21 +33,23 @@ RUN_FILES = ("metrics.jsonl", "config.yaml", "loss.png", "eval.png", "samples_ra
 
 @dataclass
 class Start:
-    """Where the step loop starts: the engine (state loaded), the step, what the resume did."""
+    """Where the step loop starts: the engine (state loaded), the step, what the resume did, and the run
+    in effect (the distributed optimizer as the resumed checkpoint settles it)."""
 
+    run: Run
     engine: Engine
     step: int
     checkpoint: Path | None  # the step dir resumed from; None: a fresh start or weights only
     events: list[dict[str, Any]] = field(default_factory=list)
 
 
-def prepare_run_dir(cfg: DictConfig, ckpts: CheckpointDir, run_dir: Path, rank0: bool) -> None:
+def prepare_run_dir(config: Run, ckpts: CheckpointDir, run_dir: Path, rank0: bool) -> None:
     """Clear what a killed save left (ours), and honour ``run.restart=true``: the earlier run's
     checkpoints and files move to ``restarted-<time>/`` (nothing is deleted). A relaunch with the
     flag still set (a requeue) resumes the restarted run instead of starting over again."""
     ckpts.remove_stale()
     steps = ckpts.steps()
-    if not cfg.run.get("restart", False) or not steps:
+    if not config.run.restart or not steps:
         return
     try:
         restarted = bool(TrainState.read(steps[0]).config["run"].get("restart", False))
@@ -85,14 +85,14 @@ def load_agreed(ckpts: CheckpointDir, path: Path, engine: Engine) -> tuple[Train
     return state, problem
 
 
-def take_lease(cfg: DictConfig, run_dir: Path, rank0: bool) -> Lease | None:
+def take_lease(config: Run, run_dir: Path, rank0: bool) -> Lease | None:
     """Rank 0 takes ``run.dir``'s lease (one writer per run dir); every rank raises the same one-line
     refusal when it is held by a live run. The other ranks write only their own checkpoint files."""
     import torch.distributed as dist
 
     lease, problem = None, None
     if rank0:
-        lease = Lease(run_dir, float(cfg.run.lease_expiry_s), bool(cfg.run.takeover))
+        lease = Lease(run_dir, config.run.lease_expiry_s, config.run.takeover)
         try:
             note = lease.acquire()
             if note:
@@ -124,28 +124,63 @@ def with_weights(spec: ModelSpec, step_dir: Path) -> ModelSpec:
     return dataclasses.replace(spec, build=build)
 
 
-def resume(
-    cfg: DictConfig, task: Task, topo: Topology, ckpts: CheckpointDir, watchdog: Watchdog, policy: SkipPolicy
-) -> Start:
+def resize_event(config: Run, state: TrainState) -> dict[str, Any] | None:
+    """``{"event": "resize"}`` when the checkpoint was written at another dp with the same tp and pp:
+    the world grew or shrank (an elastic restart, a requeue on fewer nodes). The layout rule: tp and
+    pp stay, dp absorbs the change; the global batch stays (the accumulation changes), so the sample
+    order and the lr schedule go on as if nothing happened. None for the same dp, a tp / pp reshard,
+    or a checkpoint that did not record its layout."""
+    old, topo = state.layout, config.layout
+    if not old or "dp" not in old or old["dp"] == topo.dp or (old.get("tp"), old.get("pp")) != (topo.tp, topo.pp):
+        return None
+    recorded = state.config.get("train", {})  # the checkpoint's run (an older one may lack a key)
+    micro = int(recorded.get("micro_batch", config.train.micro_batch))
+    return {
+        "event": "resize",
+        "dp_from": old["dp"],
+        "dp_to": topo.dp,
+        "world_from": old["dp"] * topo.tp * topo.pp,
+        "world_to": topo.world_size,
+        "tp": topo.tp,
+        "pp": topo.pp,
+        "global_batch": config.train.global_batch,
+        "accumulation_from": int(recorded.get("global_batch", config.train.global_batch)) // (micro * old["dp"]),
+        "accumulation_to": config.micro_batches,
+    }
+
+
+def describe_resize(event: dict[str, Any]) -> str:
+    """The resize in one line (rank 0's console)."""
+    return (
+        f"resize: dp {event['dp_from']} -> {event['dp_to']} (world {event['world_from']} -> {event['world_to']}; "
+        f"tp={event['tp']} pp={event['pp']} kept): global batch {event['global_batch']} kept with "
+        f"{event['accumulation_from']} -> {event['accumulation_to']} micro-batches per rank per step; "
+        "the sample order and the lr schedule go on unchanged"
+    )
+
+
+def resume(config: Run, task: Task, ckpts: CheckpointDir, watchdog: Watchdog, policy: SkipPolicy) -> Start:
     """The engine and task ready at the step the run continues from (0 for a new run)."""
+    topo = config.layout
     rank0 = topo.rank == 0
-    prepare_run_dir(cfg, ckpts, Path(cfg.run.dir), rank0)
+    prepare_run_dir(config, ckpts, Path(config.run.dir), rank0)
     latest, events = ckpts.select()
     saved = TrainState.read(latest) if latest is not None else None
     weights = latest if saved is not None and saved.weights_only else None  # e.g. gpt-import's step_0
     restore_data = True
     if saved is not None:
-        check_resume(cfg, saved, latest)
-        restore_data = task.check_resume(cfg, saved, latest)
-    with open_dict(cfg):
-        cfg.parallel.distributed_optimizer = distributed_optimizer_in_effect(cfg, topo.dp, None if weights else saved)
+        check_resume(config, saved, latest)
+        restore_data = task.check_resume(config, saved, latest)
+    config = config.with_distributed_optimizer(
+        distributed_optimizer_in_effect(config, topo.dp, None if weights else saved)
+    )
 
     def build(resuming: bool) -> Engine:
-        spec = task.model_spec(cfg, resuming=resuming)
-        return engine_class(str(cfg.parallel.engine))(cfg, topo, with_weights(spec, weights) if weights else spec)
+        spec = task.model_spec(config, resuming=resuming)
+        return engine_class(config.parallel.engine)(config, topo, with_weights(spec, weights) if weights else spec)
 
     engine = build(resuming=saved is not None)
-    task.start(cfg, topo)
+    task.start(config, topo)
     if weights is not None:  # a fresh optimizer, schedule and data order from these weights
         events.append({"event": "init_weights", "checkpoint": str(weights), "from": saved.converted_from})
         if rank0:
@@ -154,7 +189,7 @@ def resume(
                 f"step {saved.step}: new optimizer state and data order",
                 flush=True,
             )
-        return Start(engine, saved.step, None, events)
+        return Start(config, engine, saved.step, None, events)
     state = None
     while latest is not None:
         with watchdog.watch("checkpoint load", 0):
@@ -170,19 +205,24 @@ def resume(
     if state is None:
         if saved is not None:  # no checkpoint could be loaded: start fresh
             engine = build(resuming=False)
-        return Start(engine, 0, None, events)
+        return Start(config, engine, 0, None, events)
     if restore_data:
         task.load_state_dict(state.data)
         events += task.resume_events()  # e.g. a mixture's new weights
     else:
-        events.append({"event": "new_data", "data_dir": cfg.data.dir, "was": state.data_identity})
+        events.append({"event": "new_data", "data_dir": config.data.dir, "was": state.data_identity})
     policy.load_state_dict(state.skip_policy)
-    events += config_changes(cfg, state)
+    events += config_changes(config, state)
+    resized = resize_event(config, state)
+    if resized is not None:
+        events.append(resized)
     if rank0:
         print(f"resumed from {latest} at step {state.step}", flush=True)
+        if resized is not None:
+            print(describe_resize(resized), flush=True)
         for event in events:
             if event["event"] == "config_change":
                 print(f"resume: {event['key']} {event['old']} -> {event['new']} (the config in effect wins)")
             elif event["event"] == "new_data":
-                print(f"resume: data.allow_new=true: continuing on the new shard set {cfg.data.dir}")
-    return Start(engine, state.step, latest, events)
+                print(f"resume: data.allow_new=true: continuing on the new shard set {config.data.dir}")
+    return Start(config, engine, state.step, latest, events)

@@ -139,11 +139,10 @@ def test_every_numeric_plan_key_is_checked(override: str, capsys: pytest.Capture
 
 def test_a_tokenizer_that_does_not_match_its_manifest_is_refused(char_shards: Path, tmp_path: Path) -> None:
     """A valid tokenizer.json replaced after gpt-prepare (fewer characters) is no tokenizer of those shards."""
-    from data.tokenizer import check_saved_tokenizer
+    from data.tokenizer import CharTokenizer, check_saved_tokenizer, load_tokenizer
 
     manifest = json.loads((char_shards / "manifest.json").read_text())
     check_saved_tokenizer(char_shards, manifest["vocab_size"], manifest["eot_id"])  # the prepared one passes
-    payload = json.loads((char_shards / "tokenizer.json").read_text())
-    (tmp_path / "tokenizer.json").write_text(json.dumps({**payload, "chars": payload["chars"][:-1]}))
+    CharTokenizer(load_tokenizer(char_shards).chars[:-1]).save(tmp_path)
     with pytest.raises(UserError, match=r"tokenizer.json: vocab 66, .* manifest.json says vocab 67"):
         check_saved_tokenizer(tmp_path, manifest["vocab_size"], manifest["eot_id"])

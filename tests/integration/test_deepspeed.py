@@ -10,7 +10,7 @@ import pytest
 
 from conf.cli import compose
 from conf.errors import UserError
-from parallel.topology import Topology
+from parallel.run_config import Run
 from tests.conftest import run_cli
 from tests.distributed import losses, torchrun
 from tests.integration.test_parallel import COMMON, MODERN, STEPS, common, resume
@@ -129,7 +129,7 @@ def test_resuming_with_the_other_engine_is_refused(ds_runs, char_shards: Path, t
 def test_unsupported_deepspeed_combinations_are_rejected(overrides: list[str], world: int, message: str) -> None:
     cfg = compose(["data.dir=unused", "train.global_batch=8", "train.micro_batch=1", *overrides])
     with pytest.raises(UserError, match=message):
-        Topology.from_config(cfg, world_size=world, rank=0)
+        Run.from_config(cfg, world_size=world, rank=0)  # validation, then the layout's checks
 
 
 LOGITS_DIFF = """

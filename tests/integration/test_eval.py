@@ -59,6 +59,8 @@ def test_gpt_eval_few_shot_and_perplexity_offline(trained_runs, tmp_path: Path) 
             env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
         )
         assert result.returncode == 0, result.stderr[-3000:]
+        assert "aggregation is not" not in result.stdout + result.stderr  # the bundled tasks define theirs
+        assert "higher_is_better is not" not in result.stdout + result.stderr
         for file in (
             "results.json",
             "results_k0.json",
@@ -69,6 +71,8 @@ def test_gpt_eval_few_shot_and_perplexity_offline(trained_runs, tmp_path: Path) 
         ):
             assert (run_dir / file).is_file(), file
         results[name] = {k: json.loads((run_dir / f"results_k{k}.json").read_text())["results"] for k in (0, 1, 5)}
+        counts = json.loads((run_dir / "results.json").read_text())["n-samples"]
+        assert {task: count["effective"] for task, count in counts.items()} == {"sentiment": 60, "perplexity": 60}
         assert json.loads((run_dir / "results.json").read_text())["results"]["sentiment"]["acc,none"] >= 0
         assert set(results[name][0]) == {"sentiment", "perplexity"} and set(results[name][5]) == {"sentiment"}
         assert results[name][0]["perplexity"]["byte_perplexity,none"] > 1.0
@@ -186,10 +190,9 @@ def test_in_loop_eval_equals_gpt_eval_and_survives_a_failing_task(char_shards: P
     """At tp=2 x pp=2 (one 4-rank run: cheaper than a tp=2 and a pp=2 run) the in-loop metrics of the
     last step are gpt-eval's on that step's checkpoint; a task that raises is one warning per
     evaluation and training goes on."""
-    from omegaconf import OmegaConf
-
+    from conf.groups import PerplexityEvalConfig, SentimentEvalConfig
+    from conf.tool_schemas import EvalRoot, EvalRunConfig, EvalTaskFiles
     from pretrain.evaluate import run_lm_eval
-    from tests.conftest import REPO
     from tests.distributed import torchrun
 
     text, reviews, broken = in_loop_inputs(tmp_path)
@@ -207,11 +210,14 @@ def test_in_loop_eval_equals_gpt_eval_and_survives_a_failing_task(char_shards: P
     assert sorted(evals) == [2, 4] and all(r["eval_failures"] == 1 and r["eval_time_s"] > 0 for r in evals.values())
     assert (run_dir / "eval.png").is_file() and (run_dir / "loss.png").is_file()
 
-    cfg = OmegaConf.load(REPO / "conf" / "eval.yaml")
-    cfg.pop("defaults")
-    cfg.checkpoint, cfg.run.dir = str(run_dir / "checkpoints" / "step_4"), str(tmp_path / "gpt-eval")
-    cfg.tasks, cfg.num_fewshot = ["perplexity", "sentiment"], 0
-    cfg.eval.perplexity.path, cfg.eval.sentiment.path = str(text), str(reviews)
+    files = EvalTaskFiles(sentiment=SentimentEvalConfig(path=str(reviews)), perplexity=PerplexityEvalConfig(str(text)))
+    cfg = EvalRoot(
+        checkpoint=str(run_dir / "checkpoints" / "step_4"),
+        run=EvalRunConfig(str(tmp_path / "gpt-eval")),
+        tasks=["perplexity", "sentiment"],
+        num_fewshot=0,
+        eval=files,
+    )
     want = run_lm_eval(cfg)[0]["results"]
     compared = 0
     for task, metrics in want.items():
@@ -252,3 +258,86 @@ def test_in_loop_eval_config_errors_before_training(char_shards: Path, tmp_path:
     validate(cfg)
     with pytest.raises(UserError, match="none.jsonl: no such file"):  # the task files, read at the task's start
         InLoopEval.from_config(cfg, char_shards)
+
+
+def test_limit_samples_documents_across_the_split_seeded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``limit=N``: N documents drawn (seeded) from the whole split and handed to lm-eval as its
+    ``samples=``, which evaluates exactly those; lm-eval's own ``limit`` takes the first N, which in a
+    file sorted by label are all one class."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    from conf.tool_schemas import EvalRoot, EvalRunConfig
+    from pretrain.eval.samples import sample_documents
+    from pretrain.evaluate import sentiment_task
+
+    rows = sorted((json.loads(line) for line in VALIDATION.read_text().splitlines()[:200]), key=lambda r: r["label"])
+    sorted_file = tmp_path / "sorted.jsonl"
+    sorted_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    cfg = EvalRoot(checkpoint="unused", run=EvalRunConfig(str(tmp_path)))
+    cfg.eval.sentiment.path = str(sorted_file)
+    count = sentiment_task(cfg, tmp_path)
+    indices = sample_documents(count, 20, seed=1234)
+    assert indices == sample_documents(count, 20, seed=1234) and indices != sample_documents(count, 20, seed=7)
+    assert len(set(indices)) == 20 and indices == sorted(indices)
+    assert min(indices) < count // 4 and max(indices) >= 3 * count // 4  # spread over the split
+    assert sample_documents(count, count, seed=1234) is None and sample_documents(count, None, seed=1) is None
+
+    task = get_task_dict(["sentiment"], TaskManager(include_path=str(tmp_path), include_defaults=False))["sentiment"]
+    sampled = [doc for _, doc in task.doc_iterator(samples=indices)]
+    assert [doc["text"] for doc in sampled] == [rows[i]["text"] for i in indices]
+    assert {doc["label"] for doc in sampled} == {row["label"] for row in rows}  # both classes
+    assert {doc["label"] for _, doc in task.doc_iterator(limit=20)} == {rows[0]["label"]}  # lm-eval's limit
+
+
+def test_gpt_eval_refuses_a_misspelt_key_or_a_wrong_type_in_one_line(tmp_path: Path) -> None:
+    """Refused while composing, against gpt-eval's own schema (its ``eval`` and ``run`` are not
+    gpt-pretrain's), before any checkpoint is read."""
+    base = [f"checkpoint={tmp_path}/none", f"run.dir={tmp_path}/run"]
+    for arg, line in (
+        ("eval.sentiment.pth=x.jsonl", "eval.sentiment.pth: unknown key (did you mean eval.sentiment.path?)"),
+        ("eval.limit=3", "eval.limit: unknown key (eval has: classifier, perplexity, sentiment)"),
+        ("limt=3", "limt: unknown key (did you mean limit?)"),
+        ("limit=abc", "limit=abc: expected an integer (or null)"),
+        ("limit=0", "limit=0: must be >= 1"),
+    ):
+        assert one_line_error(run_cli("pretrain.evaluate", *base, arg), 2) == f"error: {line}"
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_gpt_eval_on_a_finetuned_run_evaluates_its_classifier_head(trained_runs, tmp_path: Path) -> None:  # noqa: ANN001
+    """A gpt-finetune run is evaluated by its head (by default on the run's task.test): the accuracy
+    gpt-finetune reported, and the majority-class rate beside it; with LM tasks, its body is scored
+    too. A pretrained checkpoint asked for a classifier: one line naming the command that makes one."""
+    from tests.integration.test_finetune import finetune, mislabelled, synthetic, write_jsonl
+
+    rows = synthetic("classification", 64, 3)
+    train, val = write_jsonl(tmp_path / "train.jsonl", rows), write_jsonl(tmp_path / "val.jsonl", rows[:16])
+    test = write_jsonl(tmp_path / "test.jsonl", rows[16:20] + mislabelled(rows[20:28]))  # a third labelled right
+    run = tmp_path / "ft"
+    tuned = finetune(trained_runs["tp1"], "classification", train, val, run, "train.max_steps=4", f"task.test={test}")
+    assert tuned.returncode == 0, tuned.stderr[-3000:]
+    reported = json.loads((run / "results.json").read_text())
+
+    result = run_cli("pretrain.evaluate", f"checkpoint={run}", f"run.dir={tmp_path / 'ev'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    head = json.loads((tmp_path / "ev" / "results.json").read_text())["results"]["classifier"]
+    assert head["path"] == str(test) and head["examples"] == 12
+    assert head["acc,none"] == pytest.approx(reported["test_acc"], abs=1e-9)
+    labels = [row["label"] for row in json.loads(f"[{','.join(test.read_text().splitlines())}]")]
+    assert head["majority_rate,none"] == pytest.approx(max(labels.count(x) for x in set(labels)) / 12)
+
+    text = tmp_path / "small.txt"
+    text.write_text("\n\n".join(TINYSHAKESPEARE.read_text().split("\n\n")[:3]) + "\n")
+    args = ["tasks=[classifier,perplexity]", f"eval.classifier.path={val}", f"eval.perplexity.path={text}"]
+    result = run_cli("pretrain.evaluate", f"checkpoint={run}", f"run.dir={tmp_path / 'ev2'}", "num_fewshot=0", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    both = json.loads((tmp_path / "ev2" / "results.json").read_text())["results"]
+    assert both["classifier"]["acc,none"] == pytest.approx(reported["val_acc"], abs=1e-9)
+    assert both["classifier"]["majority_rate,none"] == 0.5 and both["perplexity"]["bits_per_byte,none"] > 0
+
+    pretrained = [f"checkpoint={trained_runs['tp1']}", f"run.dir={tmp_path / 'ev3'}"]
+    refused = run_cli("pretrain.evaluate", *pretrained, "tasks=[classifier]")
+    assert "has no classifier head" in one_line_error(refused, 2) and "gpt-finetune init.checkpoint=" in refused.stderr

@@ -7,6 +7,7 @@ mapping supports (GPT-2 tied/untied, Llama with GQA or MHA, biases, tied or unti
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 
 from conf.cli import compose
 from conf.errors import UserError
-from tests.conftest import one_line_error, run_cli
+from tests.conftest import TINYSHAKESPEARE, one_line_error, run_cli
 
 
 def exported(run_dir: Path, out: Path) -> Path:
@@ -63,10 +64,32 @@ def test_exported_logits_and_greedy_generation_match(
     )
     assert cli.returncode == 0, cli.stderr[-2000:]
     assert cli.stdout == hf_text + "\n"  # print() adds the last newline
-    if name == "bpe":
-        from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # char (tp1, tp2) and BPE alike: the tokenizer loads and matches
 
-        assert AutoTokenizer.from_pretrained(out).encode(prompt) == prompt_ids
+    tokenizer, text = AutoTokenizer.from_pretrained(out), TINYSHAKESPEARE.read_text()[:2000]
+    assert tokenizer.encode(text) == ours.tokenizer.encode(text) and tokenizer.decode(tokenizer.encode(text)) == text
+    assert tokenizer.eos_token_id == ours.tokenizer.eot_id
+    assert json.loads((out / "tokenizer.json").read_text())["model"]["type"] == "BPE"  # the tokenizers format
+    step = json.loads((trained_runs[name] / "checkpoints" / "step_40" / "tokenizer.json").read_text())
+    assert "model" in step and "kind" not in step  # the checkpoint's copy too
+
+
+@pytest.mark.parametrize(
+    ("module", "args", "line"),
+    [
+        ("pretrain.generate", ["tempreature=1"], "tempreature: unknown key (did you mean temperature?)"),
+        ("pretrain.generate", ["top_k=many"], "top_k=many: expected an integer (or null)"),
+        ("pretrain.export", ["out=OUT", "ovewrite=true"], "ovewrite: unknown key (did you mean overwrite?)"),
+        ("pretrain.export", ["out=OUT", "overwrite=maybe"], "overwrite=maybe: expected true or false"),
+    ],
+)
+def test_generate_and_export_refuse_a_misspelt_key_in_one_line(
+    module: str, args: list[str], line: str, tmp_path: Path
+) -> None:
+    """Composed on their schemas (conf/tool_schemas.py): one error line, exit 2, nothing read or written."""
+    args = [arg.replace("OUT", str(tmp_path / "out")) for arg in args]
+    assert one_line_error(run_cli(module, f"checkpoint={tmp_path}/none", *args), 2) == f"error: {line}"
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

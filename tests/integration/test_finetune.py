@@ -224,20 +224,16 @@ HEAD = "finetune_head."
 
 
 def finetune_task(init: Path, train: Path, run_dir: Path, *extra: str):  # noqa: ANN201
-    """(config in effect, FinetuneTask) as gpt-finetune makes them, in this process."""
-    from omegaconf import open_dict
-
+    """(the run, FinetuneTask) as gpt-finetune makes them, in this process."""
     from conf.cli import compose
     from conf.schema import validate
+    from parallel.run_config import Groups, Run
     from pretrain.tasks.finetune import FinetuneTask
 
     args = [f"init.checkpoint={init}", f"task.train={train}", f"task.validation={train}", f"run.dir={run_dir}"]
-    cfg = compose([*args, *FAST, *extra], config_name="finetune")
-    validate(cfg)
-    task = FinetuneTask(cfg)
-    with open_dict(cfg):
-        task.configure(cfg)
-    return cfg, task
+    groups = Groups(validate(compose([*args, *FAST, *extra], config_name="finetune")))
+    task = FinetuneTask(groups)
+    return Run.build({**groups.as_dict(), **task.configure(groups)}, world_size=1, rank=0), task
 
 
 def built(init: Path, train: Path, run_dir: Path, *extra: str) -> dict:
@@ -245,10 +241,9 @@ def built(init: Path, train: Path, run_dir: Path, *extra: str) -> dict:
     (one process: the whole model), with the model itself under ``None``."""
     from parallel import cpu_compat
     from parallel.engine import layout_config
-    from parallel.topology import Topology
 
     cfg, task = finetune_task(init, train, run_dir, *extra)
-    topo = Topology.from_config(cfg, world_size=1, rank=0)
+    topo = cfg.layout
     topo.init(seed=1)
     spec = task.model_spec(cfg, resuming=False)
     with cpu_compat.tensors_pass_as_cuda():

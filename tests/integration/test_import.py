@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, SHARED_DATA, TINYSHAKESPEARE, run_cli
+from tests.conftest import REPO, SHARED_DATA, TINYSHAKESPEARE, one_line_error, run_cli
 
 SOURCES = {  # architecture: (transformers config, tokenizer vocabulary, end-of-text token)
     "gpt2": (
@@ -228,17 +228,18 @@ def test_unsupported_sources_and_outputs_are_refused_in_one_line(tmp_path: Path)
         if tokenizer:
             (source / "tokenizer.json").write_text("{}")
         result = gpt_import(f"source={source}", f"out={tmp_path / 'out'}")
-        lines = result.stderr.strip().splitlines()
-        assert result.returncode == 2 and len(lines) == 1 and message in lines[0], (case, result.stderr[-2000:])
+        assert message in one_line_error(result, 2), case  # the whole of stderr, not its last line
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")
     for args, message in (
         ([f"out={tmp_path / 'taken'}"], "holds files gpt-import did not write (notes.txt)"),
-        ([f"out={tmp_path / 'out'}", "ovewrite=true"], "ovewrite: unknown key"),
+        ([f"out={tmp_path / 'out'}", "ovewrite=true"], "ovewrite: unknown key (did you mean overwrite?)"),
+        ([f"out={tmp_path / 'out'}", "seq_len=long"], "seq_len=long: expected an integer (or null)"),
+        ([f"out={tmp_path / 'out'}", "seq_len=0"], "seq_len=0: must be >= 1"),
+        ([f"out={tmp_path / 'out'}", "name=../x"], "name=../x: must be a plain preset name"),
     ):
         result = gpt_import(f"source={tmp_path / 'rope'}", *args)
-        lines = result.stderr.strip().splitlines()
-        assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+        assert message in one_line_error(result, 2)
     assert not (tmp_path / "out").exists() and (tmp_path / "taken" / "notes.txt").read_text() == "mine"
 
 

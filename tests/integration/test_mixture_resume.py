@@ -43,12 +43,12 @@ def expected_batches(sources: str, steps: int, changed_at: int, weights: list[st
     from conf.cli import compose
     from data.mixture import MixtureLoader
     from data.stream import Layout
-    from pretrain.trainer.source_changes import open_sources
+    from tests.conftest import opened_sources
 
     out: dict[int, set] = {}
     state = None
     for overrides, span in (([], range(1, changed_at + 1)), (weights, range(changed_at + 1, steps + 1))):
-        mixture, _ = open_sources(compose([sources, "run.dir=/nonexistent", *overrides]))
+        mixture, _ = opened_sources(compose([sources, "run.dir=/nonexistent", *overrides]))
         loader = MixtureLoader(mixture, Layout(8, 8), 1337, 12)
         if state is not None:
             loader.load_state_dict(state)

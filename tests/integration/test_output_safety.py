@@ -232,11 +232,14 @@ def test_eval_refuses_before_any_work(tmp_path: Path, override: str | None, mess
 
 
 def test_generate_checks_its_arguments_before_the_checkpoint(tmp_path: Path) -> None:
-    from pretrain.generate import sampling_args
+    from conf.tool_schemas import GenerateRoot, typed
 
     line = _one_error_line(run_cli("pretrain.generate", f"checkpoint={tmp_path}/none", "max_new_tokens=-5"))
-    assert line == "error: max_new_tokens=-5: must be at least 1"
-    for override, message in (("temperature=-1", "temperature=-1"), ("top_k=-3", "top_k=-3"), ("seed=x", "seed=x")):
+    assert line == "error: max_new_tokens=-5: must be >= 1"
+    for override, message in (("temperature=-1", "temperature=-1"), ("top_k=-3", "top_k=-3")):
         with pytest.raises(UserError, match=message):
-            sampling_args(compose(["checkpoint=x", override], "generate"))
-    assert sampling_args(compose(["checkpoint=x", "top_k=0", "temperature=0"], "generate")) == (200, 0.0, None, 0)
+            typed(compose(["checkpoint=x", override], "generate"), GenerateRoot)
+    with pytest.raises(UserError, match="seed=x: expected an integer"):  # a config built in Python: the same check
+        typed({"checkpoint": "x", "seed": "x"}, GenerateRoot)
+    config = typed(compose(["checkpoint=x", "top_k=0", "temperature=0"], "generate"), GenerateRoot)
+    assert (config.max_new_tokens, config.temperature, config.top_k, config.seed) == (200, 0.0, 0, 0)

@@ -10,7 +10,7 @@ import pytest
 
 from conf.cli import compose
 from conf.errors import UserError
-from parallel.topology import Topology
+from parallel.run_config import Run
 from tests.conftest import prepare_cfg, run_cli
 from tests.distributed import layout_args, losses, torchrun
 
@@ -217,7 +217,7 @@ def test_invalid_layouts_are_rejected_before_any_process_group(overrides: list[s
 
     cfg = compose(["data.dir=unused", "train.global_batch=60", "train.micro_batch=1", *overrides])
     with pytest.raises(UserError, match=message.replace("*", r"\*")):
-        Topology.from_config(cfg, world_size=world, rank=0)
+        Run.from_config(cfg, world_size=world, rank=0)  # validation, then the layout's checks
     assert not dist.is_initialized()
 
 

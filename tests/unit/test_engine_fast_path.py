@@ -19,14 +19,16 @@ def _fused_flags(engine) -> list[tuple[bool, bool]]:  # noqa: ANN001
 
 
 def test_fused_adamw_survives_a_checkpoint_load(tmp_path: Path) -> None:
+    from parallel.run_config import Run
     from parallel.topology import Topology
     from pretrain.tasks.lm import build_engine
 
     cfg = compose(["model=tiny", "data.dir=unused", "train.lr=1e-3", "train.warmup_steps=0"])
-    topo = Topology.from_config(cfg, world_size=1, rank=0)
+    run = Run.from_config(cfg, world_size=1, rank=0)
+    topo = run.layout
     topo.init(seed=1)
     try:
-        engine = build_engine(cfg, topo, 67)
+        engine = build_engine(run, 67)
         assert _fused_flags(engine) == [(True, False), (True, False)]
         tokens = torch.randint(0, 67, (4, 65))
         batch = {"tokens": tokens, "mask": torch.ones(4, 64)}
@@ -56,16 +58,18 @@ def test_foreach_grad_norm_equals_the_total_l2_norm() -> None:
 
 
 def test_lr_mult_scales_the_matching_param_group() -> None:
+    from parallel.run_config import Run
     from parallel.topology import Topology
     from pretrain.tasks.lm import build_engine
 
     overrides = ["model=tiny", "data.dir=unused", "train.lr=1e-3", "train.warmup_steps=0", "train.lr_schedule=constant"]
     cfg = compose(overrides)
     cfg.train.lr_mult = {"*word_embeddings.*": 10.0}
-    topo = Topology.from_config(cfg, world_size=1, rank=0)
+    run = Run.from_config(cfg, world_size=1, rank=0)
+    topo = run.layout
     topo.init(seed=1)
     try:
-        engine = build_engine(cfg, topo, 67)
+        engine = build_engine(run, 67)
         engine.train_step([{"tokens": torch.randint(0, 67, (4, 65)), "mask": torch.ones(4, 64)}])
         embedding = engine.model[0].module.embedding.word_embeddings.weight
         groups = engine.optimizer.chained_optimizers[0].optimizer.param_groups
@@ -75,7 +79,7 @@ def test_lr_mult_scales_the_matching_param_group() -> None:
         assert sorted({g["weight_decay"] for g in groups}) == [0.0, 0.1]
         cfg.train.lr_mult = {"*": 0.0}
         with pytest.raises(UserError, match=r"train.lr_mult.\*=0.0"):
-            build_engine(cfg, topo, 67)
+            build_engine(Run.from_config(cfg, world_size=1, rank=0), 67)
         cfg.parallel.engine = "deepspeed"
         with pytest.raises(UserError, match="train.lr_mult: .* parallel.engine=megatron"):
             Topology.from_config(cfg, world_size=1, rank=0)
@@ -87,6 +91,7 @@ def test_head_lr_mult_reaches_the_finetuning_head() -> None:
     import dataclasses
 
     from parallel.megatron_engine import MegatronEngine
+    from parallel.run_config import Run
     from parallel.topology import Topology
     from pretrain.tasks.finetune import HEAD_PARAMS
     from pretrain.tasks.finetune_head import FinetuneGPT
@@ -94,15 +99,15 @@ def test_head_lr_mult_reaches_the_finetuning_head() -> None:
 
     cfg = compose(["model=tiny", "data.dir=unused", "train.lr=1e-3", "train.warmup_steps=0"])
     cfg.train.lr_mult = {HEAD_PARAMS: 30.0}
-    topo = Topology.from_config(cfg, world_size=1, rank=0)
+    run = Run.from_config(cfg, world_size=1, rank=0)
+    topo = run.layout
     topo.init(seed=1)
     try:
-        cfg.parallel.distributed_optimizer = False
-        spec = lm_model_spec(cfg.model, 67, 1)
+        spec = lm_model_spec(run.model, 67, 1)
         wrapped = dataclasses.replace(
             spec, build=lambda config, vp: FinetuneGPT(spec.build(config, vp), "classification", 2, 0.1, 1)
         )
-        engine = MegatronEngine(cfg, topo, wrapped)
+        engine = MegatronEngine(run, topo, wrapped)
         head = set(map(id, engine.model[0].module.finetune_head.parameters()))
         groups = engine.optimizer.chained_optimizers[0].optimizer.param_groups
         by_lr: dict[float, set[int]] = {}

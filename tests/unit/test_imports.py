@@ -26,6 +26,7 @@ COMMANDS = (
     "pretrain.export",
     "pretrain.hf_import",
     "pretrain.plan",
+    "pretrain.goodput",
 )
 
 
@@ -170,3 +171,51 @@ def test_pretrain_top_level_holds_only_the_commands() -> None:
     assert top == commands, sorted(top ^ commands)
     rooms = {p.name for p in (REPO / "pretrain").iterdir() if (p / "__init__.py").exists()}
     assert rooms == {"model", "tasks", "trainer", "eval", "interop"}, rooms
+
+
+RUNTIME = ("pretrain/trainer", "pretrain/tasks", "pretrain/model", "pretrain/eval", "pretrain/interop", "parallel")
+# the two places that take a composed config and validate it (the Run is built there)
+DOORS = {"pretrain/trainer/process.py", "pretrain/trainer/preflight.py"}
+CONFIG_NAMES = {"cfg", "config", "par", "train", "model", "data", "ev", "hw", "logging", "finetune", "parallel"}
+
+
+def _chain(node: ast.AST) -> list[str]:
+    """``self.config.train`` -> ['self', 'config', 'train']."""
+    names: list[str] = []
+    while isinstance(node, ast.Attribute):
+        names.insert(0, node.attr)
+        node = node.value
+    return [node.id, *names] if isinstance(node, ast.Name) else names
+
+
+def test_nothing_after_validation_reads_a_raw_config_or_repeats_a_default() -> None:
+    """The Run is the config after the door: no ``DictConfig`` in the runtime modules, and no
+    ``cfg.train.get(key, default)`` (a default repeated beside the dataclass's)."""
+    wrong = []
+    for room in RUNTIME:
+        for path in sorted((REPO / room).rglob("*.py")):
+            rel = str(path.relative_to(REPO))
+            text = path.read_text()
+            if rel not in DOORS and ("DictConfig" in text.replace("``DictConfig``", "") or "open_dict" in text):
+                wrong.append(f"{rel}: uses DictConfig / open_dict")
+            for node in ast.walk(ast.parse(text)) if rel not in DOORS else ():
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get":
+                    chain = _chain(node.func.value)
+                    if chain and chain[0] in CONFIG_NAMES | {"self"} and set(chain) & CONFIG_NAMES:
+                        wrong.append(f"{rel}:{node.lineno}: {'.'.join(chain)}.get(...)")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_run_is_frozen() -> None:
+    import dataclasses
+
+    from conf.cli import compose
+    from parallel.run_config import Run
+
+    run = Run.from_config(compose(["data.dir=unused", "train.warmup_fraction=0.1", "train.max_steps=50"]), 1, 0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        run.train.lr = 1.0  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        run.micro_batches = 3  # type: ignore[misc]
+    assert run.train.warmup_steps == 5 and run.micro_batches == 1 and run.distributed_optimizer is False
+    assert run.to_dict()["train"]["warmup_steps"] == 5

@@ -16,7 +16,8 @@ from data.shards import load_manifest
 from data.stream import GlobalOrder, Layout, TrainLoader
 from parallel.train_state import TrainState
 from pretrain.trainer.resume_checks import data_identity
-from pretrain.trainer.source_changes import DataResume, open_sources
+from pretrain.trainer.source_changes import DataResume
+from tests.conftest import opened_sources, run_of
 
 K = 12
 SEED = 7
@@ -163,17 +164,17 @@ def test_one_source_runs_continue_in_a_mixture_and_back(char_shards: Path, small
         next(single)  # 10 steps
     before = TrainState(step=10, config={}, vocab_size=67, data=single.state_dict(), data_identity=data_identity(web))
     cfg = mixture_cfg((char_shards, 0.5, "web"), (small_char_shards, 0.5, "books"))
-    sources, identity = open_sources(cfg)
+    sources, identity = opened_sources(cfg)
     with pytest.raises(UserError, match=r"books \(.*\) is not a source of the run .* data.allow_new=true to add it"):
-        DataResume(cfg, before, identity)
+        DataResume(run_of(cfg), before, identity)
     cfg.data.allow_new = True
-    resume = DataResume(cfg, before, identity)
+    resume = DataResume(run_of(cfg), before, identity)
     assert resume.pairs == {"web": "ts"} and resume.events[0]["added"] == ["books"]
     seen, state, _ = run(sources, 2, 20, state=resume.loader_state(before.data, mixture=True))
     ids = [i for s, i in seen if s == 0]
     assert ids == own_order(web, 80 + len(ids))[80:]  # web goes on where the one-source run stopped
     after = TrainState(step=30, config={}, vocab_size=67, data=state, data_identity=identity)
-    back = DataResume(cfg, after, data_identity(web))  # data.dir again (books dropped: allow_new)
+    back = DataResume(run_of(cfg), after, data_identity(web))  # data.dir again (books dropped: allow_new)
     single = TrainLoader(web, Layout(8, 8), SEED, K)
     single.load_state_dict(back.loader_state(state, mixture=False))
     assert next(single)["ids"].tolist() == own_order(web, 80 + len(ids) + 8)[-8:]
@@ -181,13 +182,13 @@ def test_one_source_runs_continue_in_a_mixture_and_back(char_shards: Path, small
 
 def test_sources_must_share_a_tokenizer(char_shards: Path, tmp_path: Path) -> None:
     from data.prepare import prepare
-    from tests.conftest import TINYSHAKESPEARE, prepare_cfg
+    from tests.conftest import TINYSHAKESPEARE, opened_sources, prepare_cfg
 
     text = tmp_path / "t.txt"
     text.write_text(TINYSHAKESPEARE.read_text()[:5000])
     other = prepare(prepare_cfg(input=str(text), out=str(tmp_path / "byte"), tokenizer="byte", seq_len=64))
     with pytest.raises(UserError, match=r"data.sources: byte \(.*byte\) and web \(.*\) have another tokenizer"):
-        open_sources(mixture_cfg((char_shards, 1, "web"), (other, 1, "byte")))
+        opened_sources(mixture_cfg((char_shards, 1, "web"), (other, 1, "byte")))
 
 
 def test_each_rank_reads_only_its_streams_shards(

@@ -20,6 +20,7 @@ from parallel.plan import chunks, estimate_memory
 from parallel.plan.census import AtOptimizerStep, SavedTensors, megatron_census
 from parallel.plan.memory import stage_saved_peak
 from parallel.plan.params import Shape
+from parallel.run_config import Run
 from parallel.topology import Topology
 from tests.conftest import REPO
 from tests.distributed import free_port
@@ -29,7 +30,8 @@ VOCAB = 65
 
 @pytest.fixture(scope="module")
 def single_process():  # noqa: ANN201
-    topo = Topology.from_config(compose(["model=tiny", "data.dir=unused"]), world_size=1, rank=0)
+    run = Run.from_config(compose(["model=tiny", "data.dir=unused"]), world_size=1, rank=0)
+    topo = run.layout
     topo.init(seed=1)
     yield topo
     Topology.destroy()
@@ -38,7 +40,7 @@ def single_process():  # noqa: ANN201
 def built(overrides: list[str]) -> tuple[object, torch.nn.Module]:
     from pretrain.model import build_gpt, transformer_config
 
-    cfg = compose(["data.dir=unused", *overrides])
+    cfg = Run.from_config(compose(["data.dir=unused", *overrides]), world_size=1, rank=0)
     return cfg, build_gpt(cfg.model, VOCAB, transformer_config(cfg.model))
 
 
@@ -87,8 +89,9 @@ def test_model_states_are_the_census_of_a_single_process_engine(single_process) 
     """Parameters, gradient buffer and Adam state of a real megatron engine after a step (exact)."""
     from pretrain.tasks.lm import build_engine
 
-    cfg = compose(["model=tiny", "data.dir=unused", "train.micro_batch=2", "train.global_batch=2"])
-    engine = build_engine(cfg, single_process, VOCAB)
+    overrides = ["model=tiny", "data.dir=unused", "train.micro_batch=2", "train.global_batch=2"]
+    cfg = Run.from_config(compose(overrides), 1, 0)
+    engine = build_engine(cfg, VOCAB)
     batch = [{"tokens": torch.randint(0, VOCAB, (2, 65)), "mask": torch.ones(2, 64)}]
     probe = AtOptimizerStep(lambda: megatron_census(engine))
     with probe.installed():

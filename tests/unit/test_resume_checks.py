@@ -17,6 +17,7 @@ from conf.errors import UserError
 from parallel.train_state import TrainState
 from pretrain.trainer.resume_checks import check_resume, config_changes
 from pretrain.trainer.skip_policy import MIN_HISTORY, SkipPolicy
+from tests.conftest import run_of
 
 
 def saved_state(cfg: object, engine: str = "megatron") -> TrainState:
@@ -29,20 +30,20 @@ def test_a_zero_stage_change_at_resume_is_refused_naming_the_stage(tmp_path: Pat
     base = ["data.dir=unused", f"run.dir={tmp_path}"]
     zero1, zero2 = compose([*base, "parallel=zero1"]), compose([*base, "parallel=zero2"])
     state, step_dir = saved_state(zero1, engine="deepspeed"), tmp_path / "checkpoints" / "step_4"
-    check_resume(zero1, state, step_dir)  # the same stage resumes
+    check_resume(run_of(zero1), state, step_dir)  # the same stage resumes
     line = f"run.dir={tmp_path} holds a parallel.zero_stage=1 checkpoint; resume it with that stage"
     with pytest.raises(UserError, match=re.escape(line)):
-        check_resume(zero2, state, step_dir)
-    check_resume(zero2, dataclasses.replace(state, weights_only=True), step_dir)  # weights only: any stage
+        check_resume(run_of(zero2), state, step_dir)
+    check_resume(run_of(zero2), dataclasses.replace(state, weights_only=True), step_dir)  # weights only: any stage
 
 
 def test_betas_weight_decay_and_grad_clip_changes_at_resume_are_reported(tmp_path: Path) -> None:
     base = ["data.dir=unused", f"run.dir={tmp_path}"]
     saved = compose(base)
     state = saved_state(saved)
-    assert config_changes(saved, state) == []
+    assert config_changes(run_of(saved), state) == []
     changed = ["train.beta1=0.8", "train.beta2=0.95", "train.weight_decay=0.01", "train.grad_clip=0.5"]
-    events = config_changes(compose([*base, *changed]), state)
+    events = config_changes(run_of(compose([*base, *changed])), state)
     assert {e["event"] for e in events} == {"config_change"}
     assert sorted((e["key"], e["old"], e["new"]) for e in events) == [
         ("train.beta1", 0.9, 0.8),
