@@ -23,6 +23,7 @@ SHARED_FIXTURE_GROUPS = {  # the first fixture of the list that a test uses name
     "runs": "parallel-layouts",  # test_parallel's module cache: a layout trained once, resharded later
     "ds_runs": "deepspeed-layouts",  # test_deepspeed's module cache
     "base_run": "faults",
+    "moe_runs": "moe-layouts",  # test_moe's module cache
 }
 
 

@@ -153,6 +153,7 @@ class Trainer:
             "lr": result.lr,
             "grad_norm": result.grad_norm if math.isfinite(result.grad_norm) else None,
             **self.task.step_record(result, now - tick, step),
+            **result.metrics,
             "step_time_s": now - tick,
             "skipped_steps": self.policy.total,
         }
