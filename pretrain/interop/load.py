@@ -58,7 +58,7 @@ def load_model(spec: str | Path) -> LoadedModel:
     path = model_checkpoint(spec)  # a DeepSpeed step is converted to megatron's format once
     state = TrainState.read(path)
     cfg = OmegaConf.create(state.config)
-    cfg.parallel.tp = cfg.parallel.pp = cfg.parallel.vpp = 1
+    cfg.parallel.tp = cfg.parallel.pp = cfg.parallel.vpp = cfg.parallel.ep = 1  # experts of any ep: all here
     tokenizer_dir = path if (path / TOKENIZER_FILE).is_file() else Path(cfg.data.dir)
     tokenizer = load_tokenizer(tokenizer_dir)
     vocab_size = state.vocab_size  # the tokenizer's; a fine-tuned model has its added tokens beyond it

@@ -171,7 +171,7 @@ class Trainer:
             config=OmegaConf.to_container(cfg, resolve=True),
             vocab_size=task.vocab_size,
             engine=str(cfg.parallel.engine),
-            layout={"tp": topo.tp, "pp": topo.pp, "dp": topo.dp, "vpp": topo.vpp},
+            layout={"tp": topo.tp, "pp": topo.pp, "dp": topo.dp, "vpp": topo.vpp, "ep": topo.ep},
             distributed_optimizer=bool(cfg.parallel.distributed_optimizer),
             data=task.state_dict(),
             skip_policy=self.policy.state_dict(),
