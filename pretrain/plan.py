@@ -110,6 +110,7 @@ def plan(cfg: DictConfig) -> tuple[dict[str, Any], int]:
         "pp": topo.pp,
         "vpp": topo.vpp,
         "dp": topo.dp,
+        "ep": topo.ep,
         "sequence_parallel": topo.sequence_parallel,
         "description": describe_layout(cfg, topo),
     }
@@ -139,6 +140,7 @@ def _search(cfg: DictConfig, hw: Any, checked: Any, report: dict[str, Any]) -> t
                 "pp": layout.pp,
                 "vpp": layout.vpp,
                 "dp": r.dp,
+                "ep": layout.ep,
                 "micro_batch": layout.micro_batch,
                 "recompute": layout.recompute,
                 "engine": layout.engine,

@@ -14,6 +14,7 @@ TERMS = {  # the step-time terms in print order, with the names people read
     "recompute": "recompute",
     "overhead": "per-layer overhead",
     "tp_comm": "TP comm",
+    "ep_comm": "EP all-to-all",
     "pp_p2p": "PP send/recv",
     "pp_bubble": "PP bubble",
     "dp_comm": "DP grad reduce",
@@ -72,13 +73,16 @@ def _search(report: dict[str, Any], top: int) -> list[str]:
         + (f"; the best {top}" if found["listed"] > top else "")
         + ", fastest first:"
     ]
-    head = f"{'#':>3} {'tp':>3} {'pp':>3} {'vpp':>3} {'dp':>4} {'micro':>5} {'recompute':<9} {'optimizer':<15}"
+    head = (
+        f"{'#':>3} {'tp':>3} {'pp':>3} {'vpp':>3} {'dp':>4} {'ep':>3} {'micro':>5} {'recompute':<9} {'optimizer':<15}"
+    )
     head += f" {'GiB':>7} {'step s':>8} {'tokens/s':>11} {'MFU':>6}"
     lines.append("  " + head)
     for r in found["layouts"][:top]:
         optimizer = f"{r['engine'][:2]} {r['optimizer']}"
         lines.append(
-            f"  {r['rank']:>3} {r['tp']:>3} {r['pp']:>3} {r['vpp']:>3} {r['dp']:>4} {r['micro_batch']:>5} "
+            f"  {r['rank']:>3} {r['tp']:>3} {r['pp']:>3} {r['vpp']:>3} {r['dp']:>4} {r.get('ep', 1):>3} "
+            f"{r['micro_batch']:>5} "
             f"{r['recompute']:<9} {optimizer:<15} {r['memory_gib']:>7.2f} {r['step_s']:>8.4g} "
             f"{r['tokens_per_s']:>11,.0f} {100 * r['mfu']:>5.1f}%"
         )
@@ -138,7 +142,8 @@ def plot_search(path: str, rows: list[dict[str, Any]], hw: Any) -> str:
     if rows:
         best = rows[0]
         ax.annotate(
-            f"best: tp{best['tp']} pp{best['pp']} vpp{best['vpp']} dp{best['dp']} mb{best['micro_batch']}",
+            f"best: tp{best['tp']} pp{best['pp']} vpp{best['vpp']} dp{best['dp']} ep{best.get('ep', 1)} "
+            f"mb{best['micro_batch']}",
             (best["memory_gib"], best["tokens_per_s"]),
             fontsize=8,
         )

@@ -158,6 +158,7 @@ def describe_layout(cfg: DictConfig, topo: Topology) -> str:
     train, par = cfg.train, cfg.parallel
     accum = int(train.global_batch) // (int(train.micro_batch) * topo.dp)
     text = f"tp={topo.tp} pp={topo.pp} vpp={topo.vpp} dp={topo.dp}" + (" +sp" if topo.sequence_parallel else "")
+    text += f" ep={topo.ep}" if topo.ep > 1 else ""  # experts split over ep of the dp ranks
     if not capabilities(par.engine).distributed_optimizer:
         text += f", {par.engine} ZeRO-{par.zero_stage}" + (" +offload" if par.offload == "cpu" else "")
     else:

@@ -85,3 +85,19 @@ def test_active_parameters_count_the_routed_experts() -> None:
     """moe-tiny's token visits 2 experts of 176: llama-tiny's 352 of dense width, plus the router."""
     moe, dense = compose([*BASE]).model, compose(["data.dir=x", "model=llama-tiny"]).model
     assert active_mlp_params(moe)[0] == active_mlp_params(dense)[0] + 128 * 8
+
+
+@pytest.mark.parametrize("preset", ["moe-tiny", "olmoe-1b-7b", "qwen3-30b-a3b"])
+def test_planner_and_trainer_count_the_same_active_flops(preset: str) -> None:
+    """MFU in metrics.jsonl (pretrain/model) and in gpt-plan (parallel/plan) use one FLOP count."""
+    from parallel.plan.params import Shape, total_params
+    from parallel.plan.time import model_flops_per_token
+    from pretrain.model import flops_per_token
+
+    m = compose(["data.dir=x", f"model={preset}", "model.moe_layer_freq=2"]).model
+    assert flops_per_token(m, 50257, int(m.seq_len)) == model_flops_per_token(
+        Shape.from_config(m, 50257), int(m.seq_len)
+    )
+    if preset == "olmoe-1b-7b":  # every layer MoE: OLMoE-1B-7B's 6.9B parameters
+        whole = compose(["data.dir=x", f"model={preset}"]).model
+        assert 6.8e9 < total_params(Shape.from_config(whole, 50304)) < 7.0e9

@@ -177,3 +177,16 @@ def test_cpu_is_calibrated_here(capsys: pytest.CaptureFixture) -> None:
     measured = report["hardware"]["measured"]
     assert code == 0 and measured["threads/rank"] == 1 and measured["all-reduce GB/s"] > 0 and measured["TFLOP/s"] > 0
     assert report["time"]["terms_s"]["tp_comm"] > 0 and report["time"]["terms_s"]["overhead"] > 0
+
+
+def test_search_includes_expert_parallelism_for_a_moe_model(capsys: pytest.CaptureFixture) -> None:
+    """OLMoE's shape on 8 GPUs: layouts at ep 1, 2, 4, 8 (every divisor of dp that divides 64 experts),
+    each rank holding 1/ep of the experts; the dense engine (DeepSpeed) is not offered for MoE."""
+    args = [*H100, "model=olmoe-1b-7b", "train.global_batch=64", "train.bf16=true", "data.num_streams=8"]
+    code, out, _ = plan_run([*args, "search=true", "top=1000"], capsys, as_json=True)
+    rows = json.loads(out)["search"]["layouts"]
+    assert code == 0 and {r["ep"] for r in rows if r["dp"] == 8} == {1, 2, 4, 8}
+    assert {r["engine"] for r in rows} == {"megatron"}
+    code, out, _ = plan_run([*args, "parallel.ep=8", "train.micro_batch=1"], capsys, as_json=True)
+    report = json.loads(out)
+    assert code == 0 and report["layout"]["ep"] == 8 and report["time"]["terms_s"]["ep_comm"] > 0
