@@ -111,7 +111,9 @@ class Metrics:
         self.file.close()
         if self.wandb is not None:
             self.wandb.finish()
-        for plot in (plot_losses, plot_evals):
+        from pretrain.trainer.moe_plot import plot_moe
+
+        for plot in (plot_losses, plot_evals, plot_moe):
             try:
                 plot(self.run_dir)
             except Exception as exc:  # noqa: BLE001 - a plot never fails a run, nor hides why it failed

@@ -58,6 +58,7 @@ def moe_runs(char_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> obj
 @pytest.mark.slow
 def test_single_process_moe_trains_and_logs_router_metrics(moe_runs) -> None:  # noqa: ANN001
     rows = metrics(moe_runs("single"))
+    assert (moe_runs("single") / "moe.png").read_bytes()[:4] == b"\x89PNG"
     assert sorted(rows) == list(range(1, STEPS + 1))
     assert rows[STEPS]["loss"] < rows[1]["loss"] - 0.5  # it trains
     for row in rows.values():
