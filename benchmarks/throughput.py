@@ -21,7 +21,14 @@ Two rows, each trained with batch 12 × 64 tokens from the same shards, side by 
   row's reference; its parameter count is asserted equal to the ``GPTModel``'s (both printed).
 - **same-GPTModel loop** and **gpt-pretrain** as above (no compile run for this row).
 
-    python benchmarks/throughput.py [--model {tiny,llama-tiny,both}] [--steps 300] [--rounds 2] [--data DIR]
+``model=moe-tiny`` (``--model moe-tiny``; llama-tiny's attention, 8 experts of width 176, top-2):
+
+- **MoE loop**: the plain loop around a MoE decoder in plain PyTorch (``moe_reference.py``: a
+  linear router, top-k softmax, per-expert SwiGLU over the tokens sorted by expert, the Switch
+  load-balancing loss), the row's reference; parameter counts asserted equal.
+- **same-GPTModel loop** and **gpt-pretrain** as above (megatron-core's MoE layer).
+
+    python benchmarks/throughput.py [--model {tiny,llama-tiny,moe-tiny,both}] [--steps 300] [--rounds 2] [--data DIR]
 
 Each row prints its ratio gpt-pretrain / bare reference loop (goal >= 1.0); the last line is the
 worst of the rows' ratios.
@@ -45,8 +52,9 @@ import torch  # noqa: E402
 from benchmarks.common import REPO, prepared_shards, pretrain_tokens_per_s  # noqa: E402
 
 BATCH, SEQ = 12, 64
-MODELS = ("tiny", "llama-tiny")
-REFERENCE = {"tiny": "nanogpt", "llama-tiny": "llama"}  # each row's plain-PyTorch loop
+MODELS = ("tiny", "llama-tiny", "moe-tiny")
+REFERENCE = {"tiny": "nanogpt", "llama-tiny": "llama", "moe-tiny": "moe"}  # each row's plain-PyTorch loop
+LABEL = {"llama": "Llama-shaped bare loop (plain PyTorch, GQA SDPA)", "moe": "MoE bare loop (plain PyTorch, top-k)"}
 
 
 def bare_loop(data: Path, steps: int, skip: int, kind: str, preset: str = "tiny") -> tuple[float, int]:
@@ -67,6 +75,25 @@ def bare_loop(data: Path, steps: int, skip: int, kind: str, preset: str = "tiny"
     if kind == "nanogpt":
         torch.manual_seed(1337)
         model = NanoGPT(manifest.vocab_size, SEQ, m.num_layers, m.hidden_size, m.num_heads, m.ffn_hidden_size)
+    elif kind == "moe":
+        from benchmarks.moe_reference import MoELlama
+        from pretrain.model import padded_vocab_size
+
+        torch.manual_seed(1337)
+        model = MoELlama(
+            padded_vocab_size(manifest.vocab_size, m),
+            SEQ,
+            m.num_layers,
+            m.hidden_size,
+            m.num_heads,
+            m.num_query_groups or m.num_heads,
+            m.num_experts,
+            m.moe_topk,
+            m.moe_ffn_hidden_size,
+            theta=float(m.rope_theta),
+            eps=float(m.layernorm_eps),
+            aux_coeff=float(m.moe_aux_loss_coeff),
+        )
     elif kind == "llama":
         from pretrain.model import padded_vocab_size
 
@@ -106,7 +133,7 @@ def bare_loop(data: Path, steps: int, skip: int, kind: str, preset: str = "tiny"
     for step in range(steps):
         start = time.perf_counter()
         batch = rows[torch.randint(0, len(rows), (BATCH,))]
-        if kind in ("nanogpt", "llama"):
+        if kind in ("nanogpt", "llama", "moe"):
             loss = model(batch[:, :-1], batch[:, 1:])
         else:
             loss = model(batch[:, :-1], positions, None, labels=batch[:, 1:]).mean()
@@ -163,17 +190,18 @@ def bare(data: Path, steps: int, skip: int, kind: str, preset: str = "tiny") -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=(*MODELS, "both"), default="both")
+    parser.add_argument("--model", choices=(*MODELS, "both"), default="both")  # both: tiny and llama-tiny
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--data", default=None)
     args = parser.parse_args()
-    models = MODELS if args.model == "both" else (args.model,)
+    models = MODELS[:2] if args.model == "both" else (args.model,)
     data = prepared_shards(args.data)
     skip = min(20, args.steps // 4)
     rates: dict[str, dict[str, list[float]]] = {
         "tiny": {"nanogpt": [], "gptmodel": [], "pretrain": [], "compiled": []},
         "llama-tiny": {"llama": [], "gptmodel": [], "pretrain": []},
+        "moe-tiny": {"moe": [], "gptmodel": [], "pretrain": []},
     }
     params: dict[str, dict[str, int]] = {preset: {} for preset in MODELS}
     for round_ in range(args.rounds):
@@ -206,14 +234,14 @@ def main() -> None:
             print(f"ratio gpt-pretrain / nanoGPT bare loop: {ratios[preset]:.3f}")
         else:
             n_ref, n_gpt = params[preset][ref], params[preset]["gptmodel"]
-            print(f"  parameters: Llama bare loop {n_ref:,}, GPTModel (as gpt-pretrain builds it) {n_gpt:,}")
-            assert n_ref == n_gpt, f"parameter counts differ: Llama reference {n_ref:,} vs GPTModel {n_gpt:,}"
-            print(f"  Llama-shaped bare loop (plain PyTorch, GQA SDPA): {med['llama']:,.0f}")
-            print(f"  bare loop around the same GPTModel:               {med['gptmodel']:,.0f}")
-            print(f"  gpt-pretrain:                                     {med['pretrain']:,.0f}")
-            print(f"ratio gpt-pretrain / same-GPTModel bare loop (llama-tiny): {med['pretrain'] / med['gptmodel']:.3f}")
-            ratios[preset] = med["pretrain"] / med["llama"]
-            print(f"ratio gpt-pretrain / Llama bare loop (llama-tiny): {ratios[preset]:.3f}")
+            print(f"  parameters: {ref} bare loop {n_ref:,}, GPTModel (as gpt-pretrain builds it) {n_gpt:,}")
+            assert n_ref == n_gpt, f"parameter counts differ: {ref} reference {n_ref:,} vs GPTModel {n_gpt:,}"
+            print(f"  {LABEL[ref] + ':':<50} {med[ref]:,.0f}")
+            print(f"  {'bare loop around the same GPTModel:':<50} {med['gptmodel']:,.0f}")
+            print(f"  {'gpt-pretrain:':<50} {med['pretrain']:,.0f}")
+            print(f"ratio gpt-pretrain / same-GPTModel bare loop ({preset}): {med['pretrain'] / med['gptmodel']:.3f}")
+            ratios[preset] = med["pretrain"] / med[ref]
+            print(f"ratio gpt-pretrain / {ref} bare loop ({preset}): {ratios[preset]:.3f}")
     each = ", ".join(f"{preset} {r:.3f}" for preset, r in ratios.items())
     print(f"worst ratio gpt-pretrain / bare loop ({each}): {min(ratios.values()):.3f}")
 

@@ -16,6 +16,7 @@ from typing import Any
 from omegaconf import MISSING, ListConfig
 
 from conf.errors import UserError
+from conf.moe import check_moe, check_moe_parallel
 
 LR_SCHEDULES = ("cosine", "linear", "constant", "inverse-square-root")
 TASK_TYPES = ("classification", "entailment", "similarity", "multiple_choice")  # data/tasks.py reads them
@@ -62,6 +63,22 @@ class ModelConfig:
     spec: str = "auto"  # auto (Transformer Engine on CUDA when installed, else local) | te | local
     attention: str = "sdpa"  # local spec's core attention: sdpa (fused) | megatron (unfused)
     vocab_multiple: int = 128  # vocab padded to a multiple of this (must be divisible by parallel.tp)
+    # Mixture-of-Experts: megatron-core's MoE layer in place of the MLP (pretrain/model/moe.py); null: dense
+    num_experts: int | None = None  # routed experts per MoE layer
+    moe_topk: int = 2  # experts each token is routed to
+    moe_ffn_hidden_size: int | None = None  # one expert's FFN width; null: ffn_hidden_size
+    moe_layer_freq: Any = 1  # N: layers 0, N, 2N, ... are MoE, the rest dense; or a 0/1 list, one per layer
+    moe_shared_expert_size: int | None = None  # FFN width of the always-on shared expert(s); null: none
+    moe_score_function: str = "softmax"  # router scores: softmax | sigmoid (DeepSeek-V3)
+    moe_norm_topk_prob: bool = True  # top-k weights renormalised to sum 1 (Mixtral, Qwen3); false: OLMoE's
+    moe_load_balancing: str = "aux_loss"  # aux_loss (per micro-batch) | seq_aux_loss (per sequence) | none
+    moe_aux_loss_coeff: float = 0.01  # weight of the load-balancing loss in the loss optimised
+    moe_z_loss_coeff: float = 0.0  # router z-loss weight (ST-MoE); 0: off
+    moe_expert_bias: bool = False  # aux-loss-free balancing: a per-expert routing bias (needs sigmoid)
+    moe_expert_bias_rate: float = 1.0e-3  # the expert bias's update per step
+    moe_capacity_factor: float | None = None  # null: dropless; else an expert takes <= factor x its fair share
+    moe_drop_policy: str = "probs"  # over capacity, drop the lowest-probability (probs) or latest (position) tokens
+    moe_router_dtype: str = "fp32"  # router logits and probabilities: fp32 | fp64 | model (the compute dtype)
 
     def check(self) -> None:
         for key in ("num_layers", "num_heads", "hidden_size", "ffn_hidden_size", "seq_len", "vocab_multiple"):
@@ -93,6 +110,8 @@ class ModelConfig:
             raise UserError(f"model.spec={self.spec}: expected auto, te or local")
         if self.attention not in ("sdpa", "megatron"):
             raise UserError(f"model.attention={self.attention}: expected sdpa or megatron")
+        if self.num_experts is not None:
+            check_moe(self)
 
 
 @dataclass
@@ -109,6 +128,8 @@ class ParallelConfig:
     zero_stage: int = 0  # deepspeed engine: 0-3
     offload: str = "none"  # deepspeed engine: none | cpu
     timeout_s: float = 600  # collective timeout, and the watchdog's limit for one step / eval / save
+    ep: int = 1  # expert parallelism (megatron): each MoE layer's experts split over ep ranks; ep divides dp
+    moe_dispatcher: str = "alltoall"  # how tokens reach their experts' ranks: alltoall | allgather
     straggler_every: int = 50  # steps per straggler window: ranks share their compute time per step (0: off)
     straggler_factor: float = 1.5  # a rank slower than this x the median of its pipeline stage's ranks is slow
     straggler_windows: int = 3  # windows in a row a rank must be slow before it is named (a line and an event)
@@ -127,6 +148,7 @@ class ParallelConfig:
         if self.offload not in ("none", "cpu"):
             raise UserError(f"parallel.offload={self.offload}: expected none or cpu")
         _positive("parallel.timeout_s", self.timeout_s)
+        check_moe_parallel(self)
 
 
 @dataclass

@@ -49,6 +49,7 @@ RUN_DIR_NAMES = (
     "checkpoints",
     "loss.png",
     "eval.png",
+    "moe.png",  # a MoE run's router metrics (pretrain/trainer/moe_plot.py)
     "results.json",
     "wandb",
     "wandb_id",

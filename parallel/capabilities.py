@@ -27,6 +27,7 @@ class EngineCapabilities:
     async_save: bool  # train.async_save
     grad_reduce_fp32: bool  # gradients reduced in fp32 whatever the compute dtype
     grad_buckets: bool  # gradients reduced in several buckets (DeepSpeed's reduce_bucket_size), else one buffer
+    moe: bool = False  # MoE models (model.num_experts) with expert parallelism (parallel.ep); parallel/expert_layout.py
 
     @property
     def zero(self) -> bool:
@@ -47,6 +48,7 @@ ENGINES = {
         async_save=True,
         grad_reduce_fp32=True,
         grad_buckets=False,
+        moe=True,  # megatron-core's MoE layer, dispatchers and expert-parallel groups
     ),
     "deepspeed": EngineCapabilities(
         "deepspeed",
@@ -60,6 +62,9 @@ ENGINES = {
         async_save=False,
         grad_reduce_fp32=False,
         grad_buckets=True,
+        # the model is megatron-core's MoE layer, whose router, dispatcher and expert groups need
+        # megatron's parallel_state and finalize_model_grads; DeepSpeed-MoE is another model
+        moe=False,
     ),
 }
 

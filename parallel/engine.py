@@ -42,6 +42,9 @@ class ModelSpec:
     build: Callable[[Any, int | None], torch.nn.Module]  # (layout-complete config, vp_stage) → one chunk, on CPU
     forward_step: ForwardStep
     batch_shape: Callable[[dict[str, torch.Tensor]], tuple[int, int]]  # micro-batch → (seq length, sequences)
+    # after each train step, on every rank (a collective): the model's own metrics of the step
+    # (a MoE model's router losses and expert load), given the micro-batches this rank ran
+    step_metrics: Callable[[int], dict[str, Any]] | None = None
 
 
 @dataclass
@@ -51,6 +54,7 @@ class StepResult:
     lr: float
     skipped: bool = False
     totals: dict[str, float] = field(default_factory=dict)  # the loss function's named sums
+    metrics: dict[str, Any] = field(default_factory=dict)  # ModelSpec.step_metrics, logged as they are
 
 
 class SaveHandle(Protocol):
@@ -134,6 +138,8 @@ def layout_config(config: Callable[..., Any], topo: Any, bf16: bool) -> Any:
         pipeline_model_parallel_size=topo.pp,
         virtual_pipeline_model_parallel_size=topo.vpp if topo.vpp > 1 else None,
         sequence_parallel=topo.sequence_parallel,
+        expert_model_parallel_size=topo.ep,
+        moe_token_dispatcher_type=topo.moe_dispatcher,
         # gloo matches messages between two ranks in order; with pp=2 (next == prev) a
         # batched send of activations and gradients can be received swapped
         batch_p2p_comm=torch.cuda.is_available(),

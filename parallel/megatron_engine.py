@@ -112,6 +112,7 @@ class MegatronEngine:
         self.cfg, self.topo = cfg, topo
         self._save_strategy: Any = None
         self.forward_step, self.batch_shape = spec.forward_step, spec.batch_shape
+        self.step_metrics = spec.step_metrics
         distributed_optimizer = cfg.distributed_optimizer
         train = cfg.train
         bf16 = bool(train.bf16)
@@ -204,14 +205,15 @@ class MegatronEngine:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         totals = self.run(micro_batches, forward_only=False)
+        metrics = self.step_metrics(len(micro_batches)) if self.step_metrics is not None else {}
         loss = totals["loss_sum"] / max(totals["tokens"], 1.0)
         lr = self.optimizer.param_groups[0]["lr"]
         if accept is not None and not accept(loss):  # skipped: the grads are zeroed by the next step
-            return StepResult(loss, float("nan"), lr, True, totals)
+            return StepResult(loss, float("nan"), lr, True, totals, metrics)
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(increment=1)
-        return StepResult(loss, float(grad_norm or 0.0), lr, not ok, totals)
+        return StepResult(loss, float(grad_norm or 0.0), lr, not ok, totals, metrics)
 
     @torch.no_grad()
     def eval_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:

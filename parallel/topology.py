@@ -17,6 +17,7 @@ import torch
 
 from conf.errors import UserError
 from parallel.capabilities import capabilities
+from parallel.expert_layout import check_experts
 
 
 def _check_engine(par: Any, tp: int, pp: int) -> str:
@@ -56,6 +57,8 @@ class Topology:
     vpp: int
     dp: int
     sequence_parallel: bool
+    ep: int = 1  # expert parallelism (parallel/expert_layout.py): ep divides dp
+    moe_dispatcher: str = "alltoall"  # megatron-core's token dispatcher (MoE models)
 
     @classmethod
     def from_config(cls, cfg: Any, world_size: int | None = None, rank: int | None = None) -> Topology:
@@ -111,7 +114,8 @@ class Topology:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         # DeepSpeed does not all-reduce sequence-parallel LayerNorm grads over tp: TP without SP there
         sp = bool(par.sequence_parallel) and tp > 1 and caps.sequence_parallel
-        return cls(world, rank, local_rank, tp, pp, vpp, dp, sp)
+        ep = check_experts(cfg, tp, dp, caps)
+        return cls(world, rank, local_rank, tp, pp, vpp, dp, sp, ep, str(getattr(par, "moe_dispatcher", "alltoall")))
 
     @property
     def dp_rank(self) -> int:
@@ -143,6 +147,7 @@ class Topology:
                 tensor_model_parallel_size=self.tp,
                 pipeline_model_parallel_size=self.pp,
                 virtual_pipeline_model_parallel_size=self.vpp if self.vpp > 1 else None,
+                expert_model_parallel_size=self.ep,
             )
         torch.manual_seed(seed)
         tensor_parallel.model_parallel_cuda_manual_seed(seed)

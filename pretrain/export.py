@@ -2,7 +2,8 @@
 
 The classic shape (learned positions, LayerNorm, GELU, biases) exports to ``GPT2LMHeadModel``,
 the modern one (RoPE, RMSNorm, SwiGLU, any number of key/value heads) to ``LlamaForCausalLM``
-and, with QK-norm, to ``Qwen3ForCausalLM``; tied or untied either way. The export is a pure
+and, with QK-norm, to ``Qwen3ForCausalLM``; tied or untied either way. MoE models export to
+``Qwen3MoeForCausalLM`` (with QK-norm) or ``MixtralForCausalLM`` (``pretrain/interop/hf_moe.py``). The export is a pure
 re-layout of the weights (``pretrain/interop/hf_weights.py``); what no transformers architecture
 expresses is refused in one line, not approximated.
 

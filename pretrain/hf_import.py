@@ -1,4 +1,4 @@
-"""``gpt-import``: a local transformers GPT-2, Llama or Qwen3 directory → a run dir of this project.
+"""``gpt-import``: a local transformers GPT-2, Llama, Qwen3, Qwen3-MoE or Mixtral directory → a run dir.
 
 Why a run dir and not just weights: everything downstream (``gpt-pretrain`` continuing from the
 weights, ``gpt-finetune init.checkpoint=``, ``gpt-eval``, ``gpt-generate``, ``gpt-export``) reads
@@ -112,7 +112,7 @@ def import_model(
     approximate_gelu: bool = False,
 ) -> Path:
     """Write the run dir ``out`` from the transformers model dir ``source``; returns ``out``."""
-    from pretrain.interop.hf_weights import CLASSES, model_overrides
+    from pretrain.interop.hf_weights import CLASSES, architecture_of, model_overrides
 
     source, out = Path(source).expanduser(), Path(out).expanduser()
     check_output_dir(out, COMMAND, overwrite, inputs=[source])
@@ -122,7 +122,7 @@ def import_model(
     except (KeyError, TypeError, ValueError) as exc:  # a key the architecture must have, missing or not a number
         kind = hf.get("model_type")
         raise UserError(f"{source / 'config.json'}: {exc} missing or malformed for model_type={kind}") from None
-    arch = "gpt2" if overrides["position"] == "learned" else ("qwen3" if overrides["qk_norm"] else "llama")
+    arch = architecture_of(overrides)
     check_weights(source, files, overrides, hf_vocab)
     tokenizer = load_tokenizer(source)  # a foreign tokenizer without an end-of-text token is refused
     multiple = vocab_multiple(hf_vocab, tokenizer.vocab_size)

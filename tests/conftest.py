@@ -24,6 +24,7 @@ SHARED_FIXTURE_GROUPS = {  # the first fixture of the list that a test uses name
     "ds_runs": "deepspeed-layouts",  # test_deepspeed's module cache
     "base_run": "faults",
     "sigkill_run": "sigkill-resume",  # test_pretrain_e2e: a run killed and rerun, read by the goodput test
+    "moe_runs": "moe-layouts",  # test_moe's module cache
 }
 
 

@@ -59,6 +59,12 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+def step_metrics(run_dir: Path) -> dict[int, dict]:
+    """The training lines of ``metrics.jsonl`` by step (loss and what else the step logged)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if "loss" in r}
+
+
 def layout_args(tp: int, pp: int, vpp: int = 1) -> list[str]:
     return [f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.vpp={vpp}"]
 

@@ -63,6 +63,67 @@ class _CpuCuda(types.SimpleNamespace):
     def is_available() -> bool:
         return False
 
+    @staticmethod
+    def Stream(*_: Any, **__: Any) -> _CpuStream:  # noqa: N802 - torch.cuda's name
+        return _CPU_STREAM
+
+    @staticmethod
+    def current_stream(*_: Any, **__: Any) -> _CpuStream:
+        return _CPU_STREAM
+
+    @staticmethod
+    def stream(_: Any) -> contextlib.nullcontext:
+        return contextlib.nullcontext()
+
+
+class _CpuStream:
+    """The one "stream" of the CPU: work is done when a call returns, so waits and events are no-ops
+    (megatron's all-to-all dispatcher copies token counts to the host on a CUDA side stream)."""
+
+    def wait_stream(self, _: Any) -> None:
+        return None
+
+    def record_event(self, *_: Any) -> _CpuStream:
+        return self
+
+    def synchronize(self) -> None:
+        return None
+
+
+_CPU_STREAM = _CpuStream()
+
+
+class _GlooDistributed(types.ModuleType):
+    """``torch.distributed`` as seen by the facade modules: ``all_gather`` of tensors whose first
+    dimensions differ (megatron's all-to-all MoE dispatcher gathers each tensor-parallel rank's
+    routed tokens) pads them to the longest and cuts the results back; gloo refuses uneven sizes.
+
+    CPU shim: NCCL gathers uneven tensors itself, and megatron calls it directly on GPU.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("torch.distributed")
+        self.__dict__.update({k: v for k, v in vars(torch.distributed).items() if not k.startswith("__")})
+        self.all_gather = self._all_gather
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch.distributed, name)
+
+    @staticmethod
+    def _all_gather(
+        tensor_list: list[torch.Tensor], tensor: torch.Tensor, group: Any = None, async_op: bool = False
+    ) -> Any:
+        if async_op or all(t.shape == tensor.shape for t in tensor_list):
+            return torch.distributed.all_gather(tensor_list, tensor, group=group, async_op=async_op)
+        rows = max(t.shape[0] for t in tensor_list)
+        padded = tensor.new_zeros((rows, *tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        gathered = [torch.empty_like(padded) for _ in tensor_list]
+        torch.distributed.all_gather(gathered, padded, group=group)
+        for out, got in zip(tensor_list, gathered, strict=True):
+            out.copy_(got[: out.shape[0]])
+        return None
+
 
 class _CpuTorch(types.ModuleType):
     """``torch`` as seen by one megatron module: ``device='cuda'`` means CPU.
@@ -77,6 +138,7 @@ class _CpuTorch(types.ModuleType):
         for name in ("tensor", "zeros", "ones", "empty", "full", "arange", "zeros_like", "empty_like"):
             setattr(self, name, _wrap_factory(getattr(torch, name)))
         self.cuda = _CpuCuda()
+        self.distributed = _GlooDistributed()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(torch, name)
@@ -205,6 +267,23 @@ def _keep_rng_state(new_state: torch.Tensor, device: int = -1, graph_safe: bool 
     return None
 
 
+def _host_split_sizes(original: Any) -> Any:
+    """megatron's all-to-all dispatcher copies its token counts from the GPU to the host as numpy
+    arrays, the split sizes of ``all_to_all_single``; it converts only CUDA tensors, so on the CPU
+    the counts stay tensors, which ``all_to_all_single`` refuses as split sizes.
+
+    CPU shim: with CUDA the counts are CUDA tensors and megatron's own copy runs.
+    """
+
+    def maybe_move_tensor_to_cpu(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+        if as_numpy and isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu":
+            return tensor.numpy()
+        return original(tensor, as_numpy, record_stream)
+
+    maybe_move_tensor_to_cpu.__wrapped__ = original  # type: ignore[attr-defined]
+    return maybe_move_tensor_to_cpu
+
+
 def apply() -> None:
     """Install the shims (the caller decides that CUDA is absent, or forces them)."""
     facade = _CpuTorch()
@@ -216,6 +295,13 @@ def apply() -> None:
 
     from megatron.core.optimizer import clip_grads, optimizer
     from megatron.core.tensor_parallel import random as tp_random
+    from megatron.core.transformer.moe import token_dispatcher
+
+    if not hasattr(token_dispatcher, "maybe_move_tensor_to_cpu"):
+        raise RuntimeError(
+            "cpu_compat: megatron.core.transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu is gone"
+        )
+    token_dispatcher.maybe_move_tensor_to_cpu = _host_split_sizes(token_dispatcher.maybe_move_tensor_to_cpu)
 
     for module in (clip_grads, optimizer):
         if not hasattr(module, "clip_grad_by_total_norm_fp32"):

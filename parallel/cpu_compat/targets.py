@@ -63,6 +63,10 @@ FACADE_MODULES = (
     "megatron.core.dist_checkpointing.strategies.fully_parallel",
     "megatron.core.dist_checkpointing.exchange_utils",
     "megatron.core.models.common.embeddings.rotary_pos_embedding",
+    # MoE: the router places its weight and expert-bias buffers on the current device; the all-to-all
+    # dispatcher copies token counts to the host on a side stream
+    "megatron.core.transformer.moe.router",
+    "megatron.core.transformer.moe.token_dispatcher",
 )
 
 SHIMS = "parallel.cpu_compat.shims"
@@ -100,6 +104,13 @@ TARGETS: tuple[Target, ...] = (
         VERSION_FIXES,
         "replace",
     ),
+    Target(  # its module global te_general_gemm, left undefined without Transformer Engine
+        "megatron.core.transformer.moe.moe_utils:RouterGatingLinearFunction.forward",
+        ("ctx", "inp", "weight", "bias", "router_dtype"),
+        VERSION_FIXES,
+        "global",
+        uses=("te_general_gemm",),
+    ),
     # CPU-only shims (cpu_compat/shims.py)
     *(Target(f"{name}:torch", None, SHIMS, "global") for name in FACADE_MODULES),
     Target("megatron.core.optimizer.clip_grads:clip_grad_by_total_norm_fp32", _CLIP_PARAMS, SHIMS, "replace", True),
@@ -124,6 +135,20 @@ TARGETS: tuple[Target, ...] = (
         SHIMS,
         "replace",
         exact=True,
+    ),
+    Target(
+        "megatron.core.transformer.moe.token_dispatcher:maybe_move_tensor_to_cpu",
+        ("tensor", "as_numpy", "record_stream"),
+        SHIMS,
+        "replace",
+        exact=True,
+    ),
+    Target(  # gathers uneven tensors through the facade's torch.distributed.all_gather
+        "megatron.core.tensor_parallel.mappings:_gather_along_first_dim",
+        ("input_", "group", "output_split_sizes"),
+        SHIMS,
+        "read",
+        uses=("distributed", "all_gather"),
     ),
     Target("torch:Tensor.type", None, SHIMS, "scoped"),
     Target("torch:Tensor.cuda", None, SHIMS, "scoped"),

@@ -81,7 +81,21 @@ def _use_foreach_grad_norm() -> None:
         clip_grads.l2_norm_impl = _foreach_l2_norm
 
 
+def _define_missing_te_gemm() -> None:
+    """megatron-core 0.16's MoE router reads ``te_general_gemm`` to choose its gating matmul, but
+    its import fallback without Transformer Engine never defines the name: the first MoE forward
+    fails with ``NameError``. None is what the code tests for (then it uses ``torch.mm``).
+
+    Version fix, not a shim: any install without Transformer Engine takes that path, CPU or GPU.
+    """
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def apply() -> None:
     """Apply every fix once (each is idempotent)."""
     _fix_torch_adam_reshard_load()
     _use_foreach_grad_norm()
+    _define_missing_te_gemm()

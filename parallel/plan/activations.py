@@ -86,20 +86,47 @@ def _mlp(shape: Shape, m: Micro) -> int:
     """GELU keeps fc1's output and its own; SwiGLU at tp = 1 (pretrain/model/layers.py ``LocalMLP``)
     the gate and up outputs, silu's and the product; megatron's SwiGLU above tp = 1 also the
     whole fc1 output and ``x_linear + offset``."""
-    width = m.tokens * shape.ffn // m.tp * m.dtype_bytes
+    return _glu_factor(shape, m) * m.tokens * shape.ffn // m.tp * m.dtype_bytes
+
+
+def _glu_factor(shape: Shape, m: Micro) -> int:
+    """Saved FFN-wide tensors per token of an MLP (:func:`_mlp`'s rule: LocalMLP's two linears at tp = 1)."""
     if not shape.gated:
-        return 2 * width
-    return 4 * width if m.tp == 1 and not m.sp else 5 * width
+        return 2
+    return 4 if m.tp == 1 and not m.sp else 5
 
 
-def layer(shape: Shape, m: Micro, recompute: str = "none") -> dict[str, int]:
-    """Saved bytes of one transformer layer for one micro-batch, itemised."""
+def _moe(shape: Shape, m: Micro) -> dict[str, int]:
+    """megatron-core's MoE layer (router, token dispatch, ``SequentialMLP`` experts, shared expert),
+    calibrated on moe-tiny's census (within 1% at tp = 1). The router keeps its input and fp32
+    scores; every token goes to ``topk`` experts, so the dispatched copies, each expert's SwiGLU /
+    GELU (megatron's path: probabilities applied inside) and the outputs weighted at the combine
+    count ``topk`` times the tokens. With tensor parallelism the dispatcher gathers the sequence
+    shards, each rank computing 1/tp of every expert's width; expert parallelism moves tokens
+    between ranks, ``topk`` copies per token on average per rank."""
+    n, h, e, k = m.local_tokens, shape.hidden, m.dtype_bytes, shape.topk
+    routed = m.tokens * k
+    width = m.tokens * k * shape.moe_ffn // m.tp * e
+    items = {
+        "router": n * h * e + 3 * n * shape.experts * 4 + n * k * 8,
+        "dispatched": routed * h * e + 2 * routed * 8,
+        "experts": _glu_factor(shape, m) * width,
+        "combine": routed * h * e + routed * 4,
+    }
+    if shape.shared_ffn:  # its input is the router's (one storage); megatron's MLP path
+        items["shared_expert"] = _glu_factor(shape, m) * m.tokens * shape.shared_ffn // m.tp * e
+    return items
+
+
+def layer(shape: Shape, m: Micro, recompute: str = "none", moe: bool = False) -> dict[str, int]:
+    """Saved bytes of one transformer layer for one micro-batch, itemised (``moe``: a MoE layer)."""
     n, h, e = m.local_tokens, shape.hidden, m.dtype_bytes
     if recompute == "full":  # only the layer's input survives the forward
         return {"layer_input": n * h * e}
     items = {"input_norm": _norm(shape, m), "qkv_input": n * h * e}  # megatron keeps the SP shard
     items.update(_attention(shape, m, recompute))
-    items.update({"mlp_norm": _norm(shape, m), "fc1_input": n * h * e, "mlp": _mlp(shape, m)})
+    items["mlp_norm"] = _norm(shape, m)
+    items.update(_moe(shape, m) if moe else {"fc1_input": n * h * e, "mlp": _mlp(shape, m)})
     return items
 
 
@@ -158,8 +185,14 @@ def stage(
     flights: int,
     rotary_sets: int,
     gpu_spec: bool = False,
+    moe_layers: int = 0,
 ) -> StageActivations:
-    """One pipeline stage: ``flights`` chunk-micro-batches of ``layers`` layers each."""
+    """One pipeline stage: ``flights`` chunk-micro-batches of ``layers`` layers each, ``moe_layers``
+    of them MoE layers (each the local spec's count of :func:`_moe` beyond the dense MLP's)."""
+    moe_extra = 0
+    if moe_layers and recompute != "full":
+        dense = layer(shape, m, recompute)
+        moe_extra = sum(layer(shape, m, recompute, moe=True).values()) - sum(dense.values())
     if gpu_spec:
         per_layer, full = korthikanti(shape, m, recompute), korthikanti(shape, m, "none")
         rebuilt = full - per_layer if recompute != "none" else 0
@@ -179,7 +212,7 @@ def stage(
     )
     return StageActivations(
         flights=flights,
-        per_chunk=layers * per_layer,
+        per_chunk=layers * per_layer + moe_layers * moe_extra,
         extra=sum(embedding(shape, m).values()) if first else 0,
         shared=rotary_sets * tables,
         head=sum(head(shape, m).values()) if last else 0,

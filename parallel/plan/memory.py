@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from parallel.capabilities import capabilities
 from parallel.plan import activations as act
 from parallel.plan.buffers import ddp_buffer
-from parallel.plan.params import GPT2_VOCAB, Chunk, Shape, chunks
+from parallel.plan.params import GPT2_VOCAB, Chunk, Shape, chunks, is_expert
 
 if TYPE_CHECKING:  # the planner imports no torch (gpt-plan starts fast)
     from parallel.run_config import Run
@@ -129,12 +129,18 @@ def _run(cfg: Run, topo: Topology, seq: int) -> StepRegime:
 def _megatron_states(stage: list[Chunk], topo: Topology, run: StepRegime, shape: Shape) -> list[dict[str, int]]:
     """Items of each dp rank of one pipeline stage under megatron-core (the buffers are laid out once)."""
     e = run.dtype_bytes
-    buffers = []
+    buffers, expert_buffers = [], []
+    ep = topo.ep
     for chunk in stage:
-        numels = [_numel(s) for _, s in chunk.params]
-        shared = [_shared(name, chunk, topo, shape) for name, _ in chunk.params]
-        buffers.append(ddp_buffer(numels, shared, topo.dp, run.distributed_optimizer))
-    padded = sum(b.numel for b in buffers)
+        # megatron's DDP keeps expert parameters (ep > 1) in their own buffer, reduced and sharded over
+        # the dp / ep ranks that hold the same experts; at ep = 1 they are ordinary parameters
+        for own, group in ((buffers, topo.dp), (expert_buffers, topo.dp // ep)):
+            params = [(n, s) for n, s in chunk.params if (ep > 1 and is_expert(n)) == (own is expert_buffers)]
+            if params or own is buffers:
+                numels = [_numel(s) for _, s in params]
+                shared = [_shared(name, chunk, topo, shape) for name, _ in params]
+                own.append(ddp_buffer(numels, shared, group, run.distributed_optimizer))
+    padded = sum(b.numel for b in buffers + expert_buffers)
     common = {"params.weights": padded * e, "grads.main_grad_buffer": padded * 4}  # grad_reduce_in_fp32
     received = sum(1 for c in stage if not c.pre_process)
     if received:  # each chunk fed by a previous stage keeps its last input and that input's grad
@@ -144,11 +150,15 @@ def _megatron_states(stage: list[Chunk], topo: Topology, run: StepRegime, shape:
         common["comm_buffers.sp_allgather"] = run.seq * run.micro_batch * shape.hidden * e
     per_rank = []
     for dp_rank in range(topo.dp):
-        own = sum(b.shard_numel[dp_rank] for b in buffers)
+        edp_rank = dp_rank % (topo.dp // ep)
+        own = sum(b.shard_numel[dp_rank] for b in buffers) + sum(b.shard_numel[edp_rank] for b in expert_buffers)
         items = {**common, "optimizer.adam_moments": own * 8}
         if run.bf16:
             items["optimizer.fp32_master"] = own * 4
-        items["optimizer.adam_step"] = sum(b.shard_tensors[dp_rank] for b in buffers) * ADAM_STEP_BYTES
+        tensors = sum(b.shard_tensors[dp_rank] for b in buffers) + sum(
+            b.shard_tensors[edp_rank] for b in expert_buffers
+        )
+        items["optimizer.adam_step"] = tensors * ADAM_STEP_BYTES
         per_rank.append(items)
     return per_rank
 
@@ -186,6 +196,7 @@ def stage_activations(stage: list[Chunk], topo: Topology, run: StepRegime, shape
         # cos/sin are cached per chunk: one set per run of consecutive forwards of one chunk
         rotary_sets=1 if topo.vpp == 1 else -(-flights // topo.pp),
         gpu_spec=run.spec != "local",
+        moe_layers=stage[0].moe_layers,
     )
 
 
@@ -211,7 +222,7 @@ def stage_saved_peak(
     ``parallel.plan.census.SavedTensors`` measures over one training step."""
     vocab, seq = resolve_vocab_and_seq(cfg, vocab_size, seq_len)
     shape = Shape.from_config(cfg.model, vocab)
-    stage = chunks(shape, topo.tp, topo.pp, topo.vpp)[pp_rank]
+    stage = chunks(shape, topo.tp, topo.pp, topo.vpp, topo.ep)[pp_rank]
     return stage_activations(stage, topo, _run(cfg, topo, seq), shape).saved_peak
 
 
@@ -230,7 +241,7 @@ def estimate_memory(
     shape = Shape.from_config(cfg.model, vocab)
     run = _run(cfg, topo, seq)
     ranks = []
-    for stage in chunks(shape, topo.tp, topo.pp, topo.vpp):
+    for stage in chunks(shape, topo.tp, topo.pp, topo.vpp, topo.ep):
         shared = _activations(stage, topo, run, shape)
         if any(c.post_process for c in stage):
             m = act.Micro(run.seq, run.micro_batch, topo.tp, topo.sequence_parallel, run.dtype_bytes, False)

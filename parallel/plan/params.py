@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 
 from conf.groups import ModelConfig
+from conf.moe import moe_layer_pattern
 
 GPT2_VOCAB = 50257  # the vocabulary assumed when neither the caller nor a data manifest gives one
 
@@ -42,6 +43,16 @@ class Shape:
     qk_norm: bool
     learned_positions: bool
     tied: bool
+    # Mixture-of-Experts (model.num_experts): 0 experts = dense
+    experts: int = 0
+    topk: int = 0
+    moe_ffn: int = 0  # one expert's width
+    shared_ffn: int = 0  # the shared expert's width (0: none)
+    moe_pattern: tuple[int, ...] = ()  # 1 for each MoE layer
+
+    def is_moe(self, layer: int) -> bool:
+        """Whether global layer ``layer`` (0-based) is a MoE layer."""
+        return bool(self.moe_pattern) and bool(self.moe_pattern[layer])
 
     @classmethod
     def from_config(cls, model: ModelConfig, vocab_size: int) -> Shape:
@@ -61,7 +72,22 @@ class Shape:
             qk_norm=bool(model.qk_norm),
             learned_positions=str(model.position) != "rope",
             tied=bool(model.tie_embeddings),
+            **_moe_shape(model),
         )
+
+
+def _moe_shape(model: ModelConfig) -> dict[str, object]:
+    """Shape's MoE fields of ``model`` (a config saved before MoE existed is dense)."""
+    experts = getattr(model, "num_experts", None)
+    if experts is None:
+        return {}
+    return {
+        "experts": int(experts),
+        "topk": int(model.moe_topk),
+        "moe_ffn": int(model.moe_ffn_hidden_size or model.ffn_hidden_size),
+        "shared_ffn": int(model.moe_shared_expert_size or 0),
+        "moe_pattern": tuple(moe_layer_pattern(model)),
+    }
 
 
 Params = list[tuple[str, tuple[int, ...]]]  # (name as in named_parameters, shape on this tp rank)
@@ -72,8 +98,29 @@ def _norm(prefix: str, width: int, shape: Shape) -> Params:
     return out + [(f"{prefix}.bias", (width,))] if shape.layernorm else out
 
 
-def layer_params(shape: Shape, tp: int, index: int = 0) -> Params:
-    """One transformer layer on one tp rank, in megatron-core's module order."""
+def moe_params(shape: Shape, tp: int, prefix: str, ep: int = 1) -> Params:
+    """A MoE layer's router, this ep rank's experts (split over tp like an MLP: expert tp = tp) and
+    the shared expert, in megatron-core's module order (biases: refused with MoE)."""
+    units = 2 if shape.gated else 1
+    out: Params = [(f"{prefix}.router.weight", (shape.experts, shape.hidden))]
+    for e in range(shape.experts // ep):
+        expert = f"{prefix}.experts.local_experts.{e}"
+        out.append((f"{expert}.linear_fc1.weight", (units * shape.moe_ffn // tp, shape.hidden)))
+        out.append((f"{expert}.linear_fc2.weight", (shape.hidden, shape.moe_ffn // tp)))
+    if shape.shared_ffn:
+        out.append((f"{prefix}.shared_experts.linear_fc1.weight", (units * shape.shared_ffn // tp, shape.hidden)))
+        out.append((f"{prefix}.shared_experts.linear_fc2.weight", (shape.hidden, shape.shared_ffn // tp)))
+    return out
+
+
+def is_expert(name: str) -> bool:
+    """An expert's parameter: reduced over the expert-data-parallel group when ep > 1."""
+    return ".experts.local_experts." in name
+
+
+def layer_params(shape: Shape, tp: int, index: int = 0, ep: int = 1, layer: int | None = None) -> Params:
+    """One transformer layer on one tp rank, in megatron-core's module order; ``index`` names it
+    within its chunk, ``layer`` (default: ``index``) is its global number (0-based: MoE or dense)."""
     h, d = shape.hidden, shape.head_dim
     qkv = (shape.heads + 2 * shape.groups) * d // tp
     fc1 = (2 if shape.gated else 1) * shape.ffn // tp
@@ -88,6 +135,8 @@ def layer_params(shape: Shape, tp: int, index: int = 0) -> Params:
     if shape.qk_norm:
         out += _norm(f"{p}.self_attention.q_layernorm", d, shape) + _norm(f"{p}.self_attention.k_layernorm", d, shape)
     out += _norm(f"{p}.pre_mlp_layernorm", h, shape)
+    if shape.is_moe(index if layer is None else layer):
+        return out + moe_params(shape, tp, f"{p}.mlp", ep)
     out.append((f"{p}.mlp.linear_fc1.weight", (fc1, h)))
     if shape.bias:
         out.append((f"{p}.mlp.linear_fc1.bias", (fc1,)))
@@ -107,14 +156,16 @@ class Chunk:
     pre_process: bool  # holds the embeddings
     post_process: bool  # holds the final norm, output layer and loss
     params: Params
+    moe_layers: int = 0  # of ``layers``, the MoE ones
 
     @property
     def numel(self) -> int:
         return sum(math.prod(s) for _, s in self.params)
 
 
-def chunk_params(shape: Shape, tp: int, pre: bool, post: bool, layers: int) -> Params:
-    """``named_parameters`` of one chunk: embeddings, its layers, final norm, output layer."""
+def chunk_params(shape: Shape, tp: int, pre: bool, post: bool, layers: int, ep: int = 1, offset: int = 0) -> Params:
+    """``named_parameters`` of one chunk: embeddings, its layers (global numbers from ``offset``),
+    final norm, output layer."""
     h, v = shape.hidden, shape.vocab
     out: Params = []
     if pre:
@@ -122,7 +173,7 @@ def chunk_params(shape: Shape, tp: int, pre: bool, post: bool, layers: int) -> P
         if shape.learned_positions:
             out.append(("embedding.position_embeddings.weight", (shape.seq_len, h)))
     for i in range(layers):
-        out += layer_params(shape, tp, i)
+        out += layer_params(shape, tp, i, ep, offset + i)
     if post:
         out += _norm("decoder.final_layernorm", h, shape)
         # tied at one stage: the output layer multiplies by the embedding itself (no weight of its own);
@@ -132,16 +183,21 @@ def chunk_params(shape: Shape, tp: int, pre: bool, post: bool, layers: int) -> P
     return out
 
 
-def chunks(shape: Shape, tp: int, pp: int, vpp: int) -> list[list[Chunk]]:
+def chunks(shape: Shape, tp: int, pp: int, vpp: int, ep: int = 1) -> list[list[Chunk]]:
     """Every pipeline stage's chunks (``[pp_rank][vp_stage]``), layers split evenly as the
-    topology requires (``num_layers`` divisible by pp * vpp)."""
+    topology requires (``num_layers`` divisible by pp * vpp), megatron-core's interleaving: chunk
+    ``vp`` of stage ``rank`` holds layers from ``vp * layers / vpp + rank * per_chunk``; experts
+    split over ``ep``."""
     per_chunk = shape.layers // (pp * vpp)
     stages = []
     for rank in range(pp):
         row = []
         for vp in range(vpp):
             pre, post = rank == 0 and vp == 0, rank == pp - 1 and vp == vpp - 1
-            row.append(Chunk(rank, vp, per_chunk, pre, post, chunk_params(shape, tp, pre, post, per_chunk)))
+            offset = vp * (shape.layers // vpp) + rank * per_chunk
+            params = chunk_params(shape, tp, pre, post, per_chunk, ep, offset)
+            moe = sum(shape.is_moe(offset + i) for i in range(per_chunk))
+            row.append(Chunk(rank, vp, per_chunk, pre, post, params, moe))
         stages.append(row)
     return stages
 

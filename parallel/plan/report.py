@@ -14,6 +14,7 @@ TERMS = {  # the step-time terms in print order, with the names people read
     "recompute": "recompute",
     "overhead": "per-layer overhead",
     "tp_comm": "TP comm",
+    "ep_comm": "EP all-to-all",
     "pp_p2p": "PP send/recv",
     "pp_bubble": "PP bubble",
     "dp_comm": "DP grad reduce",
@@ -25,7 +26,7 @@ SOFTWARE = "gpt-plan"  # the PNG text chunk that marks a plot as ours (replaced 
 
 
 LEGEND = (  # the search table's columns, for the names too long to head a column
-    "tp, pp, vpp, dp: tensor-, pipeline-, virtual-pipeline- and data-parallel sizes; micro: micro-batch "
+    "tp, pp, vpp, dp, ep: tensor-, pipeline-, virtual-pipeline-, data- and expert-parallel sizes; micro: micro-batch "
     "(sequences per rank per forward); accum: gradient-accumulation steps (global batch = micro x accum x dp)",
     "optimizer: the engine and where its optimizer state lives: megatron dist-opt (sharded over dp by its "
     "distributed optimizer) or replicated, deepspeed zero0-zero3, +offload (in host memory)",
@@ -118,14 +119,14 @@ def _search(report: dict[str, Any], top: int) -> list[str]:
         + (f"; the best {top}" if found["listed"] > top else "")
         + ", fastest first:",
     ]
-    head = f"{'#':>3} {'tp':>3} {'pp':>3} {'vpp':>3} {'dp':>4} {'micro':>5} {'accum':>5} {'recompute':<9} "
+    head = f"{'#':>3} {'tp':>3} {'pp':>3} {'vpp':>3} {'dp':>4} {'ep':>3} {'micro':>5} {'accum':>5} {'recompute':<9} "
     head += f"{'optimizer':<23} {'GiB':>7} {'step s':>8} {'tokens/s':>11} {'MFU':>6}"
     lines.append("  " + head)
     for r in found["layouts"][:top]:
         lines.append(
-            f"  {r['rank']:>3} {r['tp']:>3} {r['pp']:>3} {r['vpp']:>3} {r['dp']:>4} {r['micro_batch']:>5} "
-            f"{r['accumulation']:>5} {r['recompute']:<9} {_optimizer(r):<23} {r['memory_gib']:>7.2f} "
-            f"{r['step_s']:>8.4g} {r['tokens_per_s']:>11,.0f} {100 * r['mfu']:>5.1f}%"
+            f"  {r['rank']:>3} {r['tp']:>3} {r['pp']:>3} {r['vpp']:>3} {r['dp']:>4} {r.get('ep', 1):>3} "
+            f"{r['micro_batch']:>5} {r['accumulation']:>5} {r['recompute']:<9} {_optimizer(r):<23} "
+            f"{r['memory_gib']:>7.2f} {r['step_s']:>8.4g} {r['tokens_per_s']:>11,.0f} {100 * r['mfu']:>5.1f}%"
         )
     if found["layouts"]:
         lines += [f"  {line}" for line in LEGEND]
@@ -189,7 +190,8 @@ def plot_search(path: str, rows: list[dict[str, Any]], hw: Any) -> str:
     if rows:
         best = rows[0]
         ax.annotate(
-            f"best: tp{best['tp']} pp{best['pp']} vpp{best['vpp']} dp{best['dp']} mb{best['micro_batch']}",
+            f"best: tp{best['tp']} pp{best['pp']} vpp{best['vpp']} dp{best['dp']} ep{best.get('ep', 1)} "
+            f"mb{best['micro_batch']}",
             (best["memory_gib"], best["tokens_per_s"]),
             fontsize=8,
         )

@@ -41,6 +41,7 @@ class Layout:
     distributed_optimizer: bool = False  # megatron
     zero_stage: int = 0  # deepspeed
     offload: bool = False  # deepspeed
+    ep: int = 1  # expert parallelism (MoE models): divides dp and model.num_experts
 
     @property
     def optimizer(self) -> str:
@@ -57,6 +58,7 @@ class Layout:
             "train.micro_batch": self.micro_batch,
             "model.recompute": self.recompute,
             "parallel.engine": self.engine,
+            "parallel.ep": self.ep,
         }
         if not capabilities(self.engine).zero:
             out["parallel.distributed_optimizer"] = self.distributed_optimizer
@@ -85,8 +87,10 @@ def _divisors(n: int) -> list[int]:
 
 
 def layouts(cfg: Groups, world: int, gpus_per_node: int) -> Iterator[Layout]:
-    """Every candidate for ``world`` ranks (the checks decide which are valid)."""
+    """Every candidate for ``world`` ranks (the checks decide which are valid); a MoE model's also
+    at every expert-parallel size that divides dp and its experts."""
     layers, global_batch = int(cfg.model.num_layers), int(cfg.train.global_batch)
+    experts = getattr(cfg.model, "num_experts", None)
     for tp in [d for d in _divisors(world) if d <= gpus_per_node]:
         for pp in [d for d in _divisors(world // tp) if layers % d == 0]:
             dp = world // (tp * pp)
@@ -103,17 +107,19 @@ def layouts(cfg: Groups, world: int, gpus_per_node: int) -> Iterator[Layout]:
                     optimizers.append((caps.name, True, 0, False))
                 if caps.offload:
                     optimizers += [(caps.name, False, s, True) for s in caps.zero_stages if s >= 1]
+            eps = [d for d in _divisors(dp) if experts and int(experts) % d == 0] or [1]
             for vpp in vpps:
                 for micro in micros:
                     for recompute in RECOMPUTE:
                         for engine, dist, stage, offload in optimizers:
-                            yield Layout(tp, pp, vpp, micro, recompute, engine, dist, stage, offload)
+                            for ep in eps:
+                                yield Layout(tp, pp, vpp, micro, recompute, engine, dist, stage, offload, ep)
 
 
 def _states_floor(layout: Layout, topo: Topology, cfg: Any, vocab_size: int) -> float:
     """A lower bound of the largest stage's device bytes: its weights and Adam moments, as sharded."""
     shape = Shape.from_config(cfg.model, vocab_size)
-    params = max(stage.params for stage in stages(shape, topo.tp, topo.pp, topo.vpp))
+    params = max(stage.params for stage in stages(shape, topo.tp, topo.pp, topo.vpp, topo.ep))
     weights = params * (2 if cfg.train.bf16 else 4)
     sharded = cfg.optimizer_sharded
     moments = 0.0 if layout.offload else params * 8 / (topo.dp if sharded else 1)
@@ -134,7 +140,7 @@ def search(
     dropped: Counter = Counter()
     too_big: set[tuple] = set()  # (structure, recompute) whose smaller micro-batch did not fit
     for layout in layouts(groups, world, hw.gpus_per_node):
-        structure = (layout.tp, layout.pp, layout.vpp, layout.optimizer, layout.recompute)
+        structure = (layout.tp, layout.pp, layout.vpp, layout.optimizer, layout.recompute, layout.ep)
         if structure in too_big:  # activations only grow with the micro-batch
             dropped["does not fit"] += 1
             continue

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from parallel.capabilities import capabilities
 from parallel.plan.hardware import Hardware
 from parallel.plan.memory import resolve_vocab_and_seq
-from parallel.plan.params import Shape, chunks
+from parallel.plan.params import Shape, chunks, is_expert
 from parallel.run_config import Run
 from parallel.topology import Topology
 
@@ -69,8 +69,11 @@ def model_flops_per_token(shape: Shape, seq: int) -> float:
     """pretrain/model/gpt.py ``flops_per_token``: 6 x matmul parameters (output layer included) +
     6 x layers x seq x hidden (attention scores and values, PaLM's convention)."""
     h, kv = shape.hidden, shape.head_dim * shape.groups
-    mlp = (3 if shape.gated else 2) * h * shape.ffn
-    matmul = shape.layers * (2 * h * h + 2 * h * kv + mlp) + h * shape.vocab
+    units = 3 if shape.gated else 2
+    moe = sum(shape.moe_pattern)  # MoE layers count the router and the experts a token visits
+    mlp = (shape.layers - moe) * units * h * shape.ffn
+    mlp += moe * (units * h * (shape.topk * shape.moe_ffn + shape.shared_ffn) + h * shape.experts)
+    matmul = shape.layers * (2 * h * h + 2 * h * kv) + mlp + h * shape.vocab
     return 6.0 * matmul + 6.0 * shape.layers * seq * h
 
 
@@ -83,10 +86,12 @@ class Stage:
     pre: bool  # embeddings
     post: bool  # output layer and loss
     params: int
+    moe_layers: int = 0  # of ``layers``
+    expert_params: int = 0  # of ``params``: this ep rank's experts (reduced over dp / ep ranks)
 
 
 @functools.lru_cache(maxsize=256)
-def stages(shape: Shape, tp: int, pp: int, vpp: int) -> tuple[Stage, ...]:
+def stages(shape: Shape, tp: int, pp: int, vpp: int, ep: int = 1) -> tuple[Stage, ...]:
     """Every pipeline stage (cached: a search asks for the same ones many times)."""
     return tuple(
         Stage(
@@ -95,8 +100,10 @@ def stages(shape: Shape, tp: int, pp: int, vpp: int) -> tuple[Stage, ...]:
             any(c.pre_process for c in row),
             any(c.post_process for c in row),
             sum(c.numel for c in row),
+            sum(c.moe_layers for c in row),
+            sum(math.prod(s) for c in row for n, s in c.params if ep > 1 and is_expert(n)),
         )
-        for row in chunks(shape, tp, pp, vpp)
+        for row in chunks(shape, tp, pp, vpp, ep)
     )
 
 
@@ -107,6 +114,7 @@ class Links:
     tp: float
     dp: float
     pp: float
+    ep: float = 0.0  # the expert-parallel group: ep ranks tp apart
 
     @classmethod
     def of(cls, topo: Topology, hw: Hardware) -> Links:
@@ -115,7 +123,7 @@ class Links:
         def bw(span: int) -> float:
             return hw.intra_bw if span <= per_node else hw.inter_bw
 
-        return cls(bw(topo.tp), bw(topo.tp * topo.dp), bw(topo.tp * topo.dp * topo.pp))
+        return cls(bw(topo.tp), bw(topo.tp * topo.dp), bw(topo.tp * topo.dp * topo.pp), bw(topo.tp * topo.ep))
 
 
 def estimate_time(
@@ -164,6 +172,7 @@ def estimate_time(
         if sp
         else 2 * comm("all-reduce", act_bytes, tp, links.tp)
     )
+    moe = _moe_layer(shape, topo, hw, links, n, e, model.mlp)
     redo = 0.0
     if recompute == "full":  # the layer's forward again in backward, its collectives included
         redo = gemm_fwd + attention / 3.5 + elementwise / 3 + tp_layer / 2
@@ -181,11 +190,12 @@ def estimate_time(
 
     def stage_terms(stage: Stage) -> dict[str, float]:
         out = {
-            "matmul": stage.layers * gemm_all,
+            "matmul": stage.layers * gemm_all + stage.moe_layers * moe["matmul"],
             "attention": stage.layers * attention,
-            "elementwise": stage.layers * elementwise,
+            "elementwise": stage.layers * elementwise + stage.moe_layers * moe["elementwise"],
             "recompute": stage.layers * redo,
-            "tp_comm": stage.layers * tp_layer,
+            "tp_comm": stage.layers * tp_layer + stage.moe_layers * moe["tp_comm"],
+            "ep_comm": stage.moe_layers * moe["ep_comm"],
             "pp_p2p": 0.0,
             "overhead": stage.layers * dispatch,
         }
@@ -202,7 +212,7 @@ def estimate_time(
             out["pp_p2p"] = 2 * stage.chunks * comm("send", sent, 2, links.pp)
         return out
 
-    all_stages = stages(shape, tp, pp, vpp)
+    all_stages = stages(shape, tp, pp, vpp, topo.ep)
     per_stage = [stage_terms(stage) for stage in all_stages]
     slowest = max(range(pp), key=lambda r: sum(per_stage[r].values()))
     micro = per_stage[slowest]
@@ -210,8 +220,10 @@ def estimate_time(
     terms["pp_bubble"] = (pp - 1) / vpp * sum(micro.values())
     terms["overhead"] += per_step * hw.layer_overhead_s
 
-    # after the micro-batches: gradients over dp, the optimizer step (the stage with the most parameters)
-    params = max(stage.params for stage in all_stages)
+    # after the micro-batches: gradients over dp, the optimizer step (the stage with the most parameters;
+    # its experts' gradients over the dp / ep ranks holding the same experts)
+    largest = max(all_stages, key=lambda st: st.params)
+    params, experts = largest.params - largest.expert_params, largest.expert_params
     caps = capabilities(engine)
     stage = int(par.zero_stage) if caps.zero else 0
     sharded = cfg.optimizer_sharded
@@ -234,10 +246,14 @@ def estimate_time(
         modules = [k * o for k, o in linears] * shape.layers + [shape.vocab * h]
         gather = 2 * m * sum(comm("all-gather", numel * e, dp, bw) for numel in modules)
     terms["dp_comm"] = reduce + (gather if stage != 3 else 0.0)
+    if experts:  # megatron's expert buffer: reduced (and gathered) over dp / ep ranks
+        edp = dp // topo.ep
+        terms["dp_comm"] += comm("reduce-scatter" if sharded else "all-reduce", experts * grad_bytes, edp, bw)
+        terms["dp_comm"] += comm("all-gather", experts * e, edp, bw) if sharded else 0.0
     terms["zero3_gather"] = gather if stage == 3 else 0.0
     if pp > 1 and shape.tied:  # the embedding's gradient, all-reduced between the first and last stage
         terms["dp_comm"] += comm("all-reduce", shape.vocab // tp * h * 4, 2, links.pp)
-    owned = params / dp if sharded else params
+    owned = (params / dp + experts / (dp // topo.ep)) if sharded else params + experts
     step_bytes = owned * (ADAM_BYTES + (ADAM_BF16_EXTRA if e == 2 else 0))
     offload = caps.offload and str(par.offload) == "cpu"
     terms["optimizer"] = step_bytes / (hw.host_bw if offload else hw.memory_bw)
@@ -248,6 +264,8 @@ def estimate_time(
             terms["offload_pcie"] += 2 * m * owned * e / hw.pcie_bw
     if recompute != "none":
         notes.append(f"model.recompute={recompute}: its forward work is the 'recompute' term (not in MFU)")
+    if sum(shape.moe_pattern):
+        notes.append("MoE: matmul and model FLOPs count the experts a token is routed to (balanced load)")
     return StepTime(
         terms=terms,
         tokens_per_step=int(train.global_batch) * seq,
@@ -256,3 +274,32 @@ def estimate_time(
         peak_flops=hw.peak_flops,
         notes=notes,
     )
+
+
+def _moe_layer(shape: Shape, topo: Topology, hw: Hardware, links: Links, n: int, e: int, mlp: str) -> dict[str, float]:
+    """What a MoE layer costs beyond the dense layer's terms (its MLP replaced), one micro-batch of
+    ``n`` tokens on one rank: the router, each token's ``topk`` expert MLPs (with balanced load each
+    rank runs ``n x topk`` of them at 1/tp of the width; tp gathers the sequence shards first), the
+    shared expert, and the token dispatch: an all-to-all over ep forward and back, twice (dispatch
+    and combine), plus the gather / reduce-scatter over tp with sequence parallelism."""
+    if not sum(shape.moe_pattern):
+        return {"matmul": 0.0, "elementwise": 0.0, "tp_comm": 0.0, "ep_comm": 0.0}
+    tp, h, units = topo.tp, shape.hidden, 2 if shape.gated else 1
+    routed = n * shape.topk
+    dense = hw.linear_s(n, h, units * shape.ffn // tp, e) + hw.linear_s(n, shape.ffn // tp, h, e)
+    moe = hw.linear_s(n // (tp if topo.sequence_parallel else 1), h, shape.experts, 4)  # the router (fp32)
+    moe += hw.linear_s(routed, h, units * shape.moe_ffn // tp, e) + hw.linear_s(routed, shape.moe_ffn // tp, h, e)
+    if shape.shared_ffn:
+        moe += hw.linear_s(n, h, units * shape.shared_ffn // tp, e) + hw.linear_s(n, shape.shared_ffn // tp, h, e)
+    passes = F_PASSES[mlp]
+    width = routed * shape.moe_ffn + n * shape.shared_ffn - n * shape.ffn
+    elementwise = hw.elementwise_s(e * (passes * width / tp + 6 * routed * h))  # + permute / unpermute copies
+    tokens = routed * h * e / (tp if topo.sequence_parallel else 1)
+    comm = hw.collective_s
+    ep_comm = 4 * comm("all-to-all", tokens, topo.ep, links.ep)
+    tp_comm = 0.0
+    if topo.sequence_parallel:
+        tp_comm = 2 * (
+            comm("all-gather", routed * h * e, tp, links.tp) + comm("reduce-scatter", routed * h * e, tp, links.tp)
+        )
+    return {"matmul": moe - dense, "elementwise": elementwise, "tp_comm": tp_comm, "ep_comm": ep_comm}

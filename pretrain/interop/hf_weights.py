@@ -1,4 +1,4 @@
-"""The weight mapping between this project's megatron-core GPT and transformers' GPT-2, Llama and Qwen3.
+"""The weight mapping between this project's megatron-core GPT and transformers' GPT-2, Llama, Qwen3 (and MoE).
 
 Why a mapping and not a conversion library: every architecture option of ``model.*`` is
 megatron-core's own implementation, and each of the three transformers architectures is one
@@ -9,6 +9,7 @@ fixed combination of them, so export and import are pure re-layouts of the same 
 | learned, layernorm, gelu, MHA, bias (tied or not) | ``GPT2LMHeadModel`` |
 | rope, rmsnorm, swiglu, any query groups, bias or not, tied or not | ``LlamaForCausalLM`` |
 | the same with ``qk_norm`` and no bias | ``Qwen3ForCausalLM`` |
+| MoE (``num_experts``), with ``qk_norm`` / without | ``Qwen3MoeForCausalLM`` / ``MixtralForCausalLM`` (hf_moe.py) |
 
 Any other combination (rope with LayerNorm, learned positions with RMSNorm, grouped-query
 attention in GPT-2, ...) has no transformers equivalent and is refused in one line rather
@@ -29,12 +30,15 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from conf.errors import UserError
+from pretrain.interop import hf_moe
+from pretrain.interop.hf_moe import MIXTRAL, MOE_CLASSES, QWEN3_MOE, pattern
 
 if TYPE_CHECKING:  # torch only where tensors are moved: gpt-import refuses a config.json before importing it
     import torch
 
 GPT2, LLAMA, QWEN3 = "gpt2", "llama", "qwen3"
-CLASSES = {GPT2: "GPT2LMHeadModel", LLAMA: "LlamaForCausalLM", QWEN3: "Qwen3ForCausalLM"}
+CLASSES = {GPT2: "GPT2LMHeadModel", LLAMA: "LlamaForCausalLM", QWEN3: "Qwen3ForCausalLM", **MOE_CLASSES}
+QK_NORM = (QWEN3, QWEN3_MOE)  # architectures with per-head q/k norms
 # (key, GPT-2's value, Llama's value): the classic and the modern shape
 SHAPES = (("position", "learned", "rope"), ("norm", "layernorm", "rmsnorm"), ("mlp", "gelu", "swiglu"))
 # buffers some checkpoints carry beside the weights (GPT-2's causal mask, old Llama's inverse frequencies)
@@ -57,6 +61,8 @@ def hf_architecture(model_cfg: Mapping[str, Any]) -> str:
             raise UserError("model.qk_norm=true: GPT-2 has no QK-norm; refusing to export")
         return GPT2
     if all(values[key] == modern for key, _, modern in SHAPES):
+        if hf_moe.is_moe_model(model_cfg):  # Qwen3-MoE or Mixtral (pretrain/interop/hf_moe.py)
+            return hf_moe.moe_architecture(model_cfg)
         if not qk_norm:
             return LLAMA
         if bias:
@@ -106,6 +112,8 @@ def hf_config(model_cfg: Mapping[str, Any], vocab_size: int, eot_id: int) -> tup
         "attention_dropout": 0.0,
         **common,
     }
+    if arch in MOE_CLASSES:
+        return arch, hf_moe.moe_hf_config(arch, m, modern)
     if arch == LLAMA:
         from transformers import LlamaConfig
 
@@ -146,6 +154,7 @@ def to_hf(sd: Mapping[str, torch.Tensor], model_cfg: Mapping[str, Any], vocab: i
     _, groups, per_group, head_dim = _dims(m)
     tied, bias, ffn = bool(m.get("tie_embeddings", True)), bool(m.get("bias", True)), int(m["ffn_hidden_size"])
     out: Weights = {}
+    moe_layers = pattern(m)
     if arch == GPT2:
         out["transformer.wte.weight"] = sd["embedding.word_embeddings.weight"][:vocab]
         out["transformer.wpe.weight"] = sd["embedding.position_embeddings.weight"]
@@ -180,17 +189,29 @@ def to_hf(sd: Mapping[str, torch.Tensor], model_cfg: Mapping[str, Any], vocab: i
         dst, attn = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
         out[dst + "input_layernorm.weight"] = sd[src + "input_layernorm.weight"]
         out[dst + "post_attention_layernorm.weight"] = sd[src + "pre_mlp_layernorm.weight"]
-        if arch == QWEN3:
+        if arch in QK_NORM:
             out[attn + "q_norm.weight"] = sd[src + "self_attention.q_layernorm.weight"]
             out[attn + "k_norm.weight"] = sd[src + "self_attention.k_layernorm.weight"]
         for p in ("weight", "bias") if bias else ("weight",):
             q, k, v = _split_qkv(sd[src + f"self_attention.linear_qkv.{p}"], groups, per_group, head_dim)
             out |= {attn + f"q_proj.{p}": q, attn + f"k_proj.{p}": k, attn + f"v_proj.{p}": v}
             out[attn + f"o_proj.{p}"] = sd[src + f"self_attention.linear_proj.{p}"]
+            if moe_layers[i]:
+                out |= hf_moe.moe_to_hf(sd, src, dst, int(m["num_experts"]))
+                continue
             gate, up = sd[src + f"mlp.linear_fc1.{p}"].split(ffn)  # [gate; up]: silu acts on the first half
             out[dst + f"mlp.gate_proj.{p}"], out[dst + f"mlp.up_proj.{p}"] = gate, up
             out[dst + f"mlp.down_proj.{p}"] = sd[src + f"mlp.linear_fc2.{p}"]
     return {k: v.detach().float().contiguous().clone() for k, v in out.items()}
+
+
+def architecture_of(overrides: Mapping[str, Any]) -> str:
+    """The transformers architecture of gpt-import's ``model.*`` overrides (a mapping they came from)."""
+    if overrides["position"] == "learned":
+        return GPT2
+    if overrides.get("num_experts") is not None:
+        return QWEN3_MOE if overrides["qk_norm"] else MIXTRAL
+    return QWEN3 if overrides["qk_norm"] else LLAMA
 
 
 def _rope(hf: Mapping[str, Any]) -> float:
@@ -242,11 +263,13 @@ def model_overrides(hf: Mapping[str, Any], approximate_gelu: bool = False) -> di
             "tie_embeddings": bool(hf.get("tie_word_embeddings", True)),
             "layernorm_eps": float(hf.get("layer_norm_epsilon", 1e-5)),
         }
-    if kind not in (LLAMA, QWEN3):
-        raise UserError(f"model_type={kind or '?'}: gpt-import reads transformers' gpt2, llama and qwen3 models")
+    if kind not in (LLAMA, QWEN3, *MOE_CLASSES):
+        raise UserError(
+            f"model_type={kind or '?'}: gpt-import reads transformers' gpt2, llama, qwen3, qwen3_moe and mixtral models"
+        )
     if str(hf.get("hidden_act", "silu")) != "silu":
         raise UserError(f"hidden_act={hf['hidden_act']}: only SwiGLU (silu) is supported; refusing to import")
-    if hf.get("sliding_window") is not None and (kind == LLAMA or hf.get("use_sliding_window")):
+    if hf.get("sliding_window") is not None and (kind in (LLAMA, MIXTRAL) or hf.get("use_sliding_window")):
         raise UserError(f"sliding_window={hf['sliding_window']}: sliding-window attention is not supported")
     heads, hidden = int(hf["num_attention_heads"]), int(hf["hidden_size"])
     if hf.get("head_dim") not in (None, hidden // heads) or hidden % heads:
@@ -254,9 +277,10 @@ def model_overrides(hf: Mapping[str, Any], approximate_gelu: bool = False) -> di
     bias = bool(hf.get("attention_bias", False))
     if kind == LLAMA and bool(hf.get("mlp_bias", False)) != bias:
         raise UserError(f"attention_bias={bias} with mlp_bias={hf.get('mlp_bias')}: model.bias is one switch")
-    if kind == QWEN3 and bias:
-        raise UserError("attention_bias=true in Qwen3: biases in attention only are not supported")
+    if kind in QK_NORM and bias:
+        raise UserError(f"attention_bias=true in {kind}: biases in attention only are not supported")
     groups = int(hf.get("num_key_value_heads") or heads)
+    moe = hf_moe.moe_overrides(hf) if kind in MOE_CLASSES else {}
     return {
         "num_layers": int(hf["num_hidden_layers"]),
         "num_heads": heads,
@@ -268,10 +292,11 @@ def model_overrides(hf: Mapping[str, Any], approximate_gelu: bool = False) -> di
         "norm": "rmsnorm",
         "mlp": "swiglu",
         "num_query_groups": None if groups == heads else groups,
-        "qk_norm": kind == QWEN3,
+        "qk_norm": kind in QK_NORM,
         "bias": bias,
         "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
         "layernorm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+        **moe,
     }
 
 
@@ -280,6 +305,9 @@ class _Source:
 
     def __init__(self, hf_sd: Mapping[str, torch.Tensor], prefix: str) -> None:
         self.hf_sd, self.prefix, self.used = hf_sd, prefix, set()
+
+    def has(self, name: str) -> bool:
+        return any(key in self.hf_sd for key in (self.prefix + name, name))
 
     def __call__(self, name: str) -> torch.Tensor:
         for key in (self.prefix + name, name):
@@ -297,9 +325,10 @@ def iter_from_hf(
     import torch
 
     m = overrides
-    arch = GPT2 if m["position"] == "learned" else (QWEN3 if m["qk_norm"] else LLAMA)
+    arch = architecture_of(m)
     heads, groups, per_group, head_dim = _dims(m)
     get = _Source(hf_sd, "transformer." if arch == GPT2 else "model.")
+    moe_layers = pattern(m)
     if arch == GPT2:
         yield "embedding.word_embeddings.weight", get("wte.weight")
         yield "embedding.position_embeddings.weight", get("wpe.weight")[:seq_len]
@@ -326,13 +355,16 @@ def iter_from_hf(
         src, attn = f"layers.{i}.", f"layers.{i}.self_attn."
         yield dst + "input_layernorm.weight", get(src + "input_layernorm.weight")
         yield dst + "pre_mlp_layernorm.weight", get(src + "post_attention_layernorm.weight")
-        if arch == QWEN3:
+        if arch in QK_NORM:
             yield dst + "self_attention.q_layernorm.weight", get(attn + "q_norm.weight")
             yield dst + "self_attention.k_layernorm.weight", get(attn + "k_norm.weight")
         for p in ("weight", "bias") if m["bias"] else ("weight",):
             qkv = [get(attn + f"{x}_proj.{p}") for x in "qkv"]
             yield dst + f"self_attention.linear_qkv.{p}", _fuse_qkv(*qkv, groups, head_dim)
             yield dst + f"self_attention.linear_proj.{p}", get(attn + f"o_proj.{p}")
+            if moe_layers[i]:
+                yield from hf_moe.moe_from_hf(get, get.has, arch, i, int(m["num_experts"]))
+                continue
             gate_up = [get(src + f"mlp.{x}_proj.{p}") for x in ("gate", "up")]
             yield dst + f"mlp.linear_fc1.{p}", torch.cat(gate_up)  # [gate; up]
             yield dst + f"mlp.linear_fc2.{p}", get(src + f"mlp.down_proj.{p}")
@@ -350,7 +382,7 @@ def refuse_unknown(names: Iterable[str], used: set[str], overrides: Mapping[str,
     if overrides["tie_embeddings"]:
         unused = [k for k in unused if k != "lm_head.weight"]  # a tied copy some checkpoints keep
     if unused:
-        arch = GPT2 if overrides["position"] == "learned" else (QWEN3 if overrides["qk_norm"] else LLAMA)
+        arch = architecture_of(overrides)
         more = f" and {len(unused) - 1} more" if len(unused) > 1 else ""
         raise UserError(f"{unused[0]}{more}: weights this {arch} mapping does not know; refusing to import")
 
@@ -385,7 +417,13 @@ def expected_shapes(overrides: Mapping[str, Any], vocab: int) -> dict[str, tuple
         if m["bias"]:
             layer |= {f"{n}.bias": shape[:1] for n, shape in linears.items()}
         prefix = "layers"
+    arch, moe_layers = architecture_of(m), pattern(m)
     for i in range(int(m["num_layers"])):
+        if moe_layers[i]:  # the router and experts in place of the MLP
+            width = int(m.get("moe_ffn_hidden_size") or ffn)
+            out |= {f"{prefix}.{i}.{n}": shape for n, shape in layer.items() if not n.startswith("mlp.")}
+            out |= hf_moe.moe_shapes(arch, i, int(m["num_experts"]), hidden, width)
+            continue
         out |= {f"{prefix}.{i}.{name}": shape for name, shape in layer.items()}
     if not m["tie_embeddings"]:
         out["lm_head.weight"] = (vocab, hidden)

@@ -63,7 +63,7 @@ def load_model(spec: str | Path, wrap: Wrap | None = None) -> LoadedModel:
 
     path = model_checkpoint(spec)  # a DeepSpeed step is converted to megatron's format once
     state = TrainState.read(path)
-    cfg = Run.from_saved(state.config, tp=1, pp=1, vpp=1)
+    cfg = Run.from_saved(state.config, tp=1, pp=1, vpp=1, ep=1)  # experts of any ep: all here
     tokenizer_dir = path if (path / TOKENIZER_FILE).is_file() else Path(cfg.data.dir)
     tokenizer = load_tokenizer(tokenizer_dir)
     vocab_size = state.vocab_size  # the tokenizer's; a fine-tuned model has its added tokens beyond it

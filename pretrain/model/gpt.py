@@ -38,6 +38,7 @@ from pretrain.model.layers import (
     norm_class,
     use_local_rotary,
 )
+from pretrain.model.moe import active_mlp_params, moe_fields, use_seeded_experts
 
 
 def padded_vocab_size(vocab_size: int, model_cfg: ModelConfig) -> int:
@@ -90,6 +91,7 @@ def transformer_config(model_cfg: ModelConfig, **layout: Any) -> TransformerConf
         init_method_std=float(model_cfg.init_std),
         layernorm_epsilon=float(model_cfg.layernorm_eps),
         **architecture(model_cfg),
+        **moe_fields(model_cfg),
         # the same full-weight init at every tp and device: a tp=2 run starts where a tp=1 run does
         use_cpu_initialization=True,
         **layout,
@@ -130,6 +132,7 @@ class GPT(GPTModel):
             and not cfg.sequence_parallel
             and bool(attentions)
             and all(isinstance(m, SDPAttention) for m in attentions)
+            and cfg.num_moe_experts is None  # megatron's MoE layer reads [s, b] (sequence-level aux loss)
         )
         if self.batch_first:
             for m in attentions:
@@ -193,8 +196,11 @@ def transformer_engine_usable() -> bool:
     return True
 
 
-def _layer_spec(config: TransformerConfig, spec: str, attention: str) -> tuple[ModuleSpec, Any]:
-    """(layer spec, final norm class) for ``model.spec`` = auto | te | local.
+def _layer_spec(
+    config: TransformerConfig, spec: str, attention: str, num_experts: int | None = None
+) -> tuple[ModuleSpec, Any]:
+    """(layer spec, final norm class) for ``model.spec`` = auto | te | local; with ``num_experts``
+    a MoE layer (megatron-core's MoE spec, experts seeded per global index: ``pretrain/model/moe.py``).
 
     ``te``: megatron-core's Transformer Engine spec (fused LayerNorm+linear, TE's fused
     attention). ``local``: the local spec with :class:`LayerNorm` and, for
@@ -211,10 +217,13 @@ def _layer_spec(config: TransformerConfig, spec: str, attention: str) -> tuple[M
         from megatron.core.extensions.transformer_engine import TENorm
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm), TENorm
+        layer = get_gpt_layer_with_transformer_engine_spec(num_experts, False, qk_layernorm=config.qk_layernorm)
+        if num_experts is not None:
+            use_seeded_experts(layer)
+        return layer, TENorm
     if spec != "local":
         raise UserError(f"model.spec={spec}: expected auto, te or local")
-    layer: ModuleSpec = get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm)
+    layer: ModuleSpec = get_gpt_layer_local_spec(num_experts, False, qk_layernorm=config.qk_layernorm)
     norm = norm_class(config)
     if attention == "sdpa":
         layer.submodules.self_attention.submodules.core_attention = SDPAttention
@@ -225,7 +234,10 @@ def _layer_spec(config: TransformerConfig, spec: str, attention: str) -> tuple[M
     if config.qk_layernorm:
         attention.q_layernorm = attention.k_layernorm = norm
     attention.linear_qkv, attention.linear_proj = LocalColumnParallelLinear, LocalRowParallelLinear
-    mlp.linear_fc1, mlp.linear_fc2 = LocalColumnParallelLinear, LocalRowParallelLinear
+    if num_experts is not None:
+        use_seeded_experts(layer, LocalColumnParallelLinear, LocalRowParallelLinear)
+    else:
+        mlp.linear_fc1, mlp.linear_fc2 = LocalColumnParallelLinear, LocalRowParallelLinear
     use_local_rotary()
     return layer, norm
 
@@ -233,12 +245,21 @@ def _layer_spec(config: TransformerConfig, spec: str, attention: str) -> tuple[M
 def decoder_spec(
     config: TransformerConfig, seed: int, vp_stage: int | None = None, attention: str = "sdpa", spec: str = "local"
 ) -> TransformerBlockSubmodules:
-    """The layer spec of :func:`_layer_spec` with layers seeded per global layer number."""
+    """The layer specs of :func:`_layer_spec` for this stage, seeded per global layer number; MoE
+    and dense layers as ``config.moe_layer_freq`` interleaves them (megatron-core's reading)."""
     layer, final_norm = _layer_spec(config, spec, attention)
-    layer.module = SeededTransformerLayer
-    layer.params = {**layer.params, "init_seed": seed}
+    kinds = [layer]
+    if config.num_moe_experts is not None:
+        kinds.append(_layer_spec(config, spec, attention, config.num_moe_experts)[0])
+    for kind in kinds:
+        kind.module = SeededTransformerLayer
+        kind.params = {**kind.params, "init_seed": seed}
     count = get_num_layers_to_build(config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[layer] * count, layer_norm=final_norm)
+    pattern = config.moe_layer_freq if config.num_moe_experts is not None else [0] * config.num_layers
+    offset = get_transformer_layer_offset(config, vp_stage)
+    return TransformerBlockSubmodules(
+        layer_specs=[kinds[k] for k in pattern[offset : offset + count]], layer_norm=final_norm
+    )
 
 
 def build_gpt(
@@ -279,11 +300,11 @@ def position_ids(batch: int, seq_len: int) -> torch.Tensor:
 
 
 def flops_per_token(model_cfg: ModelConfig, vocab_size: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6·N (N = non-embedding matmul params + output layer) plus
-    attention scores and values (6·layers·seq·d, PaLM appendix B convention)."""
+    """Training FLOPs per token: 6·N (N = non-embedding matmul params + output layer; a MoE layer's
+    active ones) plus attention scores and values (6·layers·seq·d, PaLM appendix B convention)."""
     d, layers = int(model_cfg.hidden_size), int(model_cfg.num_layers)
-    ffn, heads = int(model_cfg.ffn_hidden_size), int(model_cfg.num_heads)
+    heads = int(model_cfg.num_heads)
     kv = d // heads * int(model_cfg.num_query_groups or heads)  # key and value widths
-    mlp = (3 if model_cfg.mlp == "swiglu" else 2) * d * ffn
+    mlp = active_mlp_params(model_cfg)[0]  # a MoE layer: the experts a token is routed to
     matmul_params = layers * (2 * d * d + 2 * d * kv + mlp) + d * padded_vocab_size(vocab_size, model_cfg)
     return 6.0 * matmul_params + 6.0 * layers * seq_len * d

@@ -142,13 +142,15 @@ class LocalMLP(MLP):
 
     megatron's unfused gated path computes fc1 as one [.., 2f] output and chunks it, so the
     backward concatenates the two halves' gradients (a full copy per layer); views of the
-    weight give the same function without it. Anything else runs megatron's forward.
+    weight give the same function without it. A MoE expert (``per_token_scale``: each token's
+    routing weight, applied to the activation as megatron does) takes the same path when it has
+    no fc2 bias (megatron would add that bias scaled too). Anything else runs megatron's forward.
     """
 
     def forward(self, hidden_states: torch.Tensor, per_token_scale: Any = None, **kwargs: Any):  # noqa: ANN201
         c, fc1 = self.config, self.linear_fc1
         plain_swiglu = (
-            per_token_scale is None
+            (per_token_scale is None or self.linear_fc2.bias is None)
             and c.gated_linear_unit
             and c.activation_func is F.silu
             and not c.use_te_activation_func
@@ -162,6 +164,8 @@ class LocalMLP(MLP):
         w_gate, w_up = fc1.weight.chunk(2, dim=0)
         b_gate, b_up = fc1.bias.chunk(2) if fc1.bias is not None else (None, None)
         h = F.silu(F.linear(hidden_states, w_gate, b_gate)) * F.linear(hidden_states, w_up, b_up)
+        if per_token_scale is not None:
+            h = (h * per_token_scale.unsqueeze(-1)).to(h.dtype)
         return self.linear_fc2(h)
 
 

@@ -29,6 +29,8 @@ from parallel.topology import Topology, compute_device
 from parallel.train_state import TrainState
 from pretrain.eval.in_loop import InLoopEval, resolved_eval
 from pretrain.model import build_gpt, flops_per_token, position_ids, transformer_config
+from pretrain.model.moe import is_moe
+from pretrain.model.moe_metrics import RouterStats
 from pretrain.trainer.flops import peak_flops
 from pretrain.trainer.metrics import truncate_after
 from pretrain.trainer.resume_checks import check_data, data_identity
@@ -72,12 +74,23 @@ def lm_batch_shape(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
 
 
 def lm_model_spec(model_cfg: ModelConfig, vocab_size: int, seed: int) -> ModelSpec:
-    """The GPT of ``model_cfg`` with the LM loss: initial weights depend on ``seed`` only."""
+    """The GPT of ``model_cfg`` with the LM loss: initial weights depend on ``seed`` only. A MoE
+    model reports its router losses and expert load after each step (``pretrain/model/moe_metrics.py``)."""
+    stats = RouterStats(model_cfg) if is_moe(model_cfg) else None
 
     def build(config: Any, vp_stage: int | None) -> torch.nn.Module:
-        return build_gpt(model_cfg, vocab_size, config, vp_stage=vp_stage, seed=seed)
+        model = build_gpt(model_cfg, vocab_size, config, vp_stage=vp_stage, seed=seed)
+        if stats is not None:
+            stats.attach(model)
+        return model
 
-    return ModelSpec(functools.partial(transformer_config, model_cfg), build, lm_forward_step, lm_batch_shape)
+    return ModelSpec(
+        functools.partial(transformer_config, model_cfg),
+        build,
+        lm_forward_step,
+        lm_batch_shape,
+        step_metrics=stats.collect if stats is not None else None,
+    )
 
 
 def build_engine(run: Run, vocab_size: int) -> Engine:

@@ -188,6 +188,7 @@ class Trainer:
             "lr": result.lr,
             "grad_norm": result.grad_norm if math.isfinite(result.grad_norm) else None,
             **self.task.step_record(result, now - tick, step),
+            **result.metrics,
             "step_time_s": now - tick,
             "skipped_steps": self.policy.total,
         }
@@ -212,7 +213,7 @@ class Trainer:
             config=config.to_dict(),
             vocab_size=task.vocab_size,
             engine=config.parallel.engine,
-            layout={"tp": topo.tp, "pp": topo.pp, "dp": topo.dp, "vpp": topo.vpp},
+            layout={"tp": topo.tp, "pp": topo.pp, "dp": topo.dp, "vpp": topo.vpp, "ep": topo.ep},
             distributed_optimizer=config.distributed_optimizer,
             data=task.state_dict(),
             skip_policy=self.policy.state_dict(),

@@ -143,7 +143,9 @@ class Metrics:
         at the end)."""
         if not self.enabled:
             return
-        for plot in (plot_losses, plot_evals):
+        from pretrain.trainer.moe_plot import plot_moe
+
+        for plot in (plot_losses, plot_evals, plot_moe):
             try:
                 plot(self.run_dir)
             except Exception as exc:  # noqa: BLE001 - a plot never fails a run, nor hides why it failed

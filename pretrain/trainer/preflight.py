@@ -162,6 +162,7 @@ def run_checks(cfg: DictConfig, world_size: int, layout: bool = True) -> Checked
 def describe_layout(cfg: Run) -> str:
     train, par, topo = cfg.train, cfg.parallel, cfg.layout
     text = f"tp={topo.tp} pp={topo.pp} vpp={topo.vpp} dp={topo.dp}" + (" +sp" if topo.sequence_parallel else "")
+    text += f" ep={topo.ep}" if topo.ep > 1 else ""  # experts split over ep of the dp ranks
     if cfg.caps.zero:
         text += f", {par.engine} ZeRO-{par.zero_stage}" + (" +offload" if par.offload == "cpu" else "")
     else:

@@ -191,6 +191,13 @@ SHAPES = {
         "LlamaForCausalLM",
     ),
     "qwen3-qk-norm-mqa": (["model=llama-tiny", "model.qk_norm=true", "model.num_query_groups=1"], "Qwen3ForCausalLM"),
+    # MoE (pretrain/interop/hf_moe.py): Qwen3-MoE with a dense layer after a MoE one and OLMoE's routing
+    # (top-k weights not renormalised); Mixtral (every layer MoE, renormalised), tied
+    "qwen3-moe-interleaved": (
+        ["model=moe-tiny", "model.qk_norm=true", "model.moe_layer_freq=2", "model.moe_norm_topk_prob=false"],
+        "Qwen3MoeForCausalLM",
+    ),
+    "mixtral": (["model=moe-tiny", "model.tie_embeddings=true", "model.moe_topk=3"], "MixtralForCausalLM"),
 }
 
 
@@ -251,6 +258,14 @@ def test_every_supported_shape_exports_exactly_and_maps_back(single_process, sha
         (["model=tiny", "model.bias=false"], "GPT-2 always has biases"),
         (["model=tiny", "model.qk_norm=true"], "GPT-2 has no QK-norm"),
         (["model=llama-tiny", "model.qk_norm=true", "model.bias=true"], "Qwen3 (QK-norm) has no MLP biases"),
+        (["model=moe-tiny", "model.moe_capacity_factor=1.5"], "model.moe_capacity_factor=1.5: transformers' MoE"),
+        (["model=moe-tiny", "model.moe_shared_expert_size=64"], "model.moe_shared_expert_size=64: trans"),
+        (["model=moe-tiny", "model.moe_layer_freq=2"], "Mixtral has no dense layers"),
+        (["model=moe-tiny", "model.moe_norm_topk_prob=false"], "Mixtral renormalises the top-k weights"),
+        (
+            ["model=moe-tiny", "model.moe_score_function=sigmoid", "model.moe_expert_bias=true"],
+            "model.moe_score_function=sigmoid: transformers' MoE classes route with a softmax",
+        ),
     ],
 )
 def test_export_refuses_what_no_transformers_architecture_expresses(overrides: list[str], message: str) -> None:

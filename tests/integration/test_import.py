@@ -33,7 +33,29 @@ SOURCES = {  # architecture: (transformers config, tokenizer vocabulary, end-of-
         380,
         "</s>",
     ),
+    # MoE: a dense layer after a MoE one (mlp_only_layers), top-k weights not renormalised, per-head QK-norm
+    "qwen3_moe": (
+        {"vocab_size": 384, "hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 48,
+         "num_experts": 4, "num_experts_per_tok": 2, "mlp_only_layers": [1], "norm_topk_prob": False,
+         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+         "max_position_embeddings": 128, "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
+        380,
+        "</s>",
+    ),
+    "mixtral": (
+        {"vocab_size": 384, "hidden_size": 64, "intermediate_size": 48, "num_local_experts": 4,
+         "num_experts_per_tok": 2, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 1,
+         "head_dim": 16, "max_position_embeddings": 128, "rms_norm_eps": 1e-5, "tie_word_embeddings": True},
+        380,
+        "</s>",
+    ),
 }  # fmt: skip
+MODELS = {
+    "gpt2": "GPT2",
+    "llama": "Llama",
+    "qwen3_moe": "Qwen3Moe",
+    "mixtral": "Mixtral",
+}  # transformers' class prefixes
 
 
 def gpt_import(*args: str) -> subprocess.CompletedProcess:
@@ -62,10 +84,9 @@ def make_source(arch: str, out: Path) -> Path:
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=eot, eos_token=eot, unk_token=eot)
     fast.save_pretrained(out)
     torch.manual_seed(0)
-    if arch == "gpt2":
-        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(bos_token_id=0, eos_token_id=0, **config))
-    else:
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(bos_token_id=0, eos_token_id=0, **config))
+    prefix = MODELS[arch]
+    hf_config = getattr(transformers, f"{prefix}Config")(bos_token_id=0, eos_token_id=0, **config)
+    model = getattr(transformers, f"{prefix}LMHeadModel" if arch == "gpt2" else f"{prefix}ForCausalLM")(hf_config)
     with torch.no_grad():
         for param in model.parameters():
             param.add_(torch.randn_like(param) * 0.05)
@@ -97,7 +118,7 @@ def hf_weights(directory: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen3_moe", "mixtral"])
 def test_imported_model_is_the_source_and_exports_back_bit_exact(imported, arch: str, tmp_path: Path) -> None:  # noqa: ANN001
     from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM

@@ -215,7 +215,7 @@ def test_search_names_its_batch_and_columns(capsys: pytest.CaptureFixture) -> No
     head = next(i for i, line in enumerate(lines) if line.split()[:2] == ["#", "tp"])
     columns = lines[head].split()
     rows = [line.split() for line in lines[head + 1 : head + 4]]
-    assert all(row[8] in ("megatron", "deepspeed") for row in rows), rows  # the engine in full, then its state
+    assert all(row[9] in ("megatron", "deepspeed") for row in rows), rows  # the engine in full, then its state
     legend = " ".join(lines[head + 4 : head + 7])
     named = {"#", "recompute", "optimizer", "tokens/s", "step", "s"}  # "step s" is two words
     assert all(column in named or f"{column}:" in legend or f"{column}," in legend for column in columns), legend
@@ -224,7 +224,7 @@ def test_search_names_its_batch_and_columns(capsys: pytest.CaptureFixture) -> No
         int,
         re.match(r"best: global batch 12 = micro-batch (\d+) x (\d+) accumulation steps x dp (\d+);", best).groups(),
     )
-    assert micro * accum * dp == 12 and [micro, accum, dp] == [int(rows[0][i]) for i in (5, 6, 4)]
+    assert micro * accum * dp == 12 and [micro, accum, dp] == [int(rows[0][i]) for i in (6, 7, 4)]
     assert lines[lines.index(best) + 1].startswith(f"  overrides: train.global_batch=12 parallel.tp={rows[0][1]} ")
 
 
@@ -281,3 +281,16 @@ def test_cpu_is_calibrated_here(capsys: pytest.CaptureFixture) -> None:
     assert report["precision"] == {"dtype": "fp32", "bf16": False, "why": "the CPU default; train.bf16=true plans bf16"}
     assert code == 0 and measured["threads/rank"] == 1 and measured["all-reduce GB/s"] > 0 and measured["TFLOP/s"] > 0
     assert report["time"]["terms_s"]["tp_comm"] > 0 and report["time"]["terms_s"]["overhead"] > 0
+
+
+def test_search_includes_expert_parallelism_for_a_moe_model(capsys: pytest.CaptureFixture) -> None:
+    """OLMoE's shape on 8 GPUs: layouts at ep 1, 2, 4, 8 (every divisor of dp that divides 64 experts),
+    each rank holding 1/ep of the experts; the dense engine (DeepSpeed) is not offered for MoE."""
+    args = [*H100, "model=olmoe-1b-7b", "train.global_batch=64", "train.bf16=true", "data.num_streams=8"]
+    code, out, _ = plan_run([*args, "search=true", "top=1000"], capsys, as_json=True)
+    rows = json.loads(out)["search"]["layouts"]
+    assert code == 0 and {r["ep"] for r in rows if r["dp"] == 8} == {1, 2, 4, 8}
+    assert {r["engine"] for r in rows} == {"megatron"}
+    code, out, _ = plan_run([*args, "parallel.ep=8", "train.micro_batch=1"], capsys, as_json=True)
+    report = json.loads(out)
+    assert code == 0 and report["layout"]["ep"] == 8 and report["time"]["terms_s"]["ep_comm"] > 0
