@@ -55,6 +55,18 @@ def dependencies(tree: Path) -> list[str]:
     return sorted(tomllib.loads((tree / "pyproject.toml").read_text())["project"]["dependencies"])
 
 
+def pins_changed(base: list[str], head: list[str]) -> list[str]:
+    """Packages both revisions depend on with another requirement (a package only one of them uses
+    is fine: this venv has it, and the other revision never imports it)."""
+    import re
+
+    def by_name(pins: list[str]) -> dict[str, str]:
+        return {re.split(r"[<>=!~\[; ]", pin, maxsplit=1)[0].lower(): pin for pin in pins}
+
+    a, b = by_name(base), by_name(head)
+    return sorted(name for name in a.keys() & b.keys() if a[name] != b[name])
+
+
 def one_round(tree: Path, data: Path, model: str, steps: int, skip: int) -> float:
     """Median tokens/s after ``skip`` steps of one gpt-pretrain run of ``tree``'s code."""
     with tempfile.TemporaryDirectory(prefix="ab-run-") as run:
@@ -108,8 +120,9 @@ def main() -> None:
         (base, base_name), (head, head_name) = checkout(args.base, work), checkout(args.head, work)
     except subprocess.CalledProcessError as exc:
         sys.exit(f"error: {exc.stderr.strip() or exc}")
-    if dependencies(base) != dependencies(head):
-        sys.exit("error: the revisions pin different dependencies; install each into its own venv and compare there")
+    changed = pins_changed(dependencies(base), dependencies(head))
+    if changed:  # a package both revisions use, pinned differently: this venv cannot be both
+        sys.exit(f"error: the revisions pin {', '.join(changed)} differently; install each into its own venv")
     data = prepared_shards(args.data)
     print(f"A = base {base_name}; B = head {head_name}; {args.steps} steps a round, first {args.skip} left out")
     for model in MODELS if args.model == "all" else (args.model,):

@@ -182,26 +182,38 @@ def running_ray(workers: int) -> Iterator[str]:
     Stopped by ending its own ``ray start --block`` (``ray stop`` would stop every Ray of the machine)."""
     import socket
 
+    from ray._private.services import get_node_ip_address  # the address Ray's GCS listens on
+
     with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
+        probe.bind(("", 0))
         port = probe.getsockname()[1]
+    address = f"{get_node_ip_address()}:{port}"
     ray = Path(sys.executable).with_name("ray")
+    saved = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "token"  # a started head checks its token: the drivers must send it
     head = subprocess.Popen(
-        [str(ray), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-         f"--num-cpus={workers}", "--include-dashboard=false"],
+        [str(ray), "start", "--head", "--block", f"--port={port}", f"--num-cpus={workers}",
+         "--include-dashboard=false", "--disable-usage-stats"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    address = f"127.0.0.1:{port}"
     ready = "import sys, ray; ray.init(address=sys.argv[1], logging_level='ERROR'); ray.shutdown()"
     try:
-        for _ in range(60):
-            if subprocess.run([sys.executable, "-c", ready, address], capture_output=True).returncode == 0:
-                break
-            time.sleep(1)
+        for _ in range(20):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                check = subprocess.run([sys.executable, "-c", ready, address], capture_output=True, timeout=60)
+                if check.returncode == 0:
+                    break
+            time.sleep(2)
+        else:
+            sys.exit(f"benchmark: the Ray head at {address} did not come up")
         yield address
     finally:
         head.terminate()
-        head.wait(timeout=60)
+        head.wait(timeout=120)
+        if saved is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = saved
 
 
 def compare_ray(args: argparse.Namespace, root: Path, tokenizer: Path, small: int, large: int) -> None:

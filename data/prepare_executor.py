@@ -23,10 +23,10 @@ from typing import Protocol, TypeVar
 
 from conf.errors import UserError
 from conf.prepare_schema import PrepareConfig
-from data.inputs import InputFile, size_of
+from data.inputs import InputFile
 from data.prepare_dedup import HashSet
 from data.prepare_pool import ordered_map, worker_pool
-from data.prepare_progress import Progress
+from data.prepare_progress import Progress, tokenize_progress  # noqa: F401
 from data.prepare_tokenize import tokenize_files
 from data.prepare_work import WorkDir
 
@@ -53,12 +53,6 @@ class PrepareExecutor(Protocol):
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
         """``map(fn, items)`` on the workers, in order, a bounded number in flight."""
         ...
-
-
-def tokenize_progress(files: list[InputFile], finished: set[int]) -> Progress:
-    """Input bytes tokenized (a bar on a terminal, else one line a minute), counting those done before."""
-    sizes = [size_of(path) for path in files]
-    return Progress(sum(sizes), "tokenize", initial=sum(sizes[i] for i in finished))
 
 
 class LocalExecutor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from typing import TextIO
+from typing import Any, TextIO
 
 from tqdm import tqdm
 
@@ -70,3 +70,11 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def tokenize_progress(files: list[Any], finished: set[int]) -> Progress:
+    """Input bytes tokenized (a bar on a terminal, else one line a minute), counting those done before."""
+    from data.inputs import size_of
+
+    sizes = [size_of(path) for path in files]
+    return Progress(sum(sizes), "tokenize", initial=sum(sizes[i] for i in finished))

@@ -37,8 +37,7 @@ from conf import test_hooks
 from conf.errors import UserError
 from conf.prepare_schema import PrepareConfig
 from data.inputs import InputFile, size_of
-from data.prepare_executor import tokenize_progress
-from data.prepare_progress import Progress
+from data.prepare_progress import Progress, tokenize_progress
 from data.prepare_scan import (
     Setup,
     drops_path,
@@ -63,22 +62,38 @@ DELAY_HOOK = "GPT_FAULT_PREPARE_TASK_DELAY_MS"  # a test-only pause in each toke
 @contextlib.contextmanager
 def ray_session(address: str | None, workers: int) -> Iterator[int]:
     """Ray for the ``with`` block (see the module docstring); yields the cluster's CPUs."""
-    if ray.is_initialized():
-        yield _cpus()
-        return
+    owned = not ray.is_initialized()
+    where = "the Ray this process had initialised"
+    if owned:
+        try:
+            if address is None:  # "local": a new Ray even where RAY_ADDRESS names a running one
+                ray.init(address="local", num_cpus=workers, include_dashboard=False, logging_level=logging.WARNING)
+            else:
+                ray.init(address=address, logging_level=logging.WARNING)
+        except (ConnectionError, ValueError, RuntimeError, TimeoutError) as exc:
+            key = f"executor.address={address}" if address else "executor=ray"
+            raise UserError(f"{key}: cannot start or reach Ray ({_reason(exc)})") from None
+        where = f"the cluster at {address}" if address else "a local Ray started for this job"
+    cpus = _cpus()
+    print(f"ray: {cpus} CPU{'s' if cpus != 1 else ''}, {where}", flush=True)
     try:
-        if address is None:  # "local": a new Ray even where RAY_ADDRESS names a running one
-            ray.init(address="local", num_cpus=workers, include_dashboard=False, logging_level=logging.WARNING)
-        else:
-            ray.init(address=address, logging_level=logging.WARNING)
-    except (ConnectionError, ValueError, RuntimeError, TimeoutError) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        where = f"executor.address={address}" if address else "executor=ray"
-        raise UserError(f"{where}: cannot start or reach Ray ({reason})") from None
-    try:
-        yield _cpus()
+        yield cpus
     finally:
-        ray.shutdown()
+        if owned:
+            ray.shutdown()
+
+
+def _reason(exc: BaseException) -> str:
+    """Why Ray could not be reached, in a few words: a missing token says how to give it."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if "token" in str(cause).lower() and "auth" in str(cause).lower():
+            return (
+                "its token authentication refused this driver: export RAY_AUTH_MODE=token, with the cluster's "
+                "token in ~/.ray/auth_token or RAY_AUTH_TOKEN"
+            )
+        cause = cause.__cause__ or cause.__context__
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _cpus() -> int:

@@ -277,9 +277,7 @@ def build_gpt(
     torch.manual_seed(seed)  # embeddings (first stage)
     model = GPT(
         config=config,
-        transformer_layer_spec=decoder_spec(
-            config, seed, vp_stage, str(model_cfg.attention), str(model_cfg.spec)
-        ),
+        transformer_layer_spec=decoder_spec(config, seed, vp_stage, str(model_cfg.attention), str(model_cfg.spec)),
         vocab_size=padded_vocab_size(vocab_size, model_cfg),
         max_sequence_length=int(model_cfg.seq_len),
         pre_process=pre,

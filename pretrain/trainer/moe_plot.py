@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pretrain.trainer.metrics import read_metrics
+from pretrain.trainer.metrics_file import read_metrics
 
 LOSSES = ("moe/load_balancing_loss", "moe/seq_load_balancing_loss", "moe/z_loss")
 

@@ -46,7 +46,11 @@ def test_sigterm_saves_exits_75_and_the_relaunch_resumes_exactly(trained_runs, t
     launch += ["--master-port", str(free_port()), "--", "gpt-finetune", *args, f"run.dir={run}"]
     log = tmp_path / "launch.log"
     proc = subprocess.Popen(
-        [*launch, "train.max_steps=2000"], cwd=REPO, env=env(), stdout=log.open("w"), stderr=subprocess.STDOUT,
+        [*launch, "train.max_steps=2000"],
+        cwd=REPO,
+        env=env(),
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     try:

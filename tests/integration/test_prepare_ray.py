@@ -129,9 +129,12 @@ def test_a_worker_killed_mid_job_changes_no_byte(
     assert _outputs(tmp_path / "ray") == _outputs(tmp_path / "local")
 
 
+@pytest.mark.parametrize("resumed_by", ["ray", "local"])
 def test_a_failed_ray_job_resumes_without_redoing_finished_files(
-    tmp_path: Path, ray_cluster: None, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, ray_cluster: None, capsys: pytest.CaptureFixture[str], resumed_by: str
 ) -> None:
+    """A bad line in the second file fails the job after the first is scanned; resumed (by either
+    executor: the work dir is the same format), the shards are those of a run that never failed."""
     src = tmp_path / "src"
     src.mkdir()
     docs = [" ".join(f"w{i * j % 97}" for j in range(40)) for i in range(80)]
@@ -146,8 +149,9 @@ def test_a_failed_ray_job_resumes_without_redoing_finished_files(
 
     (src / "b.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[35:]))
     capsys.readouterr()
-    prepare(prepare_cfg(out=str(out), **cfg))
-    assert "resuming: 1 of 2 input files already tokenized" in capsys.readouterr().out
+    prepare(prepare_cfg(out=str(out), **{**cfg, "executor": resumed_by}))
+    resumed = "resuming: 1 of 2 input files already tokenized" in capsys.readouterr().out
+    assert resumed == (resumed_by == "ray")  # the local pool tokenizes a file scanned for Ray's dedup again
     prepare(prepare_cfg(out=str(tmp_path / "local"), **{**cfg, "executor": "local", "workers": 1}))
     assert _outputs(out) == _outputs(tmp_path / "local")
     assert load_manifest(out).raw["source"]["num_duplicates"] == 10

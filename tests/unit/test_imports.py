@@ -134,7 +134,7 @@ def test_engine_differences_live_in_the_capabilities_table() -> None:
 
 
 HELP = {  # module, its config, the groups it selects presets of (conf/cli.py groups_of), a key of its own
-    "data.prepare": ("prepare", (), "tokenizer:"),
+    "data.prepare": ("prepare", ("executor",), "tokenizer:"),
     "pretrain.train": ("config", None, "max_steps:"),
     "pretrain.finetune": ("finetune", None, "aux_lm_weight:"),
     "pretrain.evaluate": ("eval", (), "num_fewshot:"),
