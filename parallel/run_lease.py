@@ -243,10 +243,23 @@ class Lease:
                     handle.write(self.holder.to_json())
                     handle.truncate()
             except FileNotFoundError:
-                self._lost = "its lease file was removed"
+                taker = self._taker()
+                self._lost = f"taken by {taker.describe()}" if taker else "its lease file was removed"
                 return
             except OSError:  # a full disk: the heartbeat ages, the run goes on
                 continue
+
+    def _taker(self, wait_s: float = 1.0) -> Holder | None:
+        """The run that replaced this lease: a taker removes the old file before it links its own, so
+        a heartbeat can fall in between; look again for a moment before calling the file removed."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            current = Holder.read(self.path)
+            if current is not None and current.token != self.holder.token:
+                return current
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
 
     def lost(self) -> str | None:
         """Why this process no longer holds the run dir (another run took it over), or None."""
