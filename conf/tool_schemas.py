@@ -170,7 +170,7 @@ register()
 T = TypeVar("T")
 
 
-def typed(cfg: DictConfig | T, root: type[T]) -> T:
+def typed(cfg: DictConfig | T, root: type[T], config_name: str | None = None) -> T:
     """``cfg`` as ``root``'s dataclass, checked: the object a command reads from here on. A config
     built in Python (a test's, a notebook's) gets the same type checks as a composed one."""
     if isinstance(cfg, root):
@@ -182,7 +182,7 @@ def typed(cfg: DictConfig | T, root: type[T]) -> T:
             key = str(getattr(exc, "full_key", "") or getattr(exc, "key", "") or "?")
             raise UserError(f"{key}=: required (pass {key}=...)") from None
         except OmegaConfBaseException as exc:
-            raise UserError(one_line(exc, config_name=_config_name(root))) from None
+            raise UserError(one_line(exc, config_name=config_name or _config_name(root))) from None
     config.check()  # type: ignore[attr-defined]
     return config  # type: ignore[return-value]
 

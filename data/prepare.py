@@ -39,11 +39,11 @@ from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 import conf.schema  # noqa: F401 - registers prepare_schema, which conf/prepare.yaml composes on
 from conf.errors import UserError
 from conf.prepare_schema import PrepareConfig
+from conf.tool_schemas import typed
 from data.corpus import corpus_pieces, first_text, sample_texts
 from data.inputs import InputFile, resolve_inputs
 from data.output_dir import check_output_dir, owned_output
@@ -72,20 +72,10 @@ def legacy_shard_set(out: Path) -> set[str] | None:
 
 def typed_config(cfg: DictConfig | PrepareConfig) -> PrepareConfig:
     """``cfg`` checked against :class:`PrepareConfig` (a config built in Python skips Hydra's check)."""
-    if isinstance(cfg, PrepareConfig):
-        config = cfg
-    else:
-        if isinstance(cfg.get("executor"), str):  # executor="ray" in Python, as executor=ray on the command line
-            cfg = OmegaConf.merge(cfg, {"executor": None}, {"executor": {"name": cfg.executor}})
-        try:
-            config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PrepareConfig), cfg))
-        except MissingMandatoryValue as exc:
-            key = str(getattr(exc, "full_key", "") or getattr(exc, "key", "") or "input")
-            raise UserError(f"{key}=: required (pass {key}=...)") from None
-        except OmegaConfBaseException as exc:
-            raise UserError(conf.schema.one_line(exc, config_name="prepare")) from None
-    config.check()
-    return config
+    if not isinstance(cfg, PrepareConfig) and isinstance(cfg.get("executor"), str):
+        # executor="ray" in Python, as executor=ray on the command line
+        cfg = OmegaConf.merge(cfg, {"executor": None}, {"executor": {"name": cfg.executor}})
+    return typed(cfg, PrepareConfig, config_name="prepare")
 
 
 def settings_of(config: PrepareConfig) -> dict[str, Any]:
