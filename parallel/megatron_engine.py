@@ -8,6 +8,7 @@ so a checkpoint written at one (tp, pp, dp) loads at another.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -254,9 +255,11 @@ class MegatronEngine:
             strategy = self._save_strategy
             checksums.hash_megatron_writes()  # each .distcp file is hashed as it is written
             process_hygiene.patch_megatron_results_queue()  # its Manager process dies with this one
-            request = dist_checkpointing.save(
-                state, str(directory), sharded_strategy=strategy, async_sharded_save=async_save
-            )
+            here = contextlib.nullcontext() if async_save else process_hygiene.results_in_this_process()
+            with here:
+                request = dist_checkpointing.save(
+                    state, str(directory), sharded_strategy=strategy, async_sharded_save=async_save
+                )
         return _AsyncSave(request) if async_save else None
 
     def _materialize_optimizer_state(self) -> None:

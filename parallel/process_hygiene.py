@@ -42,8 +42,10 @@ death signal and the ignored stop signals (none of the trainer's dependencies do
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+import queue
 import signal
 import sys
 import threading
@@ -152,6 +154,8 @@ def _results_queue_dies_with_trainer(filesystem_async: Any) -> Any:
     """
 
     def get_write_results_queue() -> Any:
+        if _results_here.active:  # a synchronous save: its results never leave this process
+            return queue.Queue()
         if filesystem_async._results_queue is None:
             from multiprocessing.managers import SyncManager
 
@@ -164,6 +168,28 @@ def _results_queue_dies_with_trainer(filesystem_async: Any) -> Any:
 
     get_write_results_queue._gpt_patched = True  # type: ignore[attr-defined]
     return get_write_results_queue
+
+
+class _ResultsHere(threading.local):
+    active = False
+
+
+_results_here = _ResultsHere()
+
+
+@contextlib.contextmanager
+def results_in_this_process() -> Any:
+    """Within the block, a save's write results go through a plain in-process queue.
+
+    A synchronous save writes (with forked per-bucket writers) and collects its results in this
+    process, yet megatron-core hands them to its Manager server, which must import torch to unpickle
+    them: seconds of a second interpreter for the first save of every process. Async saves (written by
+    another process) still use the Manager."""
+    _results_here.active = True
+    try:
+        yield
+    finally:
+        _results_here.active = False
 
 
 def patch_megatron_results_queue() -> None:

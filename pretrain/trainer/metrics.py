@@ -23,6 +23,7 @@ from pretrain.trainer.console import Interval, fields
 from pretrain.trainer.metrics_file import METRICS, parse_lines, read_metrics, truncate_after  # noqa: F401
 
 QUIET_S = 30.0  # a training line at least this often, however slow the steps
+BOOKKEEPING = {"step", "checkpoint", "save_stall_s", "event", "time"}  # keys no plot draws
 
 
 class Metrics:
@@ -36,6 +37,7 @@ class Metrics:
         self.bar: Any = None
         self.failures = 0
         self.last_step = start_step  # the step of this session's session_end (goodput)
+        self.unplotted = True  # lines logged since the plots were last drawn
         if not enabled:
             return
         session = _session_events(cfg, self.path, start_step)  # before the truncation drops the lost steps
@@ -60,6 +62,7 @@ class Metrics:
         if not self.enabled:
             return
         self.last_step = max(self.last_step, record["step"])
+        self.unplotted = self.unplotted or not set(record) <= BOOKKEEPING
         try:
             self.file.write(json.dumps(record) + "\n")
             if self.wandb is not None:
@@ -84,7 +87,8 @@ class Metrics:
         if not self.enabled or self.file.closed:  # closed once, whatever calls it again
             return
         self.bar.close()
-        self.plot()
+        if self.unplotted:  # the plots after the last evaluation are current unless lines came since
+            self.plot()
         if self.wandb is not None:
             _goodput_summary(self.wandb, self.run_dir)
             self.wandb.finish()
@@ -103,6 +107,7 @@ class Metrics:
         at the end)."""
         if not self.enabled:
             return
+        self.unplotted = False
         from pretrain.trainer.moe_plot import plot_moe
 
         for plot in (plot_losses, plot_evals, plot_moe):

@@ -18,7 +18,10 @@ def _fused_flags(engine) -> list[tuple[bool, bool]]:  # noqa: ANN001
     return [(group["fused"], group["foreach"]) for group in inner.param_groups]
 
 
-def test_fused_adamw_survives_a_checkpoint_load(tmp_path: Path) -> None:
+def test_fused_adamw_survives_a_checkpoint_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """... and a synchronous save keeps its write results in this process (no Manager server started)."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
     from parallel.run_config import Run
     from parallel.topology import Topology
     from pretrain.tasks.lm import build_engine
@@ -37,7 +40,9 @@ def test_fused_adamw_survives_a_checkpoint_load(tmp_path: Path) -> None:
         for group in engine.optimizer.chained_optimizers[0].optimizer.param_groups:
             group["fused"], group["foreach"] = None, None
         (tmp_path / "foreach").mkdir()
+        monkeypatch.setattr(filesystem_async, "_results_queue", None)
         engine.save(tmp_path / "foreach", {"step": 1})
+        assert filesystem_async._results_queue is None
         assert engine.load(tmp_path / "foreach")["step"] == 1
         assert _fused_flags(engine) == [(True, False), (True, False)]
         assert engine.train_step([batch]).loss < losses[1] < losses[0]  # fused steps train, also after the load

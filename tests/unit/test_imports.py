@@ -66,6 +66,36 @@ def test_commands_import_no_heavy_library_before_a_run(module: str) -> None:
     assert out.strip() == "[]", f"{module} imports {out.strip()}"
 
 
+def test_the_model_imports_without_torch_dynamo() -> None:
+    """megatron's ``@jit_fuser`` decorations wait for a first call (parallel/lazy_fusions.py): a process
+    building a GPT does not import ``torch._dynamo`` (seconds) unless something is compiled."""
+    code = (
+        "import sys, pretrain.model.gpt\n"
+        "from megatron.core.fusions.fused_bias_gelu import bias_gelu\n"
+        "print('torch._dynamo' in sys.modules, getattr(bias_gelu, 'deferred_compile', False))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "True"]
+
+
+def test_a_deferred_fusion_is_torch_compile_of_the_function_at_its_first_call(monkeypatch) -> None:  # noqa: ANN001
+    import torch
+
+    from parallel.lazy_fusions import deferred_compile
+
+    compiled: list = []
+    monkeypatch.setattr(torch, "compile", lambda fn: compiled.append(fn) or (lambda *a: ("compiled", fn(*a))))
+
+    def double(x: int) -> int:
+        return 2 * x
+
+    fused = deferred_compile(double)
+    assert compiled == [] and fused.__name__ == "double"
+    assert fused(3) == ("compiled", 6) and fused(4) == ("compiled", 8)
+    assert compiled == [double]  # compiled once, at the first call
+
+
 def module_graph() -> dict[str, set[str]]:
     """Our modules and the modules of ours each imports, at any depth (function-level imports too: a
     cycle hidden in a function is still a cycle). ``from pkg import name`` counts ``pkg.name`` when
