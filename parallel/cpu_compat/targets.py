@@ -171,6 +171,18 @@ TARGETS: tuple[Target, ...] = (
         uses=("_results_queue", "mp", "Manager"),
     ),
     Target(f"{_FS_ASYNC}:_results_queue", None, "parallel.process_hygiene", "read"),
+    # a synchronous save's results stay in-process: megatron reads them back with get_nowait()
+    Target(
+        f"{_FS_ASYNC}:FileSystemWriterAsync.retrieve_write_results",
+        ("self",),
+        "parallel.process_hygiene",
+        "call",
+        uses=("results_queue", "get_nowait"),
+    ),
+    # megatron's fusions compiled at their first call (lazy_fusions.py): jit_fuser rebound after
+    # megatron.core.jit sets it to torch.compile
+    Target("megatron.core.jit:jit_fuser", None, "parallel.lazy_fusions", "global"),
+    Target("megatron.core.jit:enable_jit_fuser", (), "parallel.lazy_fusions", "read", exact=True, uses=("compile",)),
     Target(f"{_FS_ASYNC}:mp", None, "parallel.process_hygiene", "read"),
     # the persistent checkpoint writer (async_writer.py)
     Target(f"{_ASYNC_UTILS}:AsyncCallsQueue._get_async_caller", ("self",), _WRITER, "replace", True),
