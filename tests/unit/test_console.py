@@ -24,7 +24,9 @@ def test_rates_are_averaged_over_the_interval_and_the_eta_counts_the_remaining_s
     assert "step_time_s" not in line
     now[0] += 2.0
     interval.add({"step": 3, "loss": 1.0, "tokens_per_s": 50.0, "step_time_s": 2.0})
-    assert "tokens_per_s=50 avg_steps=1" in interval.line({"step": 3, "loss": 1.0, "tokens_per_s": 50.0})
+    line = interval.line({"step": 3, "loss": 1.0, "tokens_per_s": 50.0})
+    # the ETA is the session's pace (8 s over 3 steps, x 7 left), not the last interval's (2 s x 7)
+    assert "tokens_per_s=50 avg_steps=1" in line and line.endswith("eta=0:00:18")
 
 
 def test_clock() -> None:
