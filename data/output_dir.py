@@ -81,6 +81,21 @@ def _names(paths: list[str], shown: int = 2) -> str:
     return ", ".join(paths[:shown]) + more
 
 
+def refuse_unowned(
+    where: str, command: str, present: list[str], owned: set[str] | None, noun: str, fresh: str, writer: str = ""
+) -> None:
+    """The owned-output rule's refusals, for a directory (``noun`` files) and a bucket prefix (objects): a place
+    without ``command``'s marker (``owned`` None), or with other entries beside its output, is not written."""
+    if owned is None:
+        raise UserError(f"{where}: holds {noun} {command} did not write ({_names(present)}){writer}; choose {fresh}")
+    foreign = [p for p in present if p not in owned]
+    if foreign:
+        raise UserError(
+            f"{where}: holds {noun} {command} did not write ({_names(foreign)}) beside its output; "
+            f"overwrite=true replaces only {command}'s own {noun}, so move those or choose {fresh}"
+        )
+
+
 def listing(directory: Path) -> list[str]:
     """Every file, link and empty directory under ``directory``, as sorted relative POSIX paths."""
     found: list[str] = []
@@ -155,17 +170,8 @@ def check_output_dir(
     if not present:
         return set()
     owned = _owned(out, command, legacy)
-    if owned is None:
-        raise UserError(
-            f"{key}={out}: holds files {command} did not write ({_names(present)}){_writer_of(out)}; "
-            "choose a new or empty directory"
-        )
-    foreign = [p for p in present if p not in owned]
-    if foreign:
-        raise UserError(
-            f"{key}={out}: holds files {command} did not write ({_names(foreign)}) beside its output; "
-            f"overwrite=true replaces only {command}'s own files, so move those or choose a new or empty directory"
-        )
+    where, fresh = f"{key}={out}", "a new or empty directory"
+    refuse_unowned(where, command, present, owned, "files", fresh, _writer_of(out) if owned is None else "")
     if not overwrite:
         raise UserError(f"{key}={out}: already holds a {command} output; pass overwrite=true to replace it")
     return set(present)  # all of them owned; never a listed name that is not actually there

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from conf.errors import UserError
 from data.inputs import InputFile
-from data.output_dir import MARKER_FORMAT, _names, marker_name
+from data.output_dir import MARKER_FORMAT, marker_name, refuse_unowned
 from data.s3 import SCHEME, S3Object, S3Store, split_url
 from data.shards import MANIFEST, shard_set_names
 from data.tokenizer import TOKENIZER_FILE
@@ -79,19 +79,8 @@ class S3Output:
         present = self._present()
         if not present:
             return set()
-        owned = self._owned(present)
         where = f"{self.key}={self.url}"
-        if owned is None:
-            raise UserError(
-                f"{where}: holds objects {self.command} did not write ({_names(list(present))}); "
-                "choose a new or empty prefix"
-            )
-        foreign = [name for name in present if name not in owned]
-        if foreign:
-            raise UserError(
-                f"{where}: holds objects {self.command} did not write ({_names(foreign)}) beside its output; "
-                f"overwrite=true replaces only {self.command}'s own objects, so move those or choose a new prefix"
-            )
+        refuse_unowned(where, self.command, list(present), self._owned(present), "objects", "a new or empty prefix")
         if MANIFEST in present and not self.overwrite:
             raise UserError(f"{where}: already holds a {self.command} output; pass overwrite=true to replace it")
         if MANIFEST not in present and note:
