@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +20,8 @@ from conf.errors import UserError
 from data.prepare import prepare
 from data.s3_output import S3Writer
 from data.shards import load_manifest
-from tests.conftest import TINYSHAKESPEARE, one_line_error, prepare_cfg, run_cli
+from tests.conftest import REPO, TINYSHAKESPEARE, one_line_error, prepare_cfg, run_cli
+from tests.distributed import last_step, losses
 from tests.integration.test_prepare_formats import outputs
 from tests.s3_server import S3Server
 from tests.unit.test_remote import tokens
@@ -165,25 +169,41 @@ def test_a_failing_server_is_retried_then_one_line_names_the_object(s3: S3Server
 
 @pytest.mark.slow
 def test_training_from_s3_gives_the_losses_of_the_local_copy(s3: S3Server, char_shards: Path, tmp_path: Path) -> None:
+    """The local run, and the same run from s3:// killed (-9) after its step-8 checkpoint and rerun in
+    place: every step's loss equal, the steps after the checkpoint trained again from the bucket."""
     url = s3.upload(char_shards, f"s3://{BUCKET}/train/ts")
     args = [
         "model=tiny",
         "train.micro_batch=4",
         "train.global_batch=8",
-        "train.max_steps=4",
+        "train.max_steps=24",
+        "train.save_every=8",
         "train.eval_every=0",
         "train.eval_batches=1",
         "train.sample_tokens=0",
         "logging.wandb=disabled",
         "logging.progress_bar=false",
     ]
-    losses = {}
+    local, remote = tmp_path / "local", tmp_path / "s3"
     with s3.faults(lambda *_: None):  # counts the requests
-        for name, data in (("local", str(char_shards)), ("s3", url)):
-            run = tmp_path / name
-            result = run_cli("pretrain.train", f"data.dir={data}", f"run.dir={run}", *args, env=s3.subprocess_env())
-            assert result.returncode == 0, result.stderr[-3000:]
-            rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-            losses[name] = {r["step"]: r["loss"] for r in rows if "loss" in r}
+        result = run_cli("pretrain.train", f"data.dir={char_shards}", f"run.dir={local}", *args)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert not s3.requests
+        cmd = [sys.executable, "-m", "pretrain.train", f"data.dir={url}", f"run.dir={remote}", *args]
+        killed = subprocess.Popen(
+            cmd, cwd=REPO, env=s3.subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            latest, deadline = remote / "checkpoints" / "latest", time.monotonic() + 240
+            while not (latest.is_file() and latest.read_text().strip() == "step_8" and last_step(remote) >= 10):
+                assert killed.poll() is None and time.monotonic() < deadline, "the s3 run ended before step 10"
+                time.sleep(0.02)
+        finally:
+            killed.kill()
+            killed.wait(timeout=30)
         assert any(method == "GET" and path.endswith(".tar") for method, path in s3.requests)  # shards came over S3
-    assert losses["s3"] == losses["local"] and sorted(losses["s3"]) == [1, 2, 3, 4]
+        rerun = run_cli("pretrain.train", f"data.dir={url}", f"run.dir={remote}", *args, env=s3.subprocess_env())
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        assert "resumed from" in rerun.stdout
+    want, got = losses(local), losses(remote)
+    assert sorted(got) == list(range(1, 25)) and got == want
