@@ -175,6 +175,7 @@ class TrainConfig:
     bf16: bool = False  # bf16 autocast for the forward pass (fp32 master weights)
     compile: bool = False  # torch.compile the model
     seed: int = 1337  # model init, data order, dropout
+    gc_every: int = 50  # Python's garbage collection every N steps, start-up objects frozen; 0: automatic
     eval_every: int = 250  # 0: only at the end (fine-tuning: every epoch)
     eval_micro_batch: int = 64  # sequences per forward pass on one rank in validation
     eval_batches: int | None = None  # null: the whole validation split
@@ -194,7 +195,15 @@ class TrainConfig:
     def check(self) -> None:
         for key in ("lr", "micro_batch", "global_batch", "eval_micro_batch", "keep_last"):
             _positive(f"train.{key}", getattr(self, key))
-        for key in ("max_steps", "warmup_steps", "weight_decay", "grad_clip", "eval_every", "sample_tokens"):
+        for key in (
+            "max_steps",
+            "warmup_steps",
+            "weight_decay",
+            "grad_clip",
+            "eval_every",
+            "sample_tokens",
+            "gc_every",
+        ):
             _at_least(f"train.{key}", getattr(self, key), 0)
         _fraction("train.min_lr_ratio", self.min_lr_ratio)
         if self.warmup_fraction is not None:

@@ -27,6 +27,7 @@ from parallel.run_config import Run
 from parallel.train_state import TrainState
 from parallel.watchdog import Watchdog
 from pretrain.tasks import Task
+from pretrain.trainer.gc_schedule import GcSchedule
 from pretrain.trainer.goodput import process_start
 from pretrain.trainer.metrics import Metrics
 from pretrain.trainer.preemption import INTERRUPTED_EXIT_CODE, StopRequest
@@ -88,6 +89,9 @@ class Trainer:
             self.metrics = self._open_metrics(start)
             teardown.callback(self.metrics.close)
             self._banner(start)
+            self.gc = GcSchedule(config.train.gc_every)
+            self.gc.start()
+            teardown.callback(self.gc.stop)
             step, stopped, last_eval = self.loop(start.step)
             self.finalize(step, blocking=True)
             if stopped is not None:
@@ -123,6 +127,7 @@ class Trainer:
         last_eval, stopped = None, None
         tick = time.perf_counter()
         while step < max_steps:
+            self.gc.before_step(step)  # on the step's clock
             step = self.train_step(step, tick)
             if policy.consecutive >= policy.max_skipped:
                 self.finalize(step, blocking=True)  # an in-flight save is of a good state: commit it
