@@ -29,8 +29,19 @@
 # (launch/torchrun_agent.py), which waits SHUTDOWN_TIMEOUT seconds (default 900) for
 # their checkpoint. A kill -9 of this script ends the job too: torchrun dies with it, and the
 # ranks with torchrun (parallel/process_hygiene.py).
-# LAUNCH_DRY_RUN=1 prints the torchrun command instead of running it.
+# LAUNCH_DRY_RUN=1 prints the torchrun command instead of running it. With LAUNCH_EXIT_DIR set
+# (launch/slurm.sbatch's elastic mode) this node's exit status is written to a file there named
+# after the node (SLURMD_NODENAME, else the host name); a node lost with its launcher writes none.
+# On the c10d rendezvous the ranks get GPT_ELASTIC_JOB=<rdzv id>@<endpoint>, the job's identity for
+# the run-dir lease (parallel/run_lease.py): a new rank 0 after a restart takes over the old one's.
 set -euo pipefail
+status=
+on_exit() {  # the status file away; this node's exit status recorded where slurm.sbatch reads it
+  local rc=$?
+  [ -z "$status" ] || rm -f "$status"
+  [ -z "${LAUNCH_EXIT_DIR:-}" ] || echo "$rc" >"$LAUNCH_EXIT_DIR/${SLURMD_NODENAME:-$(hostname)}" || true
+}
+trap on_exit EXIT
 
 nnodes=${NNODES:-${SLURM_NNODES:-1}}
 node_rank=${NODE_RANK:-${SLURM_NODEID:-}}
@@ -86,20 +97,26 @@ max_restarts=${max_restarts:-$([ -n "$elastic" ] && echo 3 || echo 0)}
 [[ "$max_restarts" =~ ^[0-9]+$ ]] || { echo "launch/torchrun.sh: --max-restarts $max_restarts: expected an integer >= 0" >&2; exit 2; }
 if [ -n "$node_rank" ]; then
   rendezvous=(--node_rank "$node_rank" --master_addr "$master_addr" --master_port "$master_port")
+  unset GPT_ELASTIC_JOB
 else
-  rendezvous=(--rdzv_backend c10d --rdzv_endpoint "$master_addr:$master_port" --rdzv_id "${RDZV_ID:-${SLURM_JOB_ID:-gpt}}")
+  rdzv_id=${RDZV_ID:-${SLURM_JOB_ID:-gpt}}
+  rendezvous=(--rdzv_backend c10d --rdzv_endpoint "$master_addr:$master_port" --rdzv_id "$rdzv_id")
   [ -z "$rdzv_conf" ] || rendezvous+=(--rdzv_conf "$rdzv_conf")
+  # the job's identity for the run-dir lease (parallel/run_lease.py): after a restart, a new rank 0 on
+  # another host takes over the lease of this job's earlier rank 0; a loopback endpoint is per host
+  job_host=$master_addr
+  case "$master_addr" in 127.* | localhost | ::1 | 0.0.0.0) job_host="$(hostname)/$master_addr" ;; esac
+  export GPT_ELASTIC_JOB="$rdzv_id@$job_host:$master_port"
 fi
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cmd=(python "$here/torchrun_agent.py" --nnodes "$nnodes" --nproc_per_node "$nproc" "${rendezvous[@]}"
   --max_restarts "$max_restarts" "${target[@]}" "$@")
 if [ -n "${LAUNCH_DRY_RUN:-}" ]; then  # print what would run (tests, and checking a job script)
-  echo "${cmd[*]}"
+  echo "${GPT_ELASTIC_JOB:+GPT_ELASTIC_JOB=$GPT_ELASTIC_JOB }${cmd[*]}"
   exit 0
 fi
 
 status=$(mktemp "${TMPDIR:-/tmp}/gpt-launch-status.XXXXXX")
-trap 'rm -f "$status"' EXIT
 export GPT_LAUNCH_STATUS=$status OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 # torchrun runs in the background so that this shell can pass signals on at once

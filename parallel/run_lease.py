@@ -11,9 +11,26 @@ clusters (NFS and parallel file systems may not honour it across nodes), so the 
 - **released** (removed) when the run ends, however it ends short of ``kill -9``;
 - **stale**, and taken over with a one-line note, when its holder is gone: a dead pid on this
   host, an earlier incarnation of this slurm job (a requeued job keeps its id and counts up
-  ``SLURM_RESTART_COUNT``), or a heartbeat older than ``run.lease_expiry_s``; ``run.takeover=true`` forces it.
+  ``SLURM_RESTART_COUNT``), an earlier rank 0 of the same elastic job (below), or a heartbeat
+  older than ``run.lease_expiry_s``; ``run.takeover=true`` forces it.
   Removing a stale file is serialised by a second create-exclusive file, and re-checks that the
   file is still the stale one, so two takers never both win.
+
+Elastic jobs: ``launch/torchrun.sh`` on a c10d rendezvous exports ``GPT_ELASTIC_JOB`` =
+``<rdzv id>@<endpoint host:port>`` (a loopback endpoint qualified by the host name), and the lease
+records it. When torchrun restarts the ranks (a node lost, or one joining), c10d ranks the nodes by
+arrival, so the new rank 0 may be on another host than the old one, which may have died with its
+node (``kill -9``: its lease left behind with a fresh heartbeat). A holder of the same elastic job
+on another host, or with another pid, is taken over at once. Why that is safe: one rendezvous has
+one rank 0 at a time, and a process gets a rank only from a live rendezvous: while a job's store
+lives, a launcher naming its id and endpoint joins that job (it cannot host a second store on the
+same address; it waits for a place in the next round), so a run of another job never carries the
+same identity while the holder's job runs. An old rank 0 still alive (torchrun stops a node's
+ranks before it joins the next round, but a partitioned node may not hear of it) finds its lease
+gone at its next heartbeat and stops at the next step boundary without saving. It assumes that
+unrelated runs do not share a run dir under the same rendezvous id, endpoint and port (slurm jobs
+use the job id; by hand, ``RDZV_ID`` names the job), and that the old rank 0 may still write for up to
+one heartbeat interval (``expiry / 6``) after the takeover, as with ``run.takeover=true``.
 
 A holder that finds its lease gone or replaced (it stalled past the expiry and another run took
 over) stops at the next step boundary: :meth:`Lease.lost` says so, and the trainer raises.
@@ -55,12 +72,15 @@ class Holder:
     slurm_job_id: str | None = None
     slurm_restart: int = 0  # SLURM_RESTART_COUNT: a requeued job keeps its id and counts up
     expiry_s: float = 0.0  # the holder's own run.lease_expiry_s: a reader never judges it by a shorter one
+    elastic_job: str | None = None  # GPT_ELASTIC_JOB: the c10d rendezvous this rank 0 came from
 
     @classmethod
     def me(cls) -> Holder:
         now = time.time()
         job, restart = os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_RESTART_COUNT", "0")
-        return cls(socket.gethostname(), os.getpid(), uuid.uuid4().hex, now, now, job, int(restart or 0))
+        elastic = os.environ.get("GPT_ELASTIC_JOB") or None
+        host, pid = socket.gethostname(), os.getpid()
+        return cls(host, pid, uuid.uuid4().hex, now, now, job, int(restart or 0), elastic_job=elastic)
 
     def to_json(self) -> str:
         return json.dumps({"format": FORMAT, **self.__dict__}) + "\n"
@@ -81,6 +101,7 @@ class Holder:
                 None if raw.get("slurm_job_id") is None else str(raw["slurm_job_id"]),
                 int(raw.get("slurm_restart", 0)),
                 float(raw.get("expiry_s", 0.0)),
+                None if raw.get("elastic_job") is None else str(raw["elastic_job"]),  # absent in older leases
             )
         except (ValueError, KeyError, TypeError):
             return cls("?", 0, "", mtime, mtime)
@@ -122,6 +143,9 @@ def why_stale(holder: Holder, expiry_s: float, me: Holder) -> str | None:
     same_job = holder.slurm_job_id is not None and holder.slurm_job_id == me.slurm_job_id
     if same_job and me.slurm_restart > holder.slurm_restart:
         return f"slurm job {holder.slurm_job_id} was requeued (restart {me.slurm_restart})"
+    same_elastic = holder.elastic_job is not None and holder.elastic_job == me.elastic_job
+    if same_elastic and (holder.host != me.host or holder.pid != me.pid):
+        return f"it was rank 0 of an earlier round of elastic job {holder.elastic_job} (one rank 0 per rendezvous)"
     if age > expiry_s:
         return f"its heartbeat is {age:.0f} s old (run.lease_expiry_s={expiry_s:g})"
     return None

@@ -30,6 +30,12 @@ from pretrain.trainer.skip_policy import SkipPolicy
 from tests.remote_server import ShardServer
 
 
+@pytest.fixture(autouse=True)
+def _no_elastic_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests run under launch/torchrun.sh would inherit its elastic job identity: the lease tests set their own."""
+    monkeypatch.delenv("GPT_ELASTIC_JOB", raising=False)
+
+
 def write_holder(run: Path, **fields: object) -> None:
     holder = {**Holder.me().__dict__, "token": "someone-else", **fields}
     run.mkdir(parents=True, exist_ok=True)
@@ -86,6 +92,35 @@ def test_a_gone_holder_is_taken_over_with_one_note(
     assert note is not None and reason in note and "\n" not in note
     assert Holder.read(run / LEASE).token == lease.holder.token
     lease.release()
+
+
+JOB = "4242@node-a:29500"  # what launch/torchrun.sh exports on a c10d rendezvous
+
+
+@pytest.mark.parametrize(
+    "theirs, host", [(JOB, "node-b"), (JOB, "here"), ("4243@node-a:29500", "node-b"), (None, "node-b")]
+)
+def test_an_elastic_restarts_new_rank0_takes_over_from_the_old_one_on_another_host(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, theirs: str | None, host: str
+) -> None:
+    """c10d ranks nodes by arrival: after a lost node the new rank 0 may be on another host than the
+    old one, whose lease (killed with its node) still has a fresh heartbeat. Only the same job's is taken."""
+    monkeypatch.setenv("GPT_ELASTIC_JOB", JOB)
+    run = tmp_path / "run"
+    here = host == "here"  # this host, a live pid of the same job (a torchrun agent tearing its rank down)
+    write_holder(run, host=socket.gethostname() if here else host, pid=os.getppid(), elastic_job=theirs)
+    lease = Lease(run, expiry_s=60)
+    if theirs != JOB:  # another job, or a static rendezvous: the fresh holder is kept
+        with pytest.raises(UserError, match="in use by another run"):
+            lease.acquire()
+        return
+    note = lease.acquire()
+    assert note is not None and "\n" not in note and (here or "host node-b" in note)
+    assert note.endswith(f": it was rank 0 of an earlier round of elastic job {JOB} (one rank 0 per rendezvous)")
+    assert Holder.read(run / LEASE).elastic_job == JOB
+    lease.release()
+    (run / LEASE).write_text(json.dumps({k: v for k, v in Holder.me().__dict__.items() if k != "elastic_job"}))
+    assert Holder.read(run / LEASE).elastic_job is None and Holder.read(run / LEASE).token  # an older lease parses
 
 
 def test_a_live_holder_elsewhere_is_kept_unless_takeover_and_then_it_learns_it_lost(tmp_path: Path) -> None:
