@@ -199,11 +199,26 @@ def test_deepspeed_launcher_preemption_exits_with_the_requeue_code(char_shards: 
 
 
 FAKE_SRUN = """#!/usr/bin/env bash
-# records its arguments, then runs the task once per node as slurm would (SLURM_NODEID)
+# records its arguments, then runs the task once per node as slurm would (SLURM_NODEID, SLURMD_NODENAME)
+# and exits with FAKE_SRUN_RC, else with its tasks' highest code as srun does
 echo "srun $*" >> "$FAKE_LOG"
 while [ "$1" != bash ]; do shift; done
-for node in $(seq 0 $((SLURM_JOB_NUM_NODES - 1))); do SLURM_NODEID=$node "$@" >> "$FAKE_LOG"; done
-exit "${FAKE_SRUN_RC:-0}"
+hosts=($(scontrol show hostnames "$SLURM_JOB_NODELIST"))
+rc=0
+for node in $(seq 0 $((SLURM_JOB_NUM_NODES - 1))); do
+  code=0
+  SLURM_NODEID=$node SLURMD_NODENAME=${hosts[$node]} "$@" >> "$FAKE_LOG" || code=$?
+  [ "$code" -le "$rc" ] || rc=$code
+done
+exit "${FAKE_SRUN_RC:-$rc}"
+"""
+# the torchrun agent that launch/torchrun.sh starts on node SLURM_NODEID: it exits with that node's
+# word in FAKE_NODE_RCS, or for "lost" kills the node's launcher (kill -9, as when the node dies)
+FAKE_AGENT = """#!/usr/bin/env bash
+codes=($FAKE_NODE_RCS)
+code=${codes[$SLURM_NODEID]}
+if [ "$code" = lost ]; then kill -9 "$PPID"; exit 137; fi
+exit "$code"
 """
 FAKE_SCONTROL = """#!/usr/bin/env bash
 case "$1 $2" in
@@ -213,17 +228,26 @@ esac
 """
 
 
-def render_sbatch(tmp_path: Path, srun_rc: int) -> tuple[subprocess.CompletedProcess, str]:
+def render_sbatch(
+    tmp_path: Path, srun_rc: int | None, node_rcs: str | None = None
+) -> tuple[subprocess.CompletedProcess, str]:
+    """Run launch/slurm.sbatch with a fake srun and scontrol (two nodes, job 4242, submitted from
+    ``tmp_path``): dry runs of launch/torchrun.sh, or with ``node_rcs`` real runs of it whose fake
+    torchrun agents end per node as FAKE_AGENT says (srun's code then that of the tasks, unless ``srun_rc``)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+    fakes = [("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)] + ([("python", FAKE_AGENT)] if node_rcs else [])
+    for name, text in fakes:
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
-    fake_log = tmp_path / f"slurm{srun_rc}.log"
+    fake_log = tmp_path / f"slurm{srun_rc}-{(node_rcs or '').replace(' ', '-')}.log"
     slurm = {"SLURM_JOB_NUM_NODES": "2", "SLURM_GPUS_ON_NODE": "8", "SLURM_JOB_NODELIST": "gpu-node-[a-b]"}
-    slurm |= {"SLURM_SUBMIT_DIR": str(REPO), "SLURM_JOB_ID": "4242"}
-    slurm |= {"FAKE_LOG": str(fake_log), "FAKE_SRUN_RC": str(srun_rc), "LAUNCH_DRY_RUN": "1"}
+    slurm |= {"SLURM_SUBMIT_DIR": str(tmp_path), "REPO": str(REPO), "SLURM_JOB_ID": "4242", "TMPDIR": str(tmp_path)}
+    slurm |= {"FAKE_LOG": str(fake_log)} | ({} if srun_rc is None else {"FAKE_SRUN_RC": str(srun_rc)})
+    slurm |= {"FAKE_NODE_RCS": node_rcs} if node_rcs else {"LAUNCH_DRY_RUN": "1"}
     run_env = {**env(), **slurm, "PATH": f"{bin_dir}:{env()['PATH']}"}
+    if node_rcs:
+        run_env.pop("LAUNCH_DRY_RUN", None)
     cmd = ["bash", str(REPO / "launch" / "slurm.sbatch"), "data.dir=/shared/owt", "model=gpt2-small"]
     result = subprocess.run(cmd, cwd=tmp_path, env=run_env, capture_output=True, text=True, timeout=60)
     assert fake_log.is_file(), result.stdout + result.stderr
@@ -246,11 +270,40 @@ def test_sbatch_template_renders_one_torchrun_per_node_and_requeues(tmp_path: Pa
     for node, line in enumerate(torchruns):
         assert f"--nnodes 2 --nproc_per_node 8 --node_rank {node} --master_addr gpu-node-a --master_port 29500" in line
         assert line.endswith("-m pretrain.train data.dir=/shared/owt model=gpt2-small")
+        assert line.startswith("python ")  # a static rendezvous: no elastic job identity for the lease
     assert "scontrol requeue" not in log
 
     result, log = render_sbatch(tmp_path, srun_rc=REQUEUE)  # the ranks saved after a stop signal
     assert result.returncode == REQUEUE
     assert "scontrol requeue 4242" in log
+
+
+def test_sbatch_elastic_exit_is_the_surviving_nodes_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """srun fails when a node is lost with its task; an elastic job whose survivors finished is not FAILED.
+    The real launch/torchrun.sh records each node's code; its fake torchrun agent ends as each node does."""
+    monkeypatch.setenv("MIN_NODES", "1")
+    result, log = render_sbatch(tmp_path, srun_rc=0)  # a dry run: the ranks' elastic job identity
+    assert all(line.startswith("GPT_ELASTIC_JOB=4242@gpu-node-a:29500 python ") for line in log.splitlines()[1:])
+    exits = tmp_path / ".slurm-exit"
+
+    result, log = render_sbatch(tmp_path, srun_rc=None, node_rcs="0 lost")  # node b died with its launcher
+    assert result.returncode == 0, result.stdout + result.stderr
+    line = "srun exited 137 after losing node(s) gpu-node-b; the surviving nodes finished with 0"
+    assert line in result.stdout.splitlines() and "scontrol requeue" not in log
+    assert not exits.exists()  # the script removes what it made
+
+    result, log = render_sbatch(tmp_path, srun_rc=None, node_rcs="lost 75")  # the survivor saved on a stop signal
+    assert result.returncode == REQUEUE and "scontrol requeue 4242" in log
+    assert "losing node(s) gpu-node-a; the surviving nodes finished with 75" in result.stdout
+
+    for rcs, code in (("0 1", 1), ("1 lost", 1)):  # disagreement stands; survivors that failed, fail
+        result, _ = render_sbatch(tmp_path, srun_rc=None, node_rcs=rcs)
+        assert result.returncode == code, (rcs, result.stdout + result.stderr)
+        assert ("losing node(s)" in result.stdout) == ("lost" in rcs)
+
+    monkeypatch.delenv("MIN_NODES")  # not elastic: srun's code, as before, and no exit files
+    result, log = render_sbatch(tmp_path, srun_rc=None, node_rcs="0 lost")
+    assert result.returncode == 137 and "losing node" not in result.stdout and not exits.exists()
 
 
 def test_stop_request_catches_a_signal_and_rejects_unknown_names() -> None:
