@@ -188,7 +188,7 @@ class TrainConfig:
     requeue_exit_code: int = 75  # EX_TEMPFAIL; launch/slurm.sbatch requeues the job on it
     sample_tokens: int = 300  # printed at the end (single-process runs); 0 disables
     sample_prompt: str = ""  # the end-of-run sample's prompt ("": start from end-of-text)
-    peak_tflops: float | None = None  # device peak for MFU (e.g. 989 for H100 bf16); null: measured
+    peak_tflops: float | None = None  # device peak for MFU (e.g. 989 for H100 bf16); null: a known GPU's, none on CPU
     log_samples: bool = False  # write run.dir/samples_rank<R>.jsonl: the sample ids of every step
     preflight: str = "warn"  # memory check at start (gpt-plan's estimate vs the device): warn | error | off
 
