@@ -7,7 +7,7 @@ reused) and run with this venv's packages, the revision's own code first on ``sy
 (``PYTHONPATH`` + cwd): the dependency pins must match, which the harness checks
 (``pyproject.toml``'s dependencies of both revisions), else it refuses. ``--head`` defaults to the
 working tree (uncommitted changes included). Rounds alternate A B, B A, A B, ... so that machine
-drift hits both sides alike; each round's figure is the median tokens/s of its steps after
+drift hits both sides alike; each round's figure is its tokens over its steps' seconds after
 ``--skip`` warm-up steps, and each pair of adjacent rounds gives one ratio head / base.
 
 Printed: every round's tokens/s, the median ratio, and a 90% bootstrap interval of the median
@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import REPO, prepared_shards  # noqa: E402
+from benchmarks.common import REPO, prepared_shards, steady_tokens_per_s  # noqa: E402
 
 MODELS = ("tiny", "llama-tiny")
 
@@ -81,7 +81,7 @@ def one_round(tree: Path, data: Path, model: str, steps: int, skip: int) -> floa
         if done.returncode:
             sys.exit(f"error: {tree}: gpt-pretrain failed:\n{done.stderr[-2000:]}")
         rows = [json.loads(line) for line in (Path(run) / "r" / "metrics.jsonl").read_text().splitlines()]
-    return statistics.median(r["tokens_per_s"] for r in rows if "tokens_per_s" in r and r["step"] > skip)
+    return steady_tokens_per_s(rows, skip)
 
 
 def interval(ratios: list[float], level: float = 0.90, draws: int = 4000) -> tuple[float, float]:

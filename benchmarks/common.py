@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,8 +36,15 @@ def prepared_shards(data_dir: str | None) -> Path:
     return out
 
 
+def steady_tokens_per_s(rows: list[dict], skip: int) -> float:
+    """Tokens over seconds of the training steps after ``skip`` warm-up steps (``metrics.jsonl`` rows):
+    the rate a run's wall clock sees. A median of per-step rates would leave out the slow steps a
+    garbage collection or a neighbour's burst causes, and they are part of any run's time."""
+    steps = [r for r in rows if "tokens_per_s" in r and "step_time_s" in r and r["step"] > skip]
+    return sum(r["tokens_per_s"] * r["step_time_s"] for r in steps) / sum(r["step_time_s"] for r in steps)
+
+
 def pretrain_tokens_per_s(run_dir: Path, skip: int) -> float:
-    """Median tokens/s of the training steps logged by gpt-pretrain (after ``skip`` warm-up steps)."""
+    """Steady tokens/s of a ``gpt-pretrain`` run from its ``metrics.jsonl`` (:func:`steady_tokens_per_s`)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rates = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r and r["step"] > skip]
-    return statistics.median(rates)
+    return steady_tokens_per_s(rows, skip)

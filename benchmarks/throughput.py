@@ -58,9 +58,10 @@ LABEL = {"llama": "Llama-shaped bare loop (plain PyTorch, GQA SDPA)", "moe": "Mo
 
 
 def bare_loop(data: Path, steps: int, skip: int, kind: str, preset: str = "tiny") -> tuple[float, int]:
-    """(median tokens/s, parameter count) of a plain loop (no DDP, no megatron optimizer) over
-    ``kind``'s model: ``nanogpt`` or ``llama`` (plain PyTorch) or ``gptmodel`` (this project's
-    megatron-core GPTModel built from ``model=preset``, as gpt-pretrain builds it)."""
+    """(steady tokens/s: tokens over the timed steps' seconds, parameter count) of a plain loop (no DDP,
+    no megatron optimizer; torch's fused AdamW) over ``kind``'s model: ``nanogpt``, ``llama`` or ``moe``
+    (plain PyTorch) or ``gptmodel`` (this project's megatron-core GPTModel built from ``model=preset``,
+    as gpt-pretrain builds it)."""
     from benchmarks.llama_reference import Llama
     from benchmarks.nanogpt_reference import NanoGPT
     from conf.cli import compose, quiet_third_party
@@ -127,9 +128,10 @@ def bare_loop(data: Path, steps: int, skip: int, kind: str, preset: str = "tiny"
         [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
         lr=float(cfg.train.lr),
         betas=(0.9, 0.99),
+        fused=True,  # what gpt-pretrain runs (megatron's optimizer over torch's fused AdamW)
     )
     positions = position_ids(BATCH, SEQ)
-    rates = []
+    times = []
     for step in range(steps):
         start = time.perf_counter()
         batch = rows[torch.randint(0, len(rows), (BATCH,))]
@@ -142,8 +144,8 @@ def bare_loop(data: Path, steps: int, skip: int, kind: str, preset: str = "tiny"
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         if step >= skip:
-            rates.append(BATCH * SEQ / (time.perf_counter() - start))
-    return statistics.median(rates), sum(p.numel() for p in model.parameters())
+            times.append(time.perf_counter() - start)
+    return BATCH * SEQ * len(times) / sum(times), sum(p.numel() for p in model.parameters())
 
 
 def framework(data: Path, steps: int, skip: int, compile_: bool = False, preset: str = "tiny") -> float:
