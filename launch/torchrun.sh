@@ -91,7 +91,12 @@ case "$nnodes" in
     elastic=1
     [[ "$nnodes" =~ ^[1-9][0-9]*:[1-9][0-9]*$ ]] && [ "${nnodes%%:*}" -le "${nnodes##*:}" ] || {
       echo "launch/torchrun.sh: --nnodes $nnodes: expected N or MIN:MAX with 1 <= MIN <= MAX" >&2; exit 2; }
-    node_rank= ;;  # c10d ranks nodes by arrival: a fixed node rank has no meaning in a range
+    node_rank=  # c10d ranks nodes by arrival: a fixed node rank has no meaning in a range
+    # a node that joins a running job (the job grows back) meets nodes of earlier rounds: with torch's
+    # shared rendezvous store (its default) only a node's first round publishes rank 0's address, so
+    # the newcomer and the rank-0 agent wait 60 s for each other's keys and the whole job fails; the
+    # ranks' own store is set up afresh every round
+    export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1} ;;
 esac
 max_restarts=${max_restarts:-$([ -n "$elastic" ] && echo 3 || echo 0)}
 [[ "$max_restarts" =~ ^[0-9]+$ ]] || { echo "launch/torchrun.sh: --max-restarts $max_restarts: expected an integer >= 0" >&2; exit 2; }
