@@ -21,7 +21,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import REPO, prepared_shards  # noqa: E402
 
-COMMON = ["train.eval_every=0", "train.sample_tokens=0", "logging.wandb=disabled", "logging.progress_bar=false"]
+COMMON = [
+    "train.eval_every=0",
+    "train.eval_batches=1",
+    "train.sample_tokens=0",
+    "logging.wandb=disabled",
+    "logging.progress_bar=false",
+]
 
 
 def pretrain(run_dir: Path, data: Path, *overrides: str) -> tuple[float, float]:
