@@ -176,6 +176,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     seed: int = 1337  # model init, data order, dropout
     gc_every: int = 50  # Python's garbage collection every N steps, start-up objects frozen; 0: automatic
+    keep_freed_memory: bool = True  # glibc: freed CPU memory is reused by the next step, not unmapped/trimmed
     eval_every: int = 250  # 0: only at the end (fine-tuning: every epoch)
     eval_micro_batch: int = 64  # sequences per forward pass on one rank in validation
     eval_batches: int | None = None  # null: the whole validation split

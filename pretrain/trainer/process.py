@@ -18,7 +18,7 @@ def start_training(cfg: DictConfig, make_task: Callable[[Any], Any]) -> dict:
 
     from conf.cli import quiet_third_party
     from conf.schema import validate
-    from parallel import cpu_compat, process_hygiene
+    from parallel import cpu_compat, heap, process_hygiene
     from parallel.run_config import Groups, Run
     from pretrain.trainer.loop import Trainer
 
@@ -27,6 +27,8 @@ def start_training(cfg: DictConfig, make_task: Callable[[Any], Any]) -> dict:
     quiet_third_party()
     cpu_compat.apply()  # megatron-core on a CPU-only machine (a no-op with CUDA; version fixes always)
     torch.set_num_threads(torch.get_num_threads())
+    if groups.train.keep_freed_memory:  # before the model, the data and the checkpoint are allocated
+        heap.keep_freed_memory()
     task = make_task(groups)
     run = Run.build({**groups.as_dict(), **task.configure(groups)})  # the layout checked: still before any work
     return Trainer(run).run(task)
