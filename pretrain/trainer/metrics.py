@@ -45,7 +45,7 @@ class Metrics:
         self.file = self.path.open("a", buffering=1)
         for event in session:
             self.log(event)
-        mode = str(cfg.logging.wandb)
+        mode = wandb_mode(str(cfg.logging.wandb))
         if mode != "disabled":
             self.wandb = _init_wandb(cfg, run_dir, mode)
         self.bar = tqdm(
@@ -137,6 +137,16 @@ def _goodput_summary(run: Any, run_dir: Path) -> None:
         run.summary.update(goodput.account(records, now).summary())
     except Exception as exc:  # noqa: BLE001 - a summary never fails a run
         print(f"warning: goodput: no wandb summary ({type(exc).__name__}: {exc})", file=sys.stderr)
+
+
+def wandb_mode(configured: str) -> str:
+    """``logging.wandb``, unless the environment's ``WANDB_MODE`` says ``disabled`` or ``offline``: the
+    switch Megatron-LM and torchtitan users turn wandb off (or local) with, for every run of a shell or
+    job. Passing the config's mode to ``wandb.init`` would override it, so it is read here; a
+    ``WANDB_MODE`` that would reach the network is not taken from the environment (``online`` needs
+    the credential check of ``logging.wandb=online``)."""
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    return env if env in ("disabled", "offline") else configured
 
 
 def _init_wandb(cfg: Run, run_dir: Path, mode: str) -> Any:

@@ -39,7 +39,8 @@ def start_node(node: int, nnodes: int, port: int, log: Path, *args: str) -> subp
     cmd = ["bash", str(LAUNCH), "--nnodes", str(nnodes), "--nproc-per-node", "1", "--node-rank", str(node)]
     cmd += ["--master-addr", "127.0.0.1", "--master-port", str(port), "--", "pretrain.train", *ARGS, *args]
     out = log.open("w")
-    return subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    environ = {**env(), "WANDB_MODE": "offline"}  # the resumed job continues the wandb run (asserted below)
+    return subprocess.Popen(cmd, cwd=REPO, env=environ, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def kill_all(procs: list[subprocess.Popen]) -> None:

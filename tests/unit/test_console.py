@@ -31,3 +31,25 @@ def test_rates_are_averaged_over_the_interval_and_the_eta_counts_the_remaining_s
 
 def test_clock() -> None:
     assert (clock(0), clock(61), clock(3 * 3600 + 62), clock(-5)) == ("0:00:00", "0:01:01", "3:01:02", "0:00:00")
+
+
+@pytest.mark.parametrize(
+    ("env", "configured", "mode"),
+    [
+        (None, "offline", "offline"),
+        ("disabled", "offline", "disabled"),
+        ("offline", "online", "offline"),
+        ("online", "disabled", "disabled"),
+        ("nonsense", "offline", "offline"),
+    ],
+)
+def test_wandb_mode_is_the_config_unless_the_environment_turns_it_off_or_local(
+    monkeypatch: pytest.MonkeyPatch, env: str | None, configured: str, mode: str
+) -> None:
+    from pretrain.trainer.metrics import wandb_mode
+
+    if env is None:
+        monkeypatch.delenv("WANDB_MODE", raising=False)
+    else:
+        monkeypatch.setenv("WANDB_MODE", env)
+    assert wandb_mode(configured) == mode
