@@ -11,6 +11,7 @@ policy; ``metrics.jsonl`` with ``val_acc``, and ``results.json`` at the end.
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig
@@ -20,10 +21,16 @@ from conf.cli import check_group_choices, exit_on_user_error, set_rank_threads
 
 def finetune(cfg: DictConfig) -> dict:
     """Fine-tune under ``cfg`` (as composed by Hydra); returns the results (``exit_code`` when stopped)."""
-    from pretrain.tasks.finetune import FinetuneTask
     from pretrain.trainer.process import start_training
 
-    return start_training(cfg, FinetuneTask)
+    return start_training(cfg, _task)
+
+
+def _task(groups: Any) -> Any:
+    """The task, imported once the config is valid (its module loads torch and megatron-core)."""
+    from pretrain.tasks.finetune import FinetuneTask
+
+    return FinetuneTask(groups)
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="finetune")

@@ -7,6 +7,7 @@ imports (torch, megatron-core) wait until a run starts, so ``--help`` and config
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig
@@ -16,10 +17,16 @@ from conf.cli import check_group_choices, exit_on_user_error, set_rank_threads
 
 def train(cfg: DictConfig) -> dict:
     """Pretrain under ``cfg`` (as composed by Hydra); returns the run's summary."""
-    from pretrain.tasks.lm import PretrainTask
     from pretrain.trainer.process import start_training
 
-    return start_training(cfg, PretrainTask)
+    return start_training(cfg, _task)
+
+
+def _task(groups: Any) -> Any:
+    """The task, imported once the config is valid (its module loads torch and megatron-core)."""
+    from pretrain.tasks.lm import PretrainTask
+
+    return PretrainTask(groups)
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")

@@ -25,6 +25,7 @@ SHARED_FIXTURE_GROUPS = {  # the first fixture of the list that a test uses name
     "base_run": "faults",
     "sigkill_run": "sigkill-resume",  # test_pretrain_e2e: a run killed and rerun, read by the goodput test
     "moe_runs": "moe-layouts",  # test_moe's module cache
+    "results": "bad-inputs",  # test_bad_inputs: every case's command, run concurrently once
 }
 
 

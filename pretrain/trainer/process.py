@@ -13,16 +13,19 @@ from omegaconf import DictConfig
 
 
 def start_training(cfg: DictConfig, make_task: Callable[[Any], Any]) -> dict:
-    """Validate ``cfg``, set up this process (in this order), build the task, the run, and run it."""
+    """Validate ``cfg``, set up this process (in this order), build the task, the run, and run it.
+    ``make_task`` imports the task's module itself: a config error is refused before torch loads."""
+    from conf.schema import validate
+
+    validated = validate(cfg)  # every config error is one line, before any file, process group or torch
     import torch
 
     from conf.cli import quiet_third_party
-    from conf.schema import validate
     from parallel import cpu_compat, heap, process_hygiene
     from parallel.run_config import Groups, Run
     from pretrain.trainer.loop import Trainer
 
-    groups = Groups(validate(cfg))  # every config error is one line, before any file or process group
+    groups = Groups(validated)
     process_hygiene.install()  # helper processes (writers, loader workers, megatron's Manager) die with this one
     quiet_third_party()
     cpu_compat.apply()  # megatron-core on a CPU-only machine (a no-op with CUDA; version fixes always)
