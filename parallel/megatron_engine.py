@@ -25,7 +25,7 @@ from megatron.core.transformer.module import Float16Module
 
 from conf.errors import UserError
 from conf.groups import TrainConfig
-from parallel import checksums, cpu_compat, process_hygiene
+from parallel import checksums, cpu_compat, inplace_grads, process_hygiene
 from parallel.engine import ModelSpec, StepResult, layout_config, lr_scheduler
 from parallel.run_config import Run
 from parallel.topology import Topology, compute_device
@@ -134,9 +134,10 @@ class MegatronEngine:
         )
         if bf16:
             chunks = [Float16Module(self.config, chunk) for chunk in chunks]
+        self.inplace_grads = inplace_grads.applies(self.config, ddp_config, bf16)
+        ddp_class = inplace_grads.InPlaceGradDDP if self.inplace_grads else DistributedDataParallel
         self.model = [
-            DistributedDataParallel(self.config, ddp_config, chunk, disable_bucketing=(i > 0))
-            for i, chunk in enumerate(chunks)
+            ddp_class(self.config, ddp_config, chunk, disable_bucketing=(i > 0)) for i, chunk in enumerate(chunks)
         ]
         opt_config = OptimizerConfig(
             optimizer="adam",
@@ -205,6 +206,8 @@ class MegatronEngine:
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
+        if self.inplace_grads:
+            inplace_grads.point_grads_at_buffers(self.model)
         totals = self.run(micro_batches, forward_only=False)
         metrics = self.step_metrics(len(micro_batches)) if self.step_metrics is not None else {}
         loss = totals["loss_sum"] / max(totals["tokens"], 1.0)

@@ -183,6 +183,14 @@ TARGETS: tuple[Target, ...] = (
     # megatron.core.jit sets it to torch.compile
     Target("megatron.core.jit:jit_fuser", None, "parallel.lazy_fusions", "global"),
     Target("megatron.core.jit:enable_jit_fuser", (), "parallel.lazy_fusions", "read", exact=True, uses=("compile",)),
+    # one data-parallel rank: autograd accumulates into main_grad, DDP's per-parameter copy off
+    Target(
+        "megatron.core.distributed.distributed_data_parallel:DistributedDataParallel._make_backward_post_hook",
+        ("self", "param"),
+        "parallel.inplace_grads",
+        "override",
+        exact=True,
+    ),
     Target(f"{_FS_ASYNC}:mp", None, "parallel.process_hygiene", "read"),
     # the persistent checkpoint writer (async_writer.py)
     Target(f"{_ASYNC_UTILS}:AsyncCallsQueue._get_async_caller", ("self",), _WRITER, "replace", True),
