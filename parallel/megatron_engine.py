@@ -205,9 +205,11 @@ class MegatronEngine:
     ) -> StepResult:
         for chunk in self.model:
             chunk.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        if self.inplace_grads:
-            inplace_grads.point_grads_at_buffers(self.model)
+        if self.inplace_grads:  # the .grad views of the zeroed buffers stay
+            for chunk in self.model:
+                chunk.point_grads_at_buffers()
+        else:
+            self.optimizer.zero_grad()
         totals = self.run(micro_batches, forward_only=False)
         metrics = self.step_metrics(len(micro_batches)) if self.step_metrics is not None else {}
         loss = totals["loss_sum"] / max(totals["tokens"], 1.0)

@@ -93,10 +93,26 @@ class _CpuStream:
 _CPU_STREAM = _CpuStream()
 
 
+class _Done:
+    """The handle of a collective that had nothing to do."""
+
+    def wait(self, *_: Any) -> bool:
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+
+_DONE = _Done()
+
+
 class _GlooDistributed(types.ModuleType):
     """``torch.distributed`` as seen by the facade modules: ``all_gather`` of tensors whose first
     dimensions differ (megatron's all-to-all MoE dispatcher gathers each tensor-parallel rank's
     routed tokens) pads them to the longest and cuts the results back; gloo refuses uneven sizes.
+    ``all_reduce`` over a group of one rank returns at once: it is the identity, and gloo takes a
+    round trip through its worker thread for it (megatron reduces the grad norm, and the MoE
+    router its load statistics, over groups that have one rank at tp = pp = dp = 1).
 
     CPU shim: NCCL gathers uneven tensors itself, and megatron calls it directly on GPU.
     """
@@ -105,6 +121,15 @@ class _GlooDistributed(types.ModuleType):
         super().__init__("torch.distributed")
         self.__dict__.update({k: v for k, v in vars(torch.distributed).items() if not k.startswith("__")})
         self.all_gather = self._all_gather
+        self.all_reduce = self._all_reduce
+
+    @staticmethod
+    def _all_reduce(tensor: torch.Tensor, op: Any = None, group: Any = None, async_op: bool = False) -> Any:
+        size = group.size() if group is not None else torch.distributed.get_world_size()
+        if size == 1:
+            return _DONE if async_op else None
+        op = torch.distributed.ReduceOp.SUM if op is None else op
+        return torch.distributed.all_reduce(tensor, op=op, group=group, async_op=async_op)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(torch.distributed, name)

@@ -98,6 +98,14 @@ TARGETS: tuple[Target, ...] = (
     Target(f"{_DISTOPT}.load_state_dict", ("self", "state_dict"), VERSION_FIXES, "wrap", exact=True),
     Target("megatron.core.optimizer.distrib_optimizer:HAVE_APEX_OR_TE", None, VERSION_FIXES, "read"),
     Target("megatron.core.optimizer.clip_grads:l2_norm_impl", None, VERSION_FIXES, "global"),
+    Target(  # skipped unless the config keeps the router state it resets
+        "megatron.core.distributed.finalize_model_grads:reset_model_temporary_tensors",
+        ("config", "model"),
+        VERSION_FIXES,
+        "wrap",
+        exact=True,
+        uses=("moe_router_enable_expert_bias", "moe_router_load_balancing_type"),
+    ),
     Target(
         "megatron.core.utils:local_multi_tensor_l2_norm",
         ("chunk_size", "noop_flag", "tensor_lists", "per_tensor"),
@@ -150,6 +158,8 @@ TARGETS: tuple[Target, ...] = (
         "read",
         uses=("distributed", "all_gather"),
     ),
+    # the facade's all_reduce stands in for it (returns at once over a group of one rank)
+    Target("torch.distributed:all_reduce", ("tensor", "op", "group", "async_op"), SHIMS, "call", exact=True),
     Target("torch:Tensor.type", None, SHIMS, "scoped"),
     Target("torch:Tensor.cuda", None, SHIMS, "scoped"),
     # checkpoint checksums (checksums.py; the DeepSpeed wrapper is installed by deepspeed_engine.py)
@@ -190,6 +200,21 @@ TARGETS: tuple[Target, ...] = (
         "parallel.inplace_grads",
         "override",
         exact=True,
+    ),
+    Target(  # skipped at one rank: each bucket group's reduction is the identity there
+        "megatron.core.distributed.distributed_data_parallel:DistributedDataParallel.finish_grad_sync",
+        ("self", "force_all_reduce"),
+        "parallel.inplace_grads",
+        "override",
+        exact=True,
+        uses=("bucket_groups", "expert_parallel_bucket_groups", "finish_grad_sync"),
+    ),
+    Target(  # ... unless a bucket rescales or checks its gradients (what the skip looks at)
+        "megatron.core.distributed.param_and_grad_buffer:_ParamAndGradBucketGroup.start_grad_sync",
+        ("self", "force_all_reduce"),
+        "parallel.inplace_grads",
+        "read",
+        uses=("gradient_scaling_factor", "check_for_nan_in_grad", "check_for_large_grads", "all_reduce"),
     ),
     Target(f"{_FS_ASYNC}:mp", None, "parallel.process_hygiene", "read"),
     # the persistent checkpoint writer (async_writer.py)

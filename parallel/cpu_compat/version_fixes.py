@@ -94,8 +94,33 @@ def _define_missing_te_gemm() -> None:
         moe_utils.te_general_gemm = None
 
 
+def _skip_idle_module_walk() -> None:
+    """``finalize_model_grads`` walks every module of every model chunk after each step's backward
+    (``reset_model_temporary_tensors``) to reset MoE router state that only the aux-loss-free expert
+    bias and the global auxiliary loss keep; without either the walk does nothing, so it is skipped.
+
+    Version fix, not a shim: the walk is Python work on the step's path on any device.
+    """
+    import importlib
+
+    module = importlib.import_module("megatron.core.distributed.finalize_model_grads")
+    original = module.reset_model_temporary_tensors
+    if getattr(original, "_gpt_fixed", False):
+        return
+
+    def reset_model_temporary_tensors(config: Any, model: list) -> None:
+        balancing = config.moe_router_load_balancing_type
+        if config.moe_router_enable_expert_bias or "global_aux_loss" in balancing:
+            original(config, model)
+
+    reset_model_temporary_tensors._gpt_fixed = True  # type: ignore[attr-defined]
+    reset_model_temporary_tensors.__wrapped__ = original  # type: ignore[attr-defined]
+    module.reset_model_temporary_tensors = reset_model_temporary_tensors
+
+
 def apply() -> None:
     """Apply every fix once (each is idempotent)."""
     _fix_torch_adam_reshard_load()
     _use_foreach_grad_norm()
     _define_missing_te_gemm()
+    _skip_idle_module_walk()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+from typing import Any
 
 import pytest
 import torch
@@ -157,3 +158,43 @@ def test_cpu_rng_tracker_has_every_method_of_megatrons() -> None:
             ours = getattr(cpu_compat._CpuRNGStatesTracker, name, None)
             assert ours is not None, f"_CpuRNGStatesTracker lacks {name}"
             assert list(inspect.signature(ours).parameters) == list(inspect.signature(method).parameters), name
+
+
+def test_one_rank_all_reduce_and_the_idle_module_walk_are_skipped() -> None:
+    """The facade's all_reduce returns at once over one rank (gloo would round-trip its worker thread);
+    finalize_model_grads' per-step module walk runs only where it resets router state."""
+    import types
+
+    import torch.distributed as dist
+
+    cpu_compat.apply()
+    from megatron.core.optimizer import clip_grads
+
+    facade = clip_grads.torch.distributed
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        on_meta = torch.empty(1, device="meta")  # gloo would refuse it: nothing reached gloo
+        assert facade.all_reduce(on_meta) is None
+        assert facade.all_reduce(on_meta, group=dist.new_group([0]), async_op=True).wait()
+        calls: list[Any] = []
+        real = dist.all_reduce
+        dist.all_reduce = lambda *a, **k: calls.append(k["group"])  # type: ignore[assignment]
+        try:  # a group of two still reduces
+            two = types.SimpleNamespace(size=lambda: 2)
+            facade.all_reduce(on_meta, group=two)
+            assert calls == [two]
+        finally:
+            dist.all_reduce = real
+    finally:
+        dist.destroy_process_group()
+
+    finalize = importlib.import_module("megatron.core.distributed.finalize_model_grads")
+    router = torch.nn.Module()
+    router.expert_bias = torch.zeros(2)
+    router.local_tokens_per_expert = torch.ones(2)
+    for bias, zeroed in ((False, False), (True, True)):
+        config = types.SimpleNamespace(moe_router_enable_expert_bias=bias, moe_router_load_balancing_type="aux_loss")
+        router.local_tokens_per_expert.fill_(1.0)
+        finalize.reset_model_temporary_tensors(config, [router])
+        assert bool((router.local_tokens_per_expert == 0).all()) is zeroed

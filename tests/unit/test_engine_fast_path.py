@@ -121,3 +121,39 @@ def test_head_lr_mult_reaches_the_finetuning_head() -> None:
         assert by_lr.keys() == {1e-3, 3e-2} and by_lr[3e-2] == head  # head weight and bias, nothing else
     finally:
         Topology.destroy()
+
+
+def test_one_rank_step_is_the_ddp_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At one data-parallel rank the engine accumulates gradients in megatron's buffer, skips the
+    one-rank reduction and keeps the ``.grad`` views across steps (``parallel/inplace_grads.py``); the
+    facade skips the grad norm's one-rank all-reduce: losses and grad norms equal megatron's DDP path's."""
+    from megatron.core.distributed import DistributedDataParallel
+
+    from parallel import inplace_grads
+    from parallel.run_config import Run
+    from parallel.topology import Topology
+    from pretrain.tasks.lm import build_engine
+
+    cfg = compose(["model=tiny", "data.dir=unused", "train.lr=1e-3", "train.warmup_steps=0", "train.grad_clip=0.5"])
+    torch.manual_seed(0)
+    micro = [{"tokens": torch.randint(0, 67, (4, 65)), "mask": torch.ones(4, 64)} for _ in range(6)]
+    batches = [micro[0:2], micro[2:4], micro[4:6]]
+
+    def run_steps(in_place: bool) -> list[tuple[float, float]]:
+        monkeypatch.setattr(inplace_grads, "applies", lambda *_: in_place)
+        run = Run.from_config(cfg, world_size=1, rank=0)
+        run.layout.init(seed=1)
+        try:
+            engine = build_engine(run, 67)
+            assert engine.inplace_grads is in_place
+            assert (type(engine.model[0]) is DistributedDataParallel) is not in_place
+            results = [engine.train_step(micro) for micro in batches]
+            if in_place:  # the views stayed: nothing replaced a .grad between steps
+                assert all(p.grad is p.main_grad for p in engine.model[0].module.parameters())
+            return [(r.loss, r.grad_norm) for r in results]
+        finally:
+            Topology.destroy()
+
+    in_place, ddp = run_steps(True), run_steps(False)
+    assert in_place == ddp
+    assert ddp[0][1] > 0.5  # clipping took place, so the clipped path is compared too
