@@ -1,6 +1,6 @@
 """A/B: ``gpt-pretrain`` tokens/s of two revisions, in alternated rounds on this machine.
 
-    python benchmarks/ab.py --base REV [--head REV] [--model tiny|llama-tiny|all] [--rounds 6] [--steps 200]
+    python benchmarks/ab.py --base REV [--head REV] [--model tiny|llama-tiny|moe-tiny|all] [--rounds 6] [--steps 200]
 
 Each revision is checked out into its own worktree (``git worktree``, under ``--work``, kept and
 reused) and run with this venv's packages, the revision's own code first on ``sys.path``
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import REPO, prepared_shards, steady_tokens_per_s  # noqa: E402
 
-MODELS = ("tiny", "llama-tiny")
+MODELS = ("tiny", "llama-tiny", "moe-tiny")
 
 
 def git(*args: str, cwd: Path = REPO) -> str:

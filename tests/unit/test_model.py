@@ -119,15 +119,17 @@ def test_modern_shape_is_megatrons_and_batch_first_rope_matches(single_process) 
     assert (last[0] - last[1]).abs().max() > 1e-4
 
 
-def test_cpu_fast_paths_equal_megatrons_own(single_process, monkeypatch) -> None:  # noqa: ANN001
-    """The tp = 1 SwiGLU as two linears over fc1's halves, RoPE with cos/sin once per forward and
-    SDPA's own GQA give exactly megatron's MLP forward and rotary embedding (loss and gradients)."""
+@pytest.mark.parametrize("preset", ["llama-tiny", "moe-tiny"])
+def test_cpu_fast_paths_equal_megatrons_own(single_process, monkeypatch, preset: str) -> None:  # noqa: ANN001
+    """The tp = 1 SwiGLU as two linears over fc1's halves (a MoE expert's as one, with its routing
+    weights), RoPE with cos/sin once per forward and SDPA's own GQA give exactly megatron's MLP
+    forward and rotary embedding (loss and gradients)."""
     from megatron.core.transformer import attention as megatron_attention
     from megatron.core.transformer.mlp import MLP
 
     from pretrain.model import layers
 
-    m = compose(["model=llama-tiny", "data.dir=unused"]).model
+    m = compose([f"model={preset}", "data.dir=unused"]).model
     tokens = torch.randint(0, 67, (2, 33))
     calls = {"mlp": 0, "rope": 0}
 
@@ -148,7 +150,8 @@ def test_cpu_fast_paths_equal_megatrons_own(single_process, monkeypatch) -> None
         loss = model(tokens[:, :-1], position_ids(2, 32), None, labels=tokens[:, 1:]).mean()
         loss.backward()
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
-    assert calls == {"mlp": m.num_layers, "rope": 2 * m.num_layers}  # the fast paths did run
+    mlps = m.num_layers * (m.num_experts or 1)
+    assert calls == {"mlp": mlps, "rope": 2 * m.num_layers}  # the fast paths did run
     (loss_a, grads_a), (loss_b, grads_b) = results
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=1e-7)
     for name, grad in grads_a.items():
