@@ -44,6 +44,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -57,92 +58,97 @@ REFERENCE = {"tiny": "nanogpt", "llama-tiny": "llama", "moe-tiny": "moe"}  # eac
 LABEL = {"llama": "Llama-shaped bare loop (plain PyTorch, GQA SDPA)", "moe": "MoE bare loop (plain PyTorch, top-k)"}
 
 
-def bare_loop(data: Path, steps: int, skip: int, kind: str, preset: str = "tiny") -> tuple[float, int]:
-    """(steady tokens/s: tokens over the timed steps' seconds, parameter count) of a plain loop (no DDP,
-    no megatron optimizer; torch's fused AdamW) over ``kind``'s model: ``nanogpt``, ``llama`` or ``moe``
-    (plain PyTorch) or ``gptmodel`` (this project's megatron-core GPTModel built from ``model=preset``,
-    as gpt-pretrain builds it)."""
+def reference_model(kind: str, preset: str, data: Path) -> tuple[torch.nn.Module, Any, Any]:
+    """(model, composed config, manifest) of a bare loop: ``nanogpt``, ``llama`` or ``moe`` (plain
+    PyTorch) or ``gptmodel`` (this project's megatron-core GPTModel built from ``model=preset`` as
+    gpt-pretrain builds it; the process group must exist)."""
     from benchmarks.llama_reference import Llama
     from benchmarks.nanogpt_reference import NanoGPT
-    from conf.cli import compose, quiet_third_party
-    from data.shards import load_manifest, read_shard
-    from parallel.topology import Topology
-    from pretrain.model import build_gpt, position_ids, transformer_config
+    from conf.cli import compose
+    from data.shards import load_manifest
+    from pretrain.model import build_gpt, padded_vocab_size, transformer_config
 
-    quiet_third_party()
     cfg = compose([f"model={preset}", f"data.dir={data}"])
     manifest = load_manifest(data)
     m = cfg.model
+    torch.manual_seed(1337)
     if kind == "nanogpt":
-        torch.manual_seed(1337)
         model = NanoGPT(manifest.vocab_size, SEQ, m.num_layers, m.hidden_size, m.num_heads, m.ffn_hidden_size)
-    elif kind == "moe":
+    elif kind in ("moe", "llama"):
         from benchmarks.moe_reference import MoELlama
-        from pretrain.model import padded_vocab_size
 
-        torch.manual_seed(1337)
-        model = MoELlama(
-            padded_vocab_size(manifest.vocab_size, m),
-            SEQ,
-            m.num_layers,
-            m.hidden_size,
-            m.num_heads,
-            m.num_query_groups or m.num_heads,
-            m.num_experts,
-            m.moe_topk,
-            m.moe_ffn_hidden_size,
-            theta=float(m.rope_theta),
-            eps=float(m.layernorm_eps),
-            aux_coeff=float(m.moe_aux_loss_coeff),
-        )
-    elif kind == "llama":
-        from pretrain.model import padded_vocab_size
-
-        torch.manual_seed(1337)
-        model = Llama(
-            padded_vocab_size(manifest.vocab_size, m),
-            SEQ,
-            m.num_layers,
-            m.hidden_size,
-            m.num_heads,
-            m.num_query_groups or m.num_heads,
-            m.ffn_hidden_size,
-            theta=float(m.rope_theta),
-            eps=float(m.layernorm_eps),
-        )
+        vocab, kv = padded_vocab_size(manifest.vocab_size, m), m.num_query_groups or m.num_heads
+        shape = (vocab, SEQ, m.num_layers, m.hidden_size, m.num_heads, kv)
+        if kind == "moe":
+            model = MoELlama(
+                *shape,
+                m.num_experts,
+                m.moe_topk,
+                m.moe_ffn_hidden_size,
+                theta=float(m.rope_theta),
+                eps=float(m.layernorm_eps),
+                aux_coeff=float(m.moe_aux_loss_coeff),
+            )
+        else:
+            model = Llama(*shape, m.ffn_hidden_size, theta=float(m.rope_theta), eps=float(m.layernorm_eps))
     else:
-        from parallel import cpu_compat
-
-        cpu_compat.apply()
-        Topology.from_config(cfg, world_size=1, rank=0).init(seed=1337)
         model = build_gpt(cfg.model, manifest.vocab_size, transformer_config(cfg.model))
-    rows = torch.cat(
+    return model, cfg, manifest
+
+
+def training_rows(data: Path, manifest: Any) -> torch.Tensor:
+    """The first shards' windows in memory: the bare loops sample their batches from them."""
+    from data.shards import read_shard
+
+    return torch.cat(
         [
             torch.from_numpy(read_shard(s, manifest.dtype, manifest.seq_len).astype("int64"))
             for s in manifest.shards("train")[:4]
         ]
     )
+
+
+def fused_adamw(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    """What gpt-pretrain runs (megatron's optimizer over torch's fused AdamW), decay on matrices only."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=float(cfg.train.lr),
-        betas=(0.9, 0.99),
-        fused=True,  # what gpt-pretrain runs (megatron's optimizer over torch's fused AdamW)
-    )
-    positions = position_ids(BATCH, SEQ)
+    groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), fused=True)
+
+
+def bare_step(kind: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor) -> None:
+    """One plain training step: forward, backward, clipping, AdamW."""
+    if kind in ("nanogpt", "llama", "moe"):
+        loss = model(batch[:, :-1], batch[:, 1:])
+    else:
+        from pretrain.model import position_ids
+
+        loss = model(batch[:, :-1], position_ids(*batch[:, :-1].shape), None, labels=batch[:, 1:]).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+
+
+def bare_loop(data: Path, steps: int, skip: int, kind: str, preset: str = "tiny") -> tuple[float, int]:
+    """(steady tokens/s: tokens over the timed steps' seconds, parameter count) of a plain loop (no DDP,
+    no megatron optimizer; torch's fused AdamW) over ``kind``'s model (:func:`reference_model`)."""
+    from conf.cli import compose, quiet_third_party
+    from parallel.topology import Topology
+
+    quiet_third_party()
+    if kind == "gptmodel":
+        from parallel import cpu_compat
+
+        cpu_compat.apply()
+        Topology.from_config(compose([f"model={preset}", f"data.dir={data}"]), world_size=1, rank=0).init(seed=1337)
+    model, cfg, manifest = reference_model(kind, preset, data)
+    rows = training_rows(data, manifest)
+    optimizer = fused_adamw(model, float(cfg.train.lr))
     times = []
     for step in range(steps):
         start = time.perf_counter()
-        batch = rows[torch.randint(0, len(rows), (BATCH,))]
-        if kind in ("nanogpt", "llama", "moe"):
-            loss = model(batch[:, :-1], batch[:, 1:])
-        else:
-            loss = model(batch[:, :-1], positions, None, labels=batch[:, 1:]).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        bare_step(kind, model, optimizer, rows[torch.randint(0, len(rows), (BATCH,))])
         if step >= skip:
             times.append(time.perf_counter() - start)
     return BATCH * SEQ * len(times) / sum(times), sum(p.numel() for p in model.parameters())
