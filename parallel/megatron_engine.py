@@ -205,10 +205,7 @@ class MegatronEngine:
     ) -> StepResult:
         for chunk in self.model:
             chunk.zero_grad_buffer()
-        if self.inplace_grads:  # the .grad views of the zeroed buffers stay
-            for chunk in self.model:
-                chunk.point_grads_at_buffers()
-        else:
+        if not self.inplace_grads:  # (at one rank zero_grad_buffer already dropped every .grad)
             self.optimizer.zero_grad()
         totals = self.run(micro_batches, forward_only=False)
         metrics = self.step_metrics(len(micro_batches)) if self.step_metrics is not None else {}

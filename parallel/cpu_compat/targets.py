@@ -84,6 +84,7 @@ _ATTENTION = "megatron.core.transformer.attention"
 _EMBEDDINGS = "megatron.core.models.common.embeddings"
 _ROTARY = ("t", "freqs", "config", "cu_seqlens", "mscale", "cp_group")
 _GPT = "pretrain.model.gpt"
+_DDP = "megatron.core.distributed.distributed_data_parallel:DistributedDataParallel"
 
 TARGETS: tuple[Target, ...] = (
     # version fixes (cpu_compat/version_fixes.py)
@@ -98,6 +99,14 @@ TARGETS: tuple[Target, ...] = (
     Target(f"{_DISTOPT}.load_state_dict", ("self", "state_dict"), VERSION_FIXES, "wrap", exact=True),
     Target("megatron.core.optimizer.distrib_optimizer:HAVE_APEX_OR_TE", None, VERSION_FIXES, "read"),
     Target("megatron.core.optimizer.clip_grads:l2_norm_impl", None, VERSION_FIXES, "global"),
+    Target(  # a scale of another shape (a backward outside the schedule made it) is replaced, not copied into
+        "megatron.core.transformer.moe.moe_utils:MoEAuxLossAutoScaler.set_loss_scale",
+        ("scale",),
+        VERSION_FIXES,
+        "wrap",
+        exact=True,
+        uses=("main_loss_backward_scale", "copy_"),
+    ),
     Target(  # skipped unless the config keeps the router state it resets
         "megatron.core.distributed.finalize_model_grads:reset_model_temporary_tensors",
         ("config", "model"),
@@ -193,28 +202,29 @@ TARGETS: tuple[Target, ...] = (
     # megatron.core.jit sets it to torch.compile
     Target("megatron.core.jit:jit_fuser", None, "parallel.lazy_fusions", "global"),
     Target("megatron.core.jit:enable_jit_fuser", (), "parallel.lazy_fusions", "read", exact=True, uses=("compile",)),
-    # one data-parallel rank: autograd accumulates into main_grad, DDP's per-parameter copy off
-    Target(
-        "megatron.core.distributed.distributed_data_parallel:DistributedDataParallel._make_backward_post_hook",
-        ("self", "param"),
-        "parallel.inplace_grads",
-        "override",
-        exact=True,
+    # one data-parallel rank: gradients stay autograd's own; megatron's buffer, copy and reduction off
+    *(
+        Target(f"{_DDP}.{name}", params, "parallel.inplace_grads", "override", exact=True, uses=uses)
+        for name, params, uses in (
+            ("_make_backward_post_hook", ("self", "param"), ()),
+            ("zero_grad_buffer", ("self",), ("buffers", "expert_parallel_buffers", "reset")),
+            ("finish_grad_sync", ("self", "force_all_reduce"), ("bucket_groups", "expert_parallel_bucket_groups")),
+            ("scale_gradients", ("self", "scaling_factor"), ("buffers", "expert_parallel_buffers")),
+        )
     ),
-    Target(  # skipped at one rank: each bucket group's reduction is the identity there
-        "megatron.core.distributed.distributed_data_parallel:DistributedDataParallel.finish_grad_sync",
-        ("self", "force_all_reduce"),
-        "parallel.inplace_grads",
-        "override",
-        exact=True,
-        uses=("bucket_groups", "expert_parallel_bucket_groups", "finish_grad_sync"),
-    ),
-    Target(  # ... unless a bucket rescales or checks its gradients (what the skip looks at)
+    Target(  # ... the skip relies on what the buckets do with gradients
         "megatron.core.distributed.param_and_grad_buffer:_ParamAndGradBucketGroup.start_grad_sync",
         ("self", "force_all_reduce"),
         "parallel.inplace_grads",
         "read",
         uses=("gradient_scaling_factor", "check_for_nan_in_grad", "check_for_large_grads", "all_reduce"),
+    ),
+    Target(  # ... and megatron falling back to .grad where a parameter has no main_grad
+        "megatron.core.distributed.finalize_model_grads:_get_main_grad_attr",
+        ("param",),
+        "parallel.inplace_grads",
+        "read",
+        exact=True,
     ),
     Target(f"{_FS_ASYNC}:mp", None, "parallel.process_hygiene", "read"),
     # the persistent checkpoint writer (async_writer.py)

@@ -118,9 +118,36 @@ def _skip_idle_module_walk() -> None:
     module.reset_model_temporary_tensors = reset_model_temporary_tensors
 
 
+def _fix_moe_aux_loss_scale_shape() -> None:
+    """megatron-core 0.16's MoE aux-loss scale has two first values of different shapes: a backward
+    pass outside the pipeline schedule (a bare training step, as in a benchmark or a test) creates it
+    as ``torch.tensor(1.0)`` (shape []), the schedule's ``set_loss_scale`` as its ``[1]`` argument, and
+    later copies into it: after the former, every scheduled MoE step fails with "output with shape []
+    doesn't match the broadcast shape [1]". A scale of another shape is replaced instead of copied into.
+
+    Version fix, not a shim: the shapes differ on any device.
+    """
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler as scaler
+
+    original = scaler.set_loss_scale
+    if getattr(original, "_gpt_fixed", False):
+        return
+
+    def set_loss_scale(scale: torch.Tensor) -> None:
+        current = scaler.main_loss_backward_scale
+        if current is not None and current.shape != scale.shape:
+            scaler.main_loss_backward_scale = None  # megatron's own first-value path takes ``scale``
+        original(scale)
+
+    set_loss_scale._gpt_fixed = True  # type: ignore[attr-defined]
+    set_loss_scale.__wrapped__ = original  # type: ignore[attr-defined]
+    scaler.set_loss_scale = staticmethod(set_loss_scale)
+
+
 def apply() -> None:
     """Apply every fix once (each is idempotent)."""
     _fix_torch_adam_reshard_load()
     _use_foreach_grad_norm()
     _define_missing_te_gemm()
     _skip_idle_module_walk()
+    _fix_moe_aux_loss_scale_shape()

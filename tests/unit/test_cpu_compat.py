@@ -198,3 +198,21 @@ def test_one_rank_all_reduce_and_the_idle_module_walk_are_skipped() -> None:
         router.local_tokens_per_expert.fill_(1.0)
         finalize.reset_model_temporary_tensors(config, [router])
         assert bool((router.local_tokens_per_expert == 0).all()) is zeroed
+
+
+def test_moe_aux_loss_scale_of_a_bare_backward_does_not_break_the_schedule() -> None:
+    """A MoE backward outside the schedule leaves megatron's aux-loss scale as a [] tensor; the schedule's
+    [1] scale then replaces it instead of failing to copy into it."""
+    cpu_compat.apply()
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler as scaler
+
+    saved = scaler.main_loss_backward_scale
+    try:
+        scaler.main_loss_backward_scale = torch.tensor(1.0)  # what a bare backward leaves
+        scaler.set_loss_scale(torch.full((1,), 0.5))
+        assert scaler.main_loss_backward_scale.tolist() == [0.5]
+        same = scaler.main_loss_backward_scale
+        scaler.set_loss_scale(torch.full((1,), 0.25))  # the same shape: copied in place, as megatron does
+        assert scaler.main_loss_backward_scale is same and same.tolist() == [0.25]
+    finally:
+        scaler.main_loss_backward_scale = saved

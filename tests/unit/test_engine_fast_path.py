@@ -124,9 +124,9 @@ def test_head_lr_mult_reaches_the_finetuning_head() -> None:
 
 
 def test_one_rank_step_is_the_ddp_step(monkeypatch: pytest.MonkeyPatch) -> None:
-    """At one data-parallel rank the engine accumulates gradients in megatron's buffer, skips the
-    one-rank reduction and keeps the ``.grad`` views across steps (``parallel/inplace_grads.py``); the
-    facade skips the grad norm's one-rank all-reduce: losses and grad norms equal megatron's DDP path's."""
+    """At one data-parallel rank gradients stay autograd's own (megatron's buffer freed, no copy, no
+    one-rank reduction: ``parallel/inplace_grads.py``) and the facade skips the grad norm's one-rank
+    all-reduce: losses and grad norms equal megatron's DDP path's."""
     from megatron.core.distributed import DistributedDataParallel
 
     from parallel import inplace_grads
@@ -148,8 +148,10 @@ def test_one_rank_step_is_the_ddp_step(monkeypatch: pytest.MonkeyPatch) -> None:
             assert engine.inplace_grads is in_place
             assert (type(engine.model[0]) is DistributedDataParallel) is not in_place
             results = [engine.train_step(micro) for micro in batches]
-            if in_place:  # the views stayed: nothing replaced a .grad between steps
-                assert all(p.grad is p.main_grad for p in engine.model[0].module.parameters())
+            if in_place:  # autograd's own gradients; megatron's buffer freed
+                params = list(engine.model[0].module.parameters())
+                assert all(p.grad is not None and not hasattr(p, "main_grad") for p in params)
+                assert all(b.grad_data.untyped_storage().size() == 0 for b in engine.model[0].buffers)
             return [(r.loss, r.grad_norm) for r in results]
         finally:
             Topology.destroy()
