@@ -129,7 +129,9 @@ class ParallelConfig:
     offload: str = "none"  # deepspeed engine: none | cpu
     timeout_s: float = 600  # collective timeout, and the watchdog's limit for one step / eval / save
     ep: int = 1  # expert parallelism (megatron): each MoE layer's experts split over ep ranks; ep divides dp
-    moe_dispatcher: str = "alltoall"  # how tokens reach their experts' ranks: alltoall | allgather
+    # how tokens reach their experts' ranks: alltoall | allgather | auto (alltoall at ep > 1, else allgather:
+    # with the experts on every rank the all-to-all dispatcher only adds one-rank collectives and sorts)
+    moe_dispatcher: str = "auto"
     straggler_every: int = 50  # steps per straggler window: ranks share their compute time per step (0: off)
     straggler_factor: float = 1.5  # a rank slower than this x the median of its pipeline stage's ranks is slow
     straggler_windows: int = 3  # windows in a row a rank must be slow before it is named (a line and an event)

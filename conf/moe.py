@@ -16,7 +16,7 @@ SCORE_FUNCTIONS = ("softmax", "sigmoid")
 LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "none")
 DROP_POLICIES = ("probs", "position")
 ROUTER_DTYPES = ("fp32", "fp64", "model")
-DISPATCHERS = ("alltoall", "allgather")
+DISPATCHERS = ("auto", "alltoall", "allgather")
 
 
 def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:

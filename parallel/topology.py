@@ -58,7 +58,7 @@ class Topology:
     dp: int
     sequence_parallel: bool
     ep: int = 1  # expert parallelism (parallel/expert_layout.py): ep divides dp
-    moe_dispatcher: str = "alltoall"  # megatron-core's token dispatcher (MoE models)
+    moe_dispatcher: str = "alltoall"  # megatron-core's token dispatcher (MoE models; "auto" resolved)
 
     @classmethod
     def from_config(cls, cfg: Any, world_size: int | None = None, rank: int | None = None) -> Topology:
@@ -115,7 +115,10 @@ class Topology:
         # DeepSpeed does not all-reduce sequence-parallel LayerNorm grads over tp: TP without SP there
         sp = bool(par.sequence_parallel) and tp > 1 and caps.sequence_parallel
         ep = check_experts(cfg, tp, dp, caps)
-        return cls(world, rank, local_rank, tp, pp, vpp, dp, sp, ep, str(getattr(par, "moe_dispatcher", "alltoall")))
+        dispatcher = str(getattr(par, "moe_dispatcher", "auto"))
+        if dispatcher == "auto":
+            dispatcher = "alltoall" if ep > 1 else "allgather"
+        return cls(world, rank, local_rank, tp, pp, vpp, dp, sp, ep, dispatcher)
 
     @property
     def dp_rank(self) -> int:

@@ -34,7 +34,7 @@ BASE = ["data.dir=unused", "model=moe-tiny", "train.global_batch=8", "train.micr
         (["model.moe_shared_expert_size=0"], "model.moe_shared_expert_size=0: must be >= 1"),
         (["model.bias=true"], "model.num_experts with model.bias=true"),
         (["parallel.ep=0"], "parallel.ep=0: must be >= 1"),
-        (["parallel.moe_dispatcher=flex"], "parallel.moe_dispatcher=flex: expected alltoall or allgather"),
+        (["parallel.moe_dispatcher=flex"], "parallel.moe_dispatcher=flex: expected auto or alltoall or allgather"),
     ],
 )
 def test_bad_moe_keys_are_one_line(overrides: list[str], message: str) -> None:
@@ -68,6 +68,10 @@ def test_bad_expert_layouts_are_rejected_before_any_process_group(
 def test_expert_parallel_layouts_that_fit() -> None:
     topo = Topology.from_config(compose([*BASE, "parallel.ep=2", "parallel.tp=2"]), world_size=8, rank=0)
     assert (topo.tp, topo.dp, topo.ep, topo.moe_dispatcher) == (2, 4, 2, "alltoall")
+    topo = Topology.from_config(compose([*BASE, "parallel.tp=2"]), world_size=8, rank=0)
+    assert (topo.ep, topo.moe_dispatcher) == (1, "allgather")  # auto: no all-to-all with every expert here
+    explicit = compose([*BASE, "parallel.moe_dispatcher=alltoall"])
+    assert Topology.from_config(explicit, world_size=2, rank=0).moe_dispatcher == "alltoall"
 
 
 def test_keys_become_megatron_fields() -> None:
